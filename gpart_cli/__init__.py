@@ -1,0 +1,23 @@
+"""gpart: end-to-end isometric fine-tuning via global parameter partitioning (arXiv 2605.14841).
+
+Public API (DESIGN §8)::
+
+    import gpart_cli as gpart
+    model = gpart.apply(model, gpart.GPartConfig(d=23_040, target_modules=["query", "value"]))
+    gpart.theta(model)                      # the one trainable vector, fp32 [d], zeros at start
+    gpart.save(model, "run/adapter.gpart")
+    model = gpart.load(base_model, "run/adapter.gpart")
+    merged = gpart.merge(model)
+    ids = gpart.group_ids(n=1000, d=7, seed=0)
+"""
+
+from .artifact import load, read_artifact, save
+from .config import GPartConfig
+from .errors import GpartError
+from .model import apply, merge, theta
+from .partition import ALGORITHM, group_ids, group_sizes
+
+__version__ = "0.1.0"
+
+__all__ = ["ALGORITHM", "GPartConfig", "GpartError", "apply", "group_ids", "group_sizes", "load", "merge",
+           "read_artifact", "save", "theta", "__version__"]

@@ -1,0 +1,1 @@
+"""The `gpart` command line: thin commands that parse, call the library once, and print."""

@@ -1,0 +1,47 @@
+"""`GPartConfig`: what to adapt and how (DESIGN §1, §8)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .errors import GpartError
+from .partition import ALGORITHM
+
+
+@dataclass(frozen=True)
+class GPartConfig:
+    """Settings of one GPart adapter.
+
+    Args:
+        d: length of theta, the number of partition groups (1 <= d <= N).
+        seed: partition seed; with d and the module spec it fixes the partition forever.
+        target_modules: module names to adapt. A list matches a module whose full name equals an entry or
+            ends with "." + entry; a single string is a regular expression matched against the full name.
+        bias: also adapt the biases of the target modules.
+        isometric: scale group j by 1/sqrt(n_j) so that P^T P = I (False is the paper's ablation).
+        head_modules: modules trained densely and stored beside theta (e.g. a classifier head).
+        partition: the partition algorithm id.
+    """
+
+    d: int
+    seed: int = 0
+    target_modules: tuple[str, ...] | str = ("q_proj", "v_proj")
+    bias: bool = False
+    isometric: bool = True
+    head_modules: tuple[str, ...] = field(default_factory=tuple)
+    partition: str = ALGORITHM
+
+    def __post_init__(self) -> None:
+        if isinstance(self.target_modules, list):
+            object.__setattr__(self, "target_modules", tuple(self.target_modules))
+        if isinstance(self.head_modules, (list, str)):
+            heads = (self.head_modules,) if isinstance(self.head_modules, str) else tuple(self.head_modules)
+            object.__setattr__(self, "head_modules", heads)
+        if isinstance(self.d, bool) or not isinstance(self.d, int) or self.d < 1:
+            raise GpartError(f"d = {self.d!r} is invalid: it must be a positive integer (e.g. d: 23040)")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise GpartError(f"seed = {self.seed!r} is invalid: it must be a non-negative integer")
+        if not self.target_modules:
+            raise GpartError("target_modules is empty: name the modules to adapt, e.g. [q_proj, v_proj]")
+        if self.partition != ALGORITHM:
+            raise GpartError(f"unknown partition algorithm {self.partition!r}; this gpart knows {ALGORITHM!r}")

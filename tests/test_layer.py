@@ -1,0 +1,228 @@
+"""GPart layer and injection properties (DESIGN §1, §3) on tiny Llama, RoBERTa, ViT and GPT-2 models."""
+
+import copy
+
+import pytest
+import torch
+from torch.utils.checkpoint import checkpoint
+
+import gpart_cli as gpart
+from gpart_cli.errors import GpartError
+from gpart_cli.model import gpart_layers, state_of
+from gpart_cli.partition import group_ids, group_sizes
+from tests.conftest import tiny_gpt2, tiny_llama, tiny_roberta, tiny_vit
+
+
+def _inputs(kind):
+    g = torch.Generator().manual_seed(3)
+    if kind == "vit":
+        return {"pixel_values": torch.randn(2, 3, 16, 16, generator=g)}
+    return {"input_ids": torch.randint(0, 90, (2, 9), generator=g)}
+
+
+def _out(model, inputs):
+    return model(**inputs).logits
+
+
+MODELS = {
+    "llama": (tiny_llama, ["q_proj", "k_proj", "v_proj", "o_proj"]),
+    "roberta": (tiny_roberta, ["query", "value"]),
+    "vit": (tiny_vit, ["query", "value", "q_proj", "v_proj"]),  # transformers 5 renamed ViT q/v
+    "gpt2": (tiny_gpt2, ["c_attn"]),
+}
+
+
+def _adapted(kind, d=64, **kw):
+    make, targets = MODELS[kind]
+    base = make()
+    return base, gpart.apply(copy.deepcopy(base), gpart.GPartConfig(d=d, target_modules=targets, **kw))
+
+
+def _delta(model):
+    """All ΔW of the model concatenated in module-spec order (fp32)."""
+    return torch.cat([layer.delta_weight().flatten() for _, layer in gpart_layers(model)])
+
+
+@pytest.mark.parametrize("kind", sorted(MODELS))
+def test_theta_zero_gives_the_base_model_bitwise(kind):
+    base, model = _adapted(kind)
+    inputs = _inputs(kind)
+    theta = gpart.theta(model)
+    assert theta.dtype == torch.float32 and theta.shape == (64,) and torch.count_nonzero(theta) == 0
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == ["gpart_state.theta"]
+    with torch.no_grad():
+        assert torch.equal(_out(model, inputs), _out(base, inputs))
+    model.train(), base.train()
+    torch.manual_seed(0)
+    a = _out(model, inputs)
+    torch.manual_seed(0)
+    assert torch.equal(a, _out(base, inputs))  # the autograd Function path too
+
+
+@pytest.mark.parametrize("kind", ["llama", "roberta"])
+def test_unit_vectors_give_disjoint_supports_of_the_right_size(kind):
+    _, model = _adapted(kind, d=50)
+    state = state_of(model)
+    sizes = group_sizes(state.n_params, 50)
+    seen = torch.zeros(state.n_params, dtype=torch.bool)
+    for j in (0, 7, 49):
+        with torch.no_grad():
+            state.theta.zero_()
+            state.theta[j] = 1.0
+        delta = _delta(model)
+        nz = delta != 0
+        assert int(nz.sum()) == int(sizes[j])
+        assert torch.equal(delta[nz], torch.full((int(sizes[j]),), float(sizes[j]) ** -0.5))
+        assert not (seen & nz).any()
+        seen |= nz
+
+
+@pytest.mark.parametrize("kind", sorted(MODELS))
+def test_isometry_and_untouched_weights(kind):
+    base, model = _adapted(kind, d=40)
+    with torch.no_grad():
+        gpart.theta(model).copy_(torch.randn(40, generator=torch.Generator().manual_seed(0)))
+    delta = _delta(model)
+    assert torch.allclose(delta.double().norm(), gpart.theta(model).double().norm(), rtol=1e-6)
+    merged = gpart.merge(copy.deepcopy(model))
+    adapted = {n for n, _ in gpart_layers(model)}
+    for (name, p), (_, p0) in zip(merged.named_parameters(), base.named_parameters()):
+        if name.rsplit(".", 1)[0] not in adapted:
+            assert torch.equal(p, p0), name
+
+
+def test_non_isometric_ablation_drops_the_scale():
+    _, iso = _adapted("llama", d=30)
+    _, raw = _adapted("llama", d=30, isometric=False)
+    theta = torch.randn(30, generator=torch.Generator().manual_seed(1))
+    for m in (iso, raw):
+        with torch.no_grad():
+            gpart.theta(m).copy_(theta)
+    n = state_of(raw).n_params
+    ids = group_ids(n, 30, 0).long()
+    assert torch.equal(_delta(raw), theta[ids])
+    assert torch.allclose(_delta(iso), theta[ids] / group_sizes(n, 30).float().sqrt()[ids])
+    # Without the scale ‖ΔW‖² = Σ n_j θ_j², about N/d times ‖θ‖²: the isometry is lost.
+    ratio = float(_delta(raw).detach().norm() ** 2 / theta.norm() ** 2)
+    assert abs(ratio - n / 30) / (n / 30) < 0.01
+
+
+@pytest.mark.parametrize("kind", sorted(MODELS))
+def test_gradient_equals_P_transpose_of_the_dense_gradient(kind):
+    base, model = _adapted(kind, d=64)
+    with torch.no_grad():
+        gpart.theta(model).copy_(torch.randn(64, generator=torch.Generator().manual_seed(2)) * 0.1)
+    inputs = _inputs(kind)
+    # eval(): no dropout, so both passes see the same function; grad mode still takes the Function path.
+    _out(model, inputs).square().mean().backward()
+    grad = gpart.theta(model).grad.double()
+
+    dense = gpart.merge(copy.deepcopy(model))
+    targets = [n for n, _ in gpart_layers(model)]
+    for p in dense.parameters():
+        p.requires_grad_(False)
+    weights = [dense.get_submodule(n).weight.requires_grad_(True) for n in targets]
+    _out(dense, inputs).square().mean().backward()
+    flat = torch.cat([w.grad.flatten() for w in weights]).double()
+    n = flat.numel()
+    ref = torch.zeros(64, dtype=torch.float64).index_add_(0, group_ids(n, 64, 0).long(), flat)
+    ref /= group_sizes(n, 64).double().sqrt()
+    assert float((grad - ref).norm() / ref.norm()) < 1e-5
+
+
+def test_bias_adaptation_covers_biases_and_their_gradient():
+    base, model = _adapted("roberta", d=64, bias=True)
+    state = state_of(model)
+    assert all(t["bias"] for t in state.targets)
+    assert state.n_params == sum(t["shape"][0] * t["shape"][1] + t["shape"][0] for t in state.targets)
+    with torch.no_grad():
+        state.theta.copy_(torch.randn(64, generator=torch.Generator().manual_seed(5)))
+    merged = gpart.merge(copy.deepcopy(model))
+    name = state.targets[0]["name"]
+    assert not torch.equal(merged.get_submodule(name).bias, base.get_submodule(name).bias)
+    model.train()
+    _out(model, _inputs("roberta")).sum().backward()
+    assert torch.count_nonzero(state.theta.grad) == 64
+
+
+def test_bf16_base_keeps_theta_fp32():
+    base, model = _adapted("llama", d=32)
+    model = model.to(torch.bfloat16).train()
+    state = state_of(model)
+    state.theta.data = state.theta.data.float()
+    state.inv_sqrt_sizes.data = state.inv_sqrt_sizes.data.float()
+    logits = _out(model, _inputs("llama"))
+    assert logits.dtype == torch.bfloat16
+    logits.float().square().mean().backward()
+    assert state.theta.grad.dtype == torch.float32 and torch.count_nonzero(state.theta.grad) > 0
+    with torch.no_grad():
+        assert torch.equal(_out(model.eval(), _inputs("llama")), _out(base.to(torch.bfloat16), _inputs("llama")))
+
+
+def test_gradient_checkpointing_non_reentrant_gives_the_same_gradient():
+    _, model = _adapted("llama", d=16)
+    layer = gpart_layers(model)[0][1]
+    x = torch.randn(3, 5, 32, requires_grad=True)
+    with torch.no_grad():
+        gpart.theta(model).normal_()
+    layer(x).square().sum().backward()
+    plain = gpart.theta(model).grad.clone()
+    gpart.theta(model).grad = None
+    checkpoint(layer, x, use_reentrant=False).square().sum().backward()
+    assert torch.equal(gpart.theta(model).grad, plain)
+
+
+def test_inference_cache_follows_theta():
+    _, model = _adapted("llama", d=16)
+    inputs = _inputs("llama")
+    with torch.no_grad():
+        first = _out(model, inputs)
+        gpart.theta(model).add_(1.0)  # an in-place update, as an optimizer step does
+        second = _out(model, inputs)
+    assert not torch.equal(first, second)
+    with torch.no_grad():
+        assert torch.equal(second, _out(gpart.merge(copy.deepcopy(model)), inputs))
+
+
+def test_head_modules_train_with_theta():
+    _, model = _adapted("roberta", head_modules=["classifier"])
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable == ["classifier.dense.weight", "classifier.dense.bias", "classifier.out_proj.weight",
+                         "classifier.out_proj.bias", "gpart_state.theta"]
+    assert state_of(model).head_names == trainable[:4]
+
+
+def test_no_matching_module_lists_what_exists():
+    with pytest.raises(GpartError, match=r"no module matches.*q_proj.*Set target_modules") as e:
+        gpart.apply(tiny_roberta(), gpart.GPartConfig(d=4, target_modules=["q_proj"]))
+    assert "query" in str(e.value) and "value" in str(e.value)
+
+
+def test_regex_and_suffix_targets():
+    model = gpart.apply(tiny_llama(), gpart.GPartConfig(d=4, target_modules=r".*layers\.1\.self_attn\.(q|v)_proj"))
+    assert [t["name"] for t in state_of(model).targets] == ["model.layers.1.self_attn.q_proj",
+                                                            "model.layers.1.self_attn.v_proj"]
+    model = gpart.apply(tiny_llama(), gpart.GPartConfig(d=4, target_modules=["self_attn.o_proj"]))
+    assert len(state_of(model).targets) == 2
+
+
+@pytest.mark.parametrize("d", [0, -3])
+def test_d_below_one_is_rejected(d):
+    with pytest.raises(GpartError, match="positive integer"):
+        gpart.GPartConfig(d=d)
+
+
+def test_d_above_n_is_rejected():
+    with pytest.raises(GpartError, match=r"d = 9,999 is out of range.*N = 2,048"):
+        gpart.apply(tiny_llama(), gpart.GPartConfig(d=9999, target_modules=["q_proj"]))
+
+
+def test_unsupported_module_type_is_rejected():
+    with pytest.raises(GpartError, match="Embedding.*nn.Linear"):
+        gpart.apply(tiny_llama(), gpart.GPartConfig(d=4, target_modules=["embed_tokens"]))
+
+
+def test_applying_twice_is_rejected():
+    _, model = _adapted("llama")
+    with pytest.raises(GpartError, match="already has GPart"):
+        gpart.apply(model, gpart.GPartConfig(d=4, target_modules=["q_proj"]))
