@@ -122,3 +122,28 @@ def load_tokenizer(source: ModelSource):
         # A distinct pad token would grow the vocabulary; reuse unk/eos but mask by attention, never by id.
         tok.pad_token = tok.unk_token or tok.eos_token
     return tok
+
+
+def config_from_dict(raw: dict):
+    """A transformers config from a recipe mapping with `model_type` (e.g. a tiny ViT built from scratch)."""
+    from transformers import AutoConfig
+
+    values = dict(raw)
+    model_type = values.pop("model_type", None)
+    if not model_type:
+        raise GpartError("model.config needs model_type (e.g. vit, llama, roberta)")
+    try:
+        return AutoConfig.for_model(model_type, **values)
+    except (ValueError, TypeError) as e:
+        raise GpartError(f"model.config: {e}") from None
+
+
+def build_from_config(raw: dict, task_type: str, num_labels: int | None = None, labels: list[str] | None = None):
+    """A randomly initialised model for `task_type` from a config mapping (seeded by the caller)."""
+    config = config_from_dict(raw)
+    if num_labels is not None:
+        config.num_labels = num_labels
+        if labels:
+            config.id2label = dict(enumerate(labels))
+            config.label2id = {name: i for i, name in enumerate(labels)}
+    return _auto_class(task_type).from_config(config)

@@ -9,6 +9,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.table import Table
 
 from ..errors import GpartError
 
@@ -67,18 +68,62 @@ def merge(base: Annotated[str, typer.Argument(help="Base model: a transformers d
     console.print(f"merged model written to [bold]{out}[/] (loads with AutoModel*.from_pretrained)")
 
 
+Overrides = Annotated[Optional[list[str]], typer.Option("--set", help="Override a recipe field: "
+                                                   "--set train.lr_theta=1e-3 (repeatable).")]
+
+
 @app.command()
 @user_errors
-def train(recipe: Annotated[Path, typer.Argument(help="A recipe YAML file.")]):
-    """Fine-tune a model from a YAML recipe."""
-    not_yet("train", "issue 3")
+def train(recipe: Annotated[Path, typer.Argument(help="A recipe YAML file (see recipes/).")],
+          overrides: Overrides = None,
+          output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Run directory "
+                                                          "(default runs/RECIPE_NAME).")] = None,
+          resume: Annotated[bool, typer.Option(help="Continue the run in --output from its last checkpoint.")] = False,
+          overwrite: Annotated[bool, typer.Option(help="Replace an existing run in --output.")] = False,
+          dry_run: Annotated[bool, typer.Option(help="Validate the recipe, load model and data, then stop.")] = False):
+    """Fine-tune a model from a YAML recipe: writes adapter, metrics.jsonl, checkpoints and results.json."""
+    from ..recipe import load_recipe
+    from ..train.run import default_output, run
+
+    parsed = load_recipe(recipe, overrides or [])
+    out = output or default_output(parsed)
+    try:
+        run(parsed, out, resume=resume, overwrite=overwrite, dry_run=dry_run, console=err_console)
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
 
 
 @app.command(name="eval")
 @user_errors
-def evaluate(task: Annotated[str, typer.Option(help="Task to score, e.g. gsm8k.")]):
+def evaluate(task: Annotated[str, typer.Option(help="glue/<task>, vision/<dataset>, gsm8k, math or mawps.")],
+             adapter: Annotated[Optional[Path], typer.Option(help="A .gpart file, PEFT adapter dir, merged model "
+                                                                  "dir, or gpart run dir.")] = None,
+             model: Annotated[Optional[str], typer.Option(help="Base or merged model: dir, hub id or "
+                                                               "pkg:PACKAGE/dir.")] = None,
+             data: Annotated[Optional[list[str]], typer.Option(help="Local data file(s) instead of the hub.")] = None,
+             split: Annotated[Optional[str], typer.Option(help="Split name on the hub.")] = None,
+             limit: Annotated[Optional[int], typer.Option(min=1, help="Score only the first N examples.")] = None,
+             batch_size: Annotated[int, typer.Option(min=1)] = 32,
+             max_new_tokens: Annotated[int, typer.Option(min=1)] = 256,
+             predictions: Annotated[Optional[Path], typer.Option(help="Score JSONL lines {idx, output} produced "
+                                                                      "elsewhere; no model is loaded.")] = None,
+             output: Annotated[Optional[Path], typer.Option(help="Scores JSON (predictions JSONL goes beside "
+                                                                 "it).")] = None):
     """Score a model, an adapter, or given predictions on a task."""
-    not_yet("eval", "issue 3")
+    from ..evaluation.runner import EvalRequest, evaluate as run_eval
+
+    req = EvalRequest(task=task, adapter=adapter, model=model, data=data, split=split, limit=limit,
+                      batch_size=batch_size, max_new_tokens=max_new_tokens, predictions=predictions, output=output)
+    with console.status(f"evaluating {task}"):
+        doc = run_eval(req)
+    table = Table(title=f"{task}" + (f" · {limit} examples" if limit else ""))
+    table.add_column("metric")
+    table.add_column("score", justify="right")
+    for key, value in doc["scores"].items():
+        table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+    console.print(table)
+    console.print(f"scores: {req.output or 'eval-' + task.replace('/', '-') + '.json'} · predictions: "
+                  f"{doc['predictions_file']}")
 
 
 @app.command(name="sweep-d")
@@ -89,4 +134,8 @@ def sweep_d(recipe: Annotated[Path, typer.Argument(help="A recipe YAML file.")])
 
 
 def main() -> None:
+    import transformers
+
+    transformers.logging.set_verbosity_error()  # load reports and bars would drown the progress display
+    transformers.logging.disable_progress_bar()
     app()

@@ -1,0 +1,293 @@
+"""Image classification data for the ViT recipes (DESIGN §6): IDX, NPZ, image folders and hub datasets.
+
+Every source becomes a `datasets.Dataset` with an `image` (PIL) and an integer `label` column plus class names;
+`build_vision_splits` turns rows into normalised pixel tensors lazily, one item at a time.
+"""
+
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import GpartError
+from .sources import load_rows, require_columns
+from .splits import Splits, carve_dev
+
+FASHION_MNIST = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                 "Ankle boot"]
+_IDX_IMAGES, _IDX_LABELS = 2051, 2049
+
+
+def _source(files, path, split, what: str) -> str:
+    """How messages name a split: its files, or the hub id and split."""
+    return f"{what} file(s) {', '.join(map(str, files))}" if files else f"{what} {path}:{split}"
+
+
+def _label_array(rows) -> np.ndarray:
+    """The `label` column as int64 numpy, without decoding any image."""
+    return np.asarray(rows.with_format("numpy")["label"], dtype=np.int64)
+
+
+def _check_range(labels: np.ndarray, num_labels: int, source: str) -> None:
+    """Raise `GpartError` for the first label outside [0, num_labels)."""
+    bad = labels[(labels < 0) | (labels >= num_labels)]
+    if bad.size:
+        raise GpartError(f"{source} has label {int(bad[0])} outside [0, {num_labels}) (num_labels = {num_labels}); "
+                         f"fix the labels or use data files with the same classes as the training data")
+
+
+def _read_idx(path: str) -> tuple[int, np.ndarray]:
+    """(magic number, array) of one IDX file, gzip-compressed or plain."""
+    with open(path, "rb") as f:
+        gzipped = f.read(2) == b"\x1f\x8b"
+    with (gzip.open if gzipped else open)(path, "rb") as f:
+        raw = f.read()
+    # Header: two zero bytes, a dtype code (0x08 = ubyte, the one MNIST-style files use), ndim, big-endian dims.
+    if len(raw) < 4 or raw[:2] != b"\0\0" or raw[2] != 0x08:
+        raise GpartError(f"{path} is not an unsigned-byte IDX file (like train-images-idx3-ubyte.gz)")
+    ndim = raw[3]
+    dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    body = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
+    if body.size != int(np.prod(dims)):
+        raise GpartError(f"{path} is truncated: its header says shape {dims} but it holds {body.size} values")
+    return int.from_bytes(raw[:4], "big"), body.reshape(dims)
+
+
+def _idx_arrays(files: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(images, labels) of an IDX pair given in either order, told apart by their magic numbers."""
+    parts = dict(_read_idx(f) for f in files)
+    if len(files) != 2 or set(parts) != {_IDX_IMAGES, _IDX_LABELS}:
+        raise GpartError(f"IDX data {files} should be one images file (magic {_IDX_IMAGES}) and one labels file "
+                         f"(magic {_IDX_LABELS}), e.g. train-images-idx3-ubyte.gz and train-labels-idx1-ubyte.gz")
+    images, labels = parts[_IDX_IMAGES], parts[_IDX_LABELS].astype(np.int64)
+    if images.ndim != 3 or len(images) != len(labels):
+        raise GpartError(f"IDX data {files}: {len(images)} images of shape {images.shape[1:]} but {len(labels)} "
+                         f"labels; expected as many (N, H, W) images as labels")
+    return images, labels
+
+
+def _npz_arrays(path: str) -> tuple[np.ndarray, np.ndarray]:
+    """(uint8 images, labels) of an .npz with `images` and `target` (or `labels`)."""
+    with np.load(path) as z:
+        key = next((k for k in ("target", "labels", "label") if k in z.files), None)
+        if "images" not in z.files or key is None:
+            raise GpartError(f"{path} should hold arrays `images` and `target` (or `labels`); found {z.files}")
+        images, labels = z["images"], z[key].astype(np.int64)
+    if images.ndim not in (3, 4) or images.shape[3:] not in ((), (1,), (3,)) or len(images) != len(labels):
+        raise GpartError(f"{path}: `images` has shape {images.shape} for {len(labels)} labels; expected "
+                         f"(N, H, W) or (N, H, W, 1 or 3) with N = the number of labels")
+    peak = float(images.max()) if images.size else 0.0
+    # sklearn's digits hold grey levels 0..16 (and float images 0..1): stretch them to the 0..255 PIL expects.
+    if 0 < peak <= 16:
+        images = images.astype(np.float64) * (255.0 / peak)
+    return np.clip(np.rint(images), 0, 255).astype(np.uint8), labels
+
+
+def _encode(image: np.ndarray) -> dict:
+    """One uint8 image as PGM/PPM bytes for `datasets.Image`: lossless and, unlike PNG, free to write."""
+    image = image[:, :, 0] if image.ndim == 3 and image.shape[2] == 1 else image
+    header = (b"P5" if image.ndim == 2 else b"P6") + f"\n{image.shape[1]} {image.shape[0]}\n255\n".encode()
+    return {"bytes": header + np.ascontiguousarray(image).tobytes(), "path": None}
+
+
+def _array_rows(images, labels, names, max_samples, seed):
+    """A `datasets.Dataset` of (a seeded subset of) in-memory arrays; only the kept images are encoded."""
+    import datasets
+
+    order = np.arange(len(labels))
+    if max_samples is not None and max_samples < len(order):
+        # The permutation `Dataset.shuffle(seed=seed)` draws, so array files subset like hub data does.
+        order = np.random.default_rng(seed).permutation(len(order))[:max_samples]
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=names)})
+    return datasets.Dataset.from_dict({"image": [_encode(images[i]) for i in order],
+                                       "label": labels[order].tolist()}, features=features)
+
+
+def _folder_rows(folder: str, max_samples, seed, what: str):
+    """Rows of an image folder (one sub-folder per class) through the `imagefolder` builder."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    try:
+        rows = datasets.load_dataset("imagefolder", data_dir=folder, split="train")
+    except Exception as e:  # no images, unreadable files and bad layouts surface as several exception types
+        raise GpartError(f"could not read {what} image folder {folder}: {str(e).splitlines()[0]}") from None
+    require_columns(rows, ["image", "label"], f"{what} image folder {folder} (one sub-folder per class)")
+    if max_samples is not None and max_samples < len(rows):
+        rows = rows.shuffle(seed=seed).select(range(max_samples))
+    return rows
+
+
+def _hub_rows(path, config, split, data, max_samples, seed, what: str):
+    """Rows of a hub dataset, its image/label columns renamed to `image`/`label`, labels a ClassLabel."""
+    import datasets
+
+    rows = load_rows(None, path, config, split, max_samples, seed, what)
+    require_columns(rows, [data.image_column, data.label_column], _source(None, path, split, what))
+    rows = rows.select_columns([data.image_column, data.label_column])
+    renames = {old: new for old, new in ((data.image_column, "image"), (data.label_column, "label")) if old != new}
+    rows = rows.rename_columns(renames) if renames else rows
+    if rows.features["label"].dtype == "string":  # class names as text: number them in sorted order
+        rows = rows.class_encode_column("label")
+    labels, feature = _label_array(rows), rows.features["label"]
+    names = (list(feature.names) if isinstance(feature, datasets.ClassLabel)
+             else [str(i) for i in range(int(labels.max(initial=0)) + 1)])
+    _check_range(labels, len(names), _source(None, path, split, what))  # -1 marks unlabelled rows in some splits
+    return rows.cast_column("label", datasets.ClassLabel(names=names))
+
+
+def load_image_rows(files, path, config, split, data, max_samples=None, seed=0, what="data"):
+    """(`datasets.Dataset` with `image` (PIL) and `label` (int) columns, class names) of one split.
+
+    `files`: an IDX images/labels pair, one .npz, or one image folder; empty: hub dataset `path`/`config`.
+    """
+    files = [str(f) for f in files or []]
+    source = _source(files, path, split, what)
+    missing = [f for f in files if not Path(f).exists()]
+    if missing:
+        raise GpartError(f"{what} file {missing[0]} does not exist; fix the path in the recipe "
+                         f"(relative paths are relative to the directory you run gpart from)")
+    if not files:
+        rows = _hub_rows(path, config, split, data, max_samples, seed, what)
+    elif len(files) == 1 and Path(files[0]).is_dir():
+        rows = _folder_rows(files[0], max_samples, seed, what)
+    else:
+        one_npz = len(files) == 1 and files[0].lower().endswith(".npz")
+        images, labels = _npz_arrays(files[0]) if one_npz else _idx_arrays(files)
+        fashion = data.task == "fashion_mnist" or any("fashion" in f.lower() for f in files)
+        names = list(FASHION_MNIST) if fashion else [str(i) for i in range(max(int(labels.max(initial=0)) + 1, 1))]
+        _check_range(labels, len(names), source)  # before ClassLabel, whose own error names no file
+        rows = _array_rows(images, labels, names, max_samples, seed)
+    return rows, list(rows.features["label"].names)
+
+
+def _relabel(rows, mapping: dict[int, int], names: list[str]):
+    """Rows whose label is a key of `mapping`, relabelled to its value, with class names `names`."""
+    import datasets
+
+    values = _label_array(rows)
+    index = np.flatnonzero(np.isin(values, list(mapping)))
+    new = [mapping[int(v)] for v in values[index]]
+    kept = rows.select(index).remove_columns("label").add_column("label", new)
+    return kept.cast_column("label", datasets.ClassLabel(names=names))
+
+
+def select_classes(rows, labels: list[str], keep: list[int]):
+    """(rows, labels) with only the classes `keep`, renumbered 0..k-1 in the order given (held-out classes)."""
+    if not keep or len(set(keep)) != len(keep) or any(not 0 <= k < len(labels) for k in keep):
+        raise GpartError(f"classes to keep {keep} should be distinct ids in [0, {len(labels)})")
+    names = [labels[k] for k in keep]
+    kept = _relabel(rows, {old: new for new, old in enumerate(keep)}, names)
+    if len(kept) == 0:
+        raise GpartError(f"no rows have the classes {names}")
+    return kept, names
+
+
+def _align(rows, names: list[str], train_names: list[str], source: str):
+    """Eval rows numbered like the training classes: renumbered by name when they hold a subset of them."""
+    if names == train_names:
+        return rows
+    if set(names) <= set(train_names):  # e.g. an eval image folder lacking one class
+        return _relabel(rows, {i: train_names.index(n) for i, n in enumerate(names)}, train_names)
+    if not all(n.isdigit() for n in names):  # named classes that differ would be silently mislabelled
+        raise GpartError(f"{source} has classes {names} that are not among the training classes {train_names}")
+    _check_range(_label_array(rows), len(train_names), source)
+    return rows
+
+
+class ImageTransform:
+    """PIL image or uint8/float array -> normalised float tensor [C, H, W]; deterministic (no augmentation)."""
+
+    def __init__(self, image_size: int, num_channels: int, mean: list[float], std: list[float]):
+        if num_channels not in (1, 3):
+            raise GpartError(f"images need 1 or 3 channels for the model; its config says {num_channels}")
+        self.image_size, self.num_channels = int(image_size), num_channels
+        self.mean = _per_channel(mean, num_channels, "mean")
+        self.std = _per_channel(std, num_channels, "std")
+
+    def __call__(self, image) -> torch.Tensor:
+        from PIL import Image
+
+        if not isinstance(image, Image.Image):
+            image = Image.fromarray(_to_uint8(np.asarray(image)))
+        # PIL's "L" is the ITU-R 601 luminance of RGB; "RGB" from grey repeats the one channel.
+        image = image.convert("L" if self.num_channels == 1 else "RGB")
+        if image.size != (self.image_size, self.image_size):
+            image = image.resize((self.image_size, self.image_size), Image.BILINEAR)
+        pixels = np.asarray(image, dtype=np.float32) / np.float32(255.0)
+        pixels = pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
+        return torch.from_numpy(np.ascontiguousarray((pixels - self.mean) / self.std))
+
+
+def _per_channel(values, channels: int, what: str) -> np.ndarray:
+    """`values` as a float32 [C, 1, 1] array; one value is shared, an RGB triple is averaged for grey models."""
+    values = [float(v) for v in (values if isinstance(values, (list, tuple, np.ndarray)) else [values])]
+    if len(values) == 1:
+        values = values * channels
+    elif channels == 1 and len(values) == 3:
+        values = [sum(values) / 3]
+    if len(values) != channels:
+        raise GpartError(f"image {what} {values} should have 1 or {channels} values")
+    return np.asarray(values, dtype=np.float32).reshape(channels, 1, 1)
+
+
+def _to_uint8(array: np.ndarray) -> np.ndarray:
+    """An image array as uint8 (H, W) or (H, W, C); floats in [0, 1] are scaled to 0..255."""
+    if array.ndim == 3 and array.shape[2] == 1:
+        array = array[:, :, 0]
+    if array.dtype != np.uint8:
+        scale = 255.0 if array.size and float(array.max()) <= 1.0 else 1.0
+        array = np.clip(np.rint(array.astype(np.float64) * scale), 0, 255).astype(np.uint8)
+    return array
+
+
+def transform_for(model_config, image_size: int | None = None, processor=None) -> ImageTransform:
+    """The `ImageTransform` a ViT-style model expects: its size and channels, the processor's mean/std or 0.5."""
+    size = image_size or getattr(model_config, "image_size", None)
+    size = size[0] if isinstance(size, (list, tuple)) else size
+    if not size:
+        raise GpartError("the model config has no image_size; set data.image_size in the recipe")
+    channels = int(getattr(model_config, "num_channels", 3) or 3)
+    mean = getattr(processor, "image_mean", None) or [0.5] * channels
+    std = getattr(processor, "image_std", None) or [0.5] * channels
+    return ImageTransform(int(size), channels, mean, std)
+
+
+class VisionItems(torch.utils.data.Dataset):
+    """Rows of a `datasets.Dataset`, each transformed to {"pixel_values", "labels"} only when indexed."""
+
+    def __init__(self, rows, transform: ImageTransform):
+        self.rows, self.transform = rows, transform
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> dict:
+        row = self.rows[int(index)]
+        return {"pixel_values": self.transform(row["image"]), "labels": int(row["label"])}
+
+
+def collate_images(items: list[dict]) -> dict:
+    """Stack items into `pixel_values` [B, C, H, W] float and `labels` [B] long."""
+    return {"pixel_values": torch.stack([item["pixel_values"] for item in items]),
+            "labels": torch.tensor([item["labels"] for item in items], dtype=torch.long)}
+
+
+def build_vision_splits(data, model_config, seed: int, processor=None) -> Splits:
+    """Train/dev/eval `Splits` of an image classification task; dev is carved from train with `seed`."""
+    rows, names = load_image_rows(data.train_files, data.path, data.config, data.train_split, data,
+                                  data.max_train_samples, seed, "train data")
+    train, dev = carve_dev(rows, data.dev_fraction, seed)
+    evaluation = None
+    if data.eval_files or data.path:
+        evaluation, eval_names = load_image_rows(data.eval_files, data.path, data.config, data.eval_split, data,
+                                                 data.max_eval_samples, seed, "eval data")
+        source = _source(data.eval_files, data.path, data.eval_split, "eval data")
+        evaluation = _align(evaluation, eval_names, names, source)
+    transform = transform_for(model_config, data.image_size, processor)
+    train, dev, evaluation = (None if part is None else VisionItems(part, transform)
+                              for part in (train, dev, evaluation))
+    return Splits(train=train, dev=dev, eval=evaluation, collate=collate_images, labels=names, num_labels=len(names))

@@ -1,0 +1,100 @@
+"""The methods one trainer runs side by side: gpart, unilora, lora (PEFT), full, linear_probe.
+
+Each method decides which parameters train (and at which learning rate) and how the result is saved:
+gpart -> `adapter.gpart`; lora/unilora -> a PEFT adapter dir `adapter/`; full/linear_probe -> `model/`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch import nn
+
+from . import atomic
+from .artifact import save as save_gpart
+from .config import GPartConfig
+from .errors import GpartError
+from .model import apply
+
+HEAD_CANDIDATES = ("classifier", "score")
+RUN_INFO = "gpart_run.json"  # beside PEFT adapters and full models: task + recipe, for `gpart eval`
+
+
+@dataclass
+class Prepared:
+    """A model ready to train and the AdamW parameter groups (each with a `name`)."""
+
+    model: nn.Module
+    groups: list[dict]
+    head_modules: list[str]
+
+
+def default_head_modules(model: nn.Module, task_type: str) -> list[str]:
+    """The task head a classification model class carries (trained densely, saved beside theta)."""
+    if task_type == "causal_lm":
+        return []
+    for name in HEAD_CANDIDATES:
+        if isinstance(getattr(model, name, None), nn.Module):
+            return [name]
+    raise GpartError(f"cannot find the classification head of {type(model).__name__}; set method.head_modules")
+
+
+def _in_head(name: str, heads: list[str]) -> bool:
+    padded = "." + name
+    return any(f".{h}." in padded for h in heads)
+
+
+def _peft_config(method, heads: list[str], task_type: str):
+    from peft import LoraConfig, UniLoraConfig
+
+    common = {"target_modules": list(method.target_modules), "modules_to_save": heads or None}
+    if method.name == "lora":
+        return LoraConfig(r=method.rank, lora_alpha=method.alpha, lora_dropout=0.0, bias="none", **common)
+    return UniLoraConfig(r=method.rank, theta_d_length=method.d, proj_seed=method.seed, **common)
+
+
+def prepare(model: nn.Module, method, train, task_type: str) -> Prepared:
+    """Make the method's parameters trainable and group them: adapter (lr_theta) and head (lr_head)."""
+    heads = list(method.head_modules) if method.head_modules is not None else default_head_modules(model, task_type)
+    if method.name == "gpart":
+        model = apply(model, GPartConfig(d=method.d, seed=method.seed, target_modules=tuple(method.target_modules),
+                                         bias=method.bias, isometric=method.isometric, head_modules=tuple(heads)))
+    elif method.name in ("lora", "unilora"):
+        from peft import get_peft_model
+
+        try:
+            model = get_peft_model(model, _peft_config(method, heads, task_type))
+        except ValueError as e:
+            raise GpartError(f"method {method.name}: {str(e).splitlines()[0]}; check method.target_modules") from None
+    elif method.name == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+    elif method.name == "linear_probe":
+        if not heads:
+            raise GpartError("method linear_probe needs a task head; it does not apply to causal LM SFT")
+        for name, p in model.named_parameters():
+            p.requires_grad_(_in_head(name, heads))
+    adapter = [p for n, p in model.named_parameters() if p.requires_grad and not _in_head(n, heads)]
+    head = [p for n, p in model.named_parameters() if p.requires_grad and _in_head(n, heads)]
+    groups = [{"name": "adapter", "params": adapter, "lr": train.lr_theta, "weight_decay": train.weight_decay},
+              {"name": "head", "params": head, "lr": train.lr_head, "weight_decay": train.weight_decay}]
+    return Prepared(model=model, groups=[g for g in groups if g["params"]], head_modules=heads)
+
+
+def trainable_count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def save_result(model: nn.Module, method: str, out_dir: Path, *, task: dict, recipe: dict, tokenizer=None) -> Path:
+    """Write the trained result in the method's native format; returns the path written."""
+    if method == "gpart":
+        return save_gpart(model, out_dir / "adapter.gpart", task=task, recipe=recipe)
+    target = out_dir / ("adapter" if method in ("lora", "unilora") else "model")
+    with atomic.directory(target) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None and method not in ("lora", "unilora"):
+            tokenizer.save_pretrained(tmp)
+        (tmp / RUN_INFO).write_text(json.dumps({"method": method, "task": task, "recipe": recipe}, indent=2))
+    return target

@@ -1,0 +1,1 @@
+"""Training: the loop (`trainer`), resumable checkpoints (`checkpoint`), and progress display."""

@@ -1,0 +1,104 @@
+"""Resumable checkpoints without pickle: trainable tensors, optimizer state, scheduler, RNG, step.
+
+Layout of a checkpoint dir (written atomically as a whole):
+  trainable.safetensors   the parameters that train (theta + head for gpart), by name
+  optimizer.safetensors   optimizer tensors (`state.<param index>.<key>`) and RNG byte states (`rng.*`)
+  state.json              step, optimizer scalars and param groups, scheduler state, Python/NumPy RNG, extras
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .. import atomic
+from ..errors import GpartError
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def load_trainable_state(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in tensors.items():
+            params[name].copy_(value.to(params[name].device))
+
+
+def _split_optimizer(state_dict: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    tensors, scalars = {}, {}
+    for idx, entries in state_dict["state"].items():
+        for key, value in entries.items():
+            if torch.is_tensor(value):
+                tensors[f"state.{idx}.{key}"] = value.detach().cpu().contiguous()
+            else:
+                scalars.setdefault(str(idx), {})[key] = value
+    return tensors, {"scalars": scalars, "param_groups": state_dict["param_groups"]}
+
+
+def _join_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state: dict[int, dict] = {}
+    for name, value in tensors.items():
+        if name.startswith("state."):
+            _, idx, key = name.split(".", 2)
+            state.setdefault(int(idx), {})[key] = value
+    for idx, entries in meta["scalars"].items():
+        state.setdefault(int(idx), {}).update(entries)
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def _rng_state() -> tuple[dict[str, torch.Tensor], dict]:
+    tensors = {"rng.torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{i}"] = s
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    meta = {"python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+            "numpy": [kind, keys.tolist(), pos, has_gauss, gauss]}
+    return tensors, meta
+
+
+def _restore_rng(tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    torch.set_rng_state(tensors["rng.torch"])
+    cuda = [tensors[k] for k in sorted(tensors) if k.startswith("rng.cuda.")]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+    version, state, gauss = meta["python"]
+    random.setstate((version, tuple(state), gauss))
+    kind, keys, pos, has_gauss, cached = meta["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+
+
+def save_checkpoint(path: Path, model: nn.Module, optimizer, scheduler, step: int, extra: dict) -> None:
+    """Write everything needed to continue bit-identically from `step` (atomic directory swap)."""
+    opt_tensors, opt_meta = _split_optimizer(optimizer.state_dict())
+    rng_tensors, rng_meta = _rng_state()
+    state = {"step": step, "optimizer": opt_meta, "scheduler": scheduler.state_dict(), "rng": rng_meta,
+             "extra": extra}
+    with atomic.directory(path) as tmp:
+        save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+        save_file({**opt_tensors, **rng_tensors}, str(tmp / "optimizer.safetensors"))
+        (tmp / "state.json").write_text(json.dumps(state))
+
+
+def load_checkpoint(path: Path, model: nn.Module, optimizer, scheduler) -> dict:
+    """Restore a checkpoint written by `save_checkpoint`; returns its state (step, extra)."""
+    try:
+        state = json.loads((path / "state.json").read_text())
+        trainable = load_file(str(path / "trainable.safetensors"))
+        tensors = load_file(str(path / "optimizer.safetensors"))
+    except (OSError, ValueError) as e:
+        raise GpartError(f"checkpoint {path} is unreadable ({e}); delete it to restart from the previous one") \
+            from None
+    load_trainable_state(model, trainable)
+    optimizer.load_state_dict(_join_optimizer(tensors, state["optimizer"]))
+    scheduler.load_state_dict(state["scheduler"])
+    _restore_rng(tensors, state["rng"])
+    return state

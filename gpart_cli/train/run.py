@@ -1,0 +1,55 @@
+"""`gpart train`: one call from a recipe to a finished run dir, with a before/after summary."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from ..recipe import Recipe
+from .trainer import Trainer, prepare_run_dir
+
+
+def default_output(recipe: Recipe) -> Path:
+    return Path("runs") / (recipe.name or "run")
+
+
+def summary_table(results: dict) -> Table:
+    table = Table(title=f"{results['task']} · {results['method']} · {results['trainable_params']:,} trainable params")
+    table.add_column("metric")
+    table.add_column("before", justify="right")
+    table.add_column("after", justify="right")
+    before, after = results.get("before") or {}, results.get("after") or {}
+    for key in after or before:
+        fmt = (lambda v: "-" if v is None else (f"{v:.4f}" if isinstance(v, float) else str(v)))
+        table.add_row(key, fmt(before.get(key)), fmt(after.get(key)))
+    return table
+
+
+def run(recipe: Recipe, out: Path, *, resume: bool = False, overwrite: bool = False, dry_run: bool = False,
+        console: Console | None = None) -> dict | None:
+    """Train the recipe into `out` and return results.json's content (None for a dry run)."""
+    console = console or Console(stderr=True)
+    if not dry_run:
+        prepare_run_dir(out, recipe, resume, overwrite)
+    trainer = Trainer(recipe, out, console, resume=resume)
+    trainer.setup()
+    splits = trainer.s.splits
+    console.print(f"[bold]{recipe.name}[/]: {recipe.method.name} on {trainer.s.task['name']} · "
+                  f"{len(splits.train):,} train / {len(splits.dev) if splits.dev else 0:,} dev rows · "
+                  f"{trainer.total_steps:,} steps · device {trainer.device.type}"
+                  f"{' bf16' if trainer.autocast_dtype else ''} · output {out}")
+    if dry_run:
+        return None
+    try:
+        trainer.train()
+    except KeyboardInterrupt:
+        console.print(f"\n[yellow]interrupted[/]: checkpoint saved. Resume with:\n  gpart train {recipe.source} "
+                      f"--output {out} --resume")
+        raise
+    results = trainer.finish()
+    console.print(summary_table(results))
+    console.print(f"result: [bold]{results['result']}[/] · metrics {out / 'metrics.jsonl'} · "
+                  f"scores {out / 'results.json'}")
+    return results

@@ -1,0 +1,260 @@
+"""The training loop (DESIGN §5-6): setup -> (resume) -> evaluate before -> train -> pick best -> save -> evaluate.
+
+Data order is a pure function of (seed, epoch): micro-batch m of the run is batch m % B of the permutation
+of epoch m // B. Together with the checkpointed optimizer, scheduler and RNG state this makes `--resume`
+continue exactly where the run stopped.
+
+Run dir: recipe.yaml (resolved), metrics.jsonl, checkpoints/{last,best}/, the result (adapter.gpart, adapter/
+or model/), results.json and predictions.jsonl.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+
+import torch
+import yaml
+from rich.console import Console
+
+from .. import atomic
+from ..errors import GpartError
+from ..evaluation import classify
+from ..methods import prepare, save_result, trainable_count
+from ..recipe import Recipe
+from .checkpoint import load_checkpoint, load_trainable_state, save_checkpoint
+from .progress import TrainProgress
+from .setup import Setup, build
+
+# Recipe fields that may change between a run and its --resume without changing the result.
+_RESUME_SAFE = {"source", "name", "train.log_every", "eval.batch_size", "eval.limit", "eval.max_new_tokens"}
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and k != "config":
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def prepare_run_dir(out: Path, recipe: Recipe, resume: bool, overwrite: bool) -> None:
+    """Refuse to clobber a previous run; on --resume insist the recipe is the same in what matters."""
+    saved = out / "recipe.yaml"
+    if resume:
+        if not (out / "checkpoints" / "last").is_dir():
+            raise GpartError(f"--resume: {out} holds no checkpoint to resume from; drop --resume to start a new run")
+        old, new = _flatten(yaml.safe_load(saved.read_text())), _flatten(recipe.to_dict())
+        changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in _RESUME_SAFE)
+        if changed:
+            diffs = "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:5])
+            raise GpartError(f"--resume: the recipe changed since {out} started ({diffs}). Resume with the "
+                             f"original recipe, or start over with --overwrite")
+        return
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise GpartError(f"output dir {out} already holds a run; pass --resume to continue it, --overwrite to "
+                             f"replace it, or --output to choose another directory")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic.write_text(saved, yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+
+
+class Trainer:
+    """One training run of a recipe into an output directory."""
+
+    def __init__(self, recipe: Recipe, out: Path, console: Console | None = None, resume: bool = False) -> None:
+        self.recipe, self.out, self.resume = recipe, Path(out), resume
+        self.console = console or Console(stderr=True)
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        t = recipe.train
+        use_bf16 = t.precision == "bf16" or (t.precision == "auto" and self.device.type == "cuda"
+                                             and torch.cuda.is_bf16_supported())
+        self.autocast_dtype = torch.bfloat16 if use_bf16 else None
+
+    # ---- setup ---------------------------------------------------------------------------------------
+    def setup(self) -> None:
+        r, t = self.recipe, self.recipe.train
+        torch.manual_seed(t.seed)
+        self.s: Setup = build(r)
+        prepared = prepare(self.s.model, r.method, t, self.s.task_type)
+        self.model = prepared.model.to(self.device)
+        if t.gradient_checkpointing:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.params = [p for g in prepared.groups for p in g["params"]]
+        self.optimizer = torch.optim.AdamW(prepared.groups, betas=(0.9, 0.999), eps=1e-8)
+        n = len(self.s.splits.train)
+        self.batches_per_epoch = math.ceil(n / t.batch_size)
+        self.steps_per_epoch = max(1, math.ceil(self.batches_per_epoch / t.grad_accum))
+        self.total_steps = t.max_steps or max(1, math.ceil(t.epochs * self.batches_per_epoch / t.grad_accum))
+        self.scheduler = self._scheduler()
+        self._perm: tuple[int, torch.Tensor] | None = None
+
+    def _scheduler(self):
+        from transformers import (get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup,
+                                  get_linear_schedule_with_warmup)
+
+        warmup = math.ceil(self.recipe.train.warmup_ratio * self.total_steps)
+        kind = self.recipe.train.schedule
+        if kind == "constant":
+            return get_constant_schedule_with_warmup(self.optimizer, warmup)
+        make = get_linear_schedule_with_warmup if kind == "linear" else get_cosine_schedule_with_warmup
+        return make(self.optimizer, warmup, self.total_steps)
+
+    # ---- data ----------------------------------------------------------------------------------------
+    def micro_batch(self, m: int) -> dict:
+        """Micro-batch number `m` of the run: deterministic in (seed, epoch), independent of history."""
+        t, data = self.recipe.train, self.s.splits.train
+        epoch, k = divmod(m, self.batches_per_epoch)
+        if self._perm is None or self._perm[0] != epoch:
+            g = torch.Generator().manual_seed(t.seed * 1_000_003 + epoch)
+            self._perm = (epoch, torch.randperm(len(data), generator=g))
+        idx = self._perm[1][k * t.batch_size:(k + 1) * t.batch_size].tolist()
+        batch = self.s.splits.collate([data[i] for i in idx])
+        return {key: v.to(self.device) for key, v in batch.items()}
+
+    # ---- evaluation ----------------------------------------------------------------------------------
+    def evaluate_split(self, dataset) -> dict:
+        """Metrics on a split: classification metrics, or the mean token loss for SFT."""
+        if self.recipe.data.family == "sft":
+            return {"loss": self._mean_loss(dataset)}
+        preds, refs = classify.predict(self.model, dataset, self.s.splits.collate, self.recipe.eval.batch_size,
+                                       self.device, self.autocast_dtype)
+        return classify.score(self.recipe.data.family, self.recipe.data.task, preds, refs)
+
+    def evaluate_report(self) -> tuple[dict | None, list[dict]]:
+        """Scores and per-example predictions on the reported split (generation tasks for SFT)."""
+        e = self.recipe.eval
+        if self.recipe.data.family == "sft":
+            if not e.task:
+                return None, []
+            from ..evaluation.tasks import load_task_rows, run_generation
+
+            rows = load_task_rows(e.task, e.files, e.split, e.limit)
+            return run_generation(e.task, self.model, self.s.tokenizer, rows, e.batch_size, e.max_new_tokens)
+        if self.s.splits.eval is None:
+            return None, []
+        preds, refs = classify.predict(self.model, self.s.splits.eval, self.s.splits.collate, e.batch_size,
+                                       self.device, self.autocast_dtype)
+        records = [{"idx": i, "prediction": p, "reference": r} for i, (p, r) in enumerate(zip(preds, refs))]
+        return classify.score(self.recipe.data.family, self.recipe.data.task, preds, refs), records
+
+    @torch.no_grad()
+    def _mean_loss(self, dataset) -> float:
+        self.model.eval()
+        total, tokens = 0.0, 0
+        for start in range(0, len(dataset), self.recipe.eval.batch_size):
+            rows = [dataset[i] for i in range(start, min(len(dataset), start + self.recipe.eval.batch_size))]
+            batch = {k: v.to(self.device) for k, v in self.s.splits.collate(rows).items()}
+            with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+                loss = self.model(**batch).loss.float()
+            n = int((batch["labels"][:, 1:] != -100).sum())
+            total, tokens = total + float(loss) * n, tokens + n
+        self.model.train()
+        return total / max(tokens, 1)
+
+    def _dev_score(self, metrics: dict) -> float:
+        """Higher is better: the task's main metric, or minus the dev loss for SFT."""
+        if self.recipe.data.family == "sft":
+            return -metrics["loss"]
+        return metrics[classify.main_metric(self.recipe.data.family, self.recipe.data.task)]
+
+    # ---- the loop ------------------------------------------------------------------------------------
+    def _log(self, record: dict) -> None:
+        with open(self.out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def _train_step(self, step: int) -> tuple[float, float]:
+        t = self.recipe.train
+        total = 0.0
+        for micro in range(t.grad_accum):
+            batch = self.micro_batch(step * t.grad_accum + micro)
+            with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+                loss = self.model(**batch).loss / t.grad_accum
+            loss.backward()
+            total += float(loss.detach())
+        if not math.isfinite(total):
+            self.optimizer.zero_grad(set_to_none=True)
+            if t.on_nan == "stop":
+                raise GpartError(f"the loss became {total} at step {step + 1}; the last good checkpoint is in "
+                                 f"{self.out / 'checkpoints' / 'last'}. Lower train.lr_theta / lr_head, or set "
+                                 f"train.on_nan: skip to skip such steps")
+            return total, float("nan")
+        norm = torch.nn.utils.clip_grad_norm_(self.params, t.max_grad_norm or float("inf"))
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return total, float(norm)
+
+    def _checkpoint(self, step: int) -> None:
+        save_checkpoint(self.out / "checkpoints" / "last", self.model, self.optimizer, self.scheduler, step,
+                        self.state)
+
+    def _maybe_eval(self, step: int) -> None:
+        t = self.recipe.train
+        every = t.eval_every or self.steps_per_epoch
+        if self.s.splits.dev is None or (step % every and step != self.total_steps):
+            if t.save_every and step % t.save_every == 0:
+                self._checkpoint(step)
+            return
+        metrics = self.evaluate_split(self.s.splits.dev)
+        score = self._dev_score(metrics)
+        self._log({"step": step, "dev": metrics})
+        if self.state["best_score"] is None or score > self.state["best_score"]:
+            self.state.update(best_score=score, best_step=step, best_dev=metrics)
+            save_checkpoint(self.out / "checkpoints" / "best", self.model, self.optimizer, self.scheduler, step,
+                            self.state)
+        self._checkpoint(step)
+
+    def train(self) -> None:
+        t = self.recipe.train
+        start = 0
+        self.state = {"best_score": None, "best_step": None, "best_dev": None, "before": None}
+        if self.resume:
+            saved = load_checkpoint(self.out / "checkpoints" / "last", self.model, self.optimizer, self.scheduler)
+            start, self.state = saved["step"], saved["extra"]
+            self.console.print(f"resuming {self.out} at step {start}/{self.total_steps}")
+        elif t.eval_before:
+            self.state["before"], _ = self.evaluate_report()
+        self.model.train()
+        samples = t.batch_size * t.grad_accum
+        with TrainProgress(self.console, self.total_steps, start) as progress:
+            for step in range(start, self.total_steps):
+                tick = time.perf_counter()
+                try:
+                    loss, norm = self._train_step(step)
+                except KeyboardInterrupt:
+                    self._checkpoint(step)
+                    raise
+                rate = samples / (time.perf_counter() - tick)
+                lr = self.scheduler.get_last_lr()[0]
+                progress.update(step + 1, loss, lr, rate)
+                if (step + 1) % t.log_every == 0 or step + 1 == self.total_steps:
+                    self._log({"step": step + 1, "epoch": (step + 1) / self.steps_per_epoch, "loss": loss, "lr": lr,
+                               "grad_norm": norm, "samples_per_s": rate})
+                self._maybe_eval(step + 1)
+        self._checkpoint(self.total_steps)
+
+    # ---- finishing -----------------------------------------------------------------------------------
+    def finish(self) -> dict:
+        """Restore the best dev checkpoint, save the result, score the eval split; returns results.json."""
+        best = self.out / "checkpoints" / "best" / "trainable.safetensors"
+        if best.is_file():
+            from safetensors.torch import load_file
+
+            load_trainable_state(self.model, load_file(str(best)))
+        path = save_result(self.model, self.recipe.method.name, self.out, task=self.s.task,
+                           recipe=self.recipe.to_dict(), tokenizer=self.s.tokenizer)
+        after, records = self.evaluate_report()
+        atomic.write_text(self.out / "predictions.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+        results = {"method": self.recipe.method.name, "task": self.s.task["name"], "result": str(path),
+                   "trainable_params": trainable_count(self.model), "steps": self.total_steps,
+                   "best_step": self.state["best_step"], "best_dev": self.state["best_dev"],
+                   "before": self.state["before"], "after": after}
+        atomic.write_text(self.out / "results.json", json.dumps(results, indent=2))
+        return results
