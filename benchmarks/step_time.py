@@ -54,11 +54,11 @@ def _is_target(name: str, targets: list[str]) -> bool:
     return any(name.endswith(f".{t}.weight") for t in targets)
 
 
-def prepare(method: str, base, args):
+def prepare(method: str, base, args, copy_base: bool = True):
     """(model, optimizer or None) for one method."""
     import gpart_cli as gpart
 
-    model = copy.deepcopy(base)
+    model = copy.deepcopy(base) if copy_base else base
     for p in model.parameters():
         p.requires_grad_(False)
     if method == "gpart":
@@ -95,7 +95,7 @@ def partition_state_bytes(model, method: str, n_adapted: int) -> float:
     if method == "gpart":
         from gpart_cli.model import gpart_layers
 
-        total = sum(layer.gpart_ids.numel() * layer.gpart_ids.element_size() for _, layer in gpart_layers(model))
+        total = sum(layer.groups.state_bytes() for _, layer in gpart_layers(model))
     elif method == "unilora":
         total = sum(b.numel() * b.element_size() for n, b in model.named_buffers() if "unilora" in n.lower())
     else:
@@ -132,9 +132,7 @@ def peak_memory(method: str, args) -> float:
 def child(method: str, args) -> None:
     import resource
 
-    base = build_base(args)
-    model, optimizer = prepare(method, base, args)
-    del base
+    model, optimizer = prepare(method, build_base(args), args, copy_base=False)
     batch = torch.randint(0, args.vocab, (args.batch, args.seq)).to(args.device)
     if args.device == "cuda":
         torch.cuda.reset_peak_memory_stats()

@@ -1,8 +1,9 @@
 """The GPart layer (DESIGN §1, §3): a frozen linear whose weight is W0 + ΔW, ΔW gathered from theta.
 
 ΔW_i = theta_g(i) / sqrt(n_g(i)). The 1/sqrt(n_j) factor depends only on the group, so the layer
-scales theta once (d values) and gathers: ΔW = theta_scaled[ids]. In backward the grouped reduction runs
-on the unscaled sum and autograd applies the scale to d values, never to N.
+scales theta once (d values) and gathers: ΔW = theta_scaled[g]. In backward the grouped reduction runs on
+the unscaled sum and autograd applies the scale to d values, never to N. `LayerGroups` decides how g is
+found: cached int32 ids on CPU, on-the-fly Triton kernels on CUDA.
 
 A custom autograd Function keeps nothing of the size of W between forward and backward: it saves x and
 the (tiny) scaled theta, and rebuilds W_eff in backward for ∂L/∂x.
@@ -15,14 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import GpartError
-
-
-def effective(base: torch.Tensor, theta_scaled: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """W0 + ΔW, summed in fp32 and rounded once to the base dtype."""
-    delta = theta_scaled.index_select(0, ids).view(base.shape)
-    if base.dtype == torch.float32:
-        return base + delta
-    return (base.float() + delta).to(base.dtype)
+from .groups import LayerGroups
 
 
 def _compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
@@ -38,40 +32,40 @@ def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, transposed
 
 
 class GPartLinearFunction(torch.autograd.Function):
-    """y = x W_eff^T + b_eff, with ∂L/∂theta_scaled = index_add of ∂L/∂W (and ∂L/∂b) by group id."""
+    """y = x W_eff^T + b_eff, with ∂L/∂theta_scaled = the grouped sum of ∂L/∂W (and ∂L/∂b)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, theta_scaled, w_ids, b_ids, transposed):
+    def forward(ctx, x, weight, bias, theta_scaled, groups, adapt_bias, transposed):
         dtype = _compute_dtype(x, weight)
-        w = effective(weight, theta_scaled, w_ids).to(dtype)
-        b = None if bias is None else (effective(bias, theta_scaled, b_ids) if b_ids is not None else bias)
-        ctx.save_for_backward(x, weight, bias, theta_scaled, w_ids, b_ids)
-        ctx.dtype, ctx.transposed = dtype, transposed
+        w = groups.effective_weight(weight, theta_scaled).to(dtype)
+        b = groups.effective_bias(bias, theta_scaled) if adapt_bias else bias
+        ctx.save_for_backward(x, weight, bias, theta_scaled)
+        ctx.groups, ctx.adapt_bias, ctx.dtype, ctx.transposed = groups, adapt_bias, dtype, transposed
         with torch.autocast(x.device.type, enabled=False):
             return _linear(x.to(dtype), w, None if b is None else b.to(dtype), transposed)
 
     @staticmethod
     def backward(ctx, grad_y):
-        x, weight, bias, theta_scaled, w_ids, b_ids = ctx.saved_tensors
-        dtype, transposed = ctx.dtype, ctx.transposed
+        x, weight, bias, theta_scaled = ctx.saved_tensors
+        groups, dtype, transposed = ctx.groups, ctx.dtype, ctx.transposed
         gy = grad_y.to(dtype).reshape(-1, grad_y.shape[-1])  # (B*T, out)
+        x2 = x.to(dtype).reshape(-1, x.shape[-1])             # (B*T, in)
         grad_x = grad_w = grad_b = grad_theta = None
         if ctx.needs_input_grad[0]:
-            w = effective(weight, theta_scaled, w_ids).to(dtype)
+            w = groups.effective_weight(weight, theta_scaled).to(dtype)
             grad_x = (gy @ (w.t() if transposed else w)).view(*x.shape[:-1], -1).to(x.dtype)
-        if ctx.needs_input_grad[1] or ctx.needs_input_grad[3]:
-            gw = gy.t() @ x.to(dtype).reshape(-1, x.shape[-1])  # (out, in)
-            gw = gw.t() if transposed else gw
-            grad_w = gw.to(weight.dtype) if ctx.needs_input_grad[1] else None
-            if ctx.needs_input_grad[3]:
-                grad_theta = torch.zeros_like(theta_scaled)
-                grad_theta.index_add_(0, w_ids, gw.reshape(-1).float())
-                del gw
-        if bias is not None and (ctx.needs_input_grad[2] or (b_ids is not None and grad_theta is not None)):
+            del w
+        if ctx.needs_input_grad[1]:  # only when the user unfroze the base weight
+            gw = gy.t() @ x2
+            grad_w = (gw.t() if transposed else gw).to(weight.dtype)
+        if ctx.needs_input_grad[3]:
+            grad_theta = torch.zeros_like(theta_scaled)
+            groups.add_weight_grad(grad_theta, gy, x2, transposed)
+        if bias is not None and (ctx.needs_input_grad[2] or (ctx.adapt_bias and grad_theta is not None)):
             gb = gy.sum(0)
             grad_b = gb.to(bias.dtype) if ctx.needs_input_grad[2] else None
-            if b_ids is not None and grad_theta is not None:
-                grad_theta.index_add_(0, b_ids, gb.float())
+            if ctx.adapt_bias and grad_theta is not None:
+                groups.add_bias_grad(grad_theta, gb)
         return grad_x, grad_w, grad_b, grad_theta, None, None, None
 
 
@@ -82,38 +76,27 @@ class GPartLinear(nn.Module):
     `ids` holds the int32 group id of each of its adapted weights (then bias), 4 bytes per parameter.
     """
 
-    def __init__(self, base_layer: nn.Module, state: nn.Module, offset: int, ids: torch.Tensor,
-                 adapt_bias: bool) -> None:
+    def __init__(self, base_layer: nn.Module, state: nn.Module, groups: LayerGroups, adapt_bias: bool) -> None:
         super().__init__()
         self.base_layer = base_layer
         object.__setattr__(self, "state", state)  # shared, registered once at the model root
-        self.offset = offset
+        self.groups = groups
         self.adapt_bias = adapt_bias
         self.transposed = not isinstance(base_layer, nn.Linear)  # Conv1D keeps W as (in, out)
-        n_w = base_layer.weight.numel()
-        self.register_buffer("gpart_ids", ids, persistent=False)
-        self._n_w = n_w
         self._cache: tuple[tuple, torch.Tensor, torch.Tensor | None] | None = None
 
-    @property
-    def w_ids(self) -> torch.Tensor:
-        return self.gpart_ids[: self._n_w]
-
-    @property
-    def b_ids(self) -> torch.Tensor | None:
-        return self.gpart_ids[self._n_w:] if self.adapt_bias else None
-
     def delta_weight(self) -> torch.Tensor:
-        """ΔW in fp32, shaped like the base weight."""
-        theta_s = self.state.scaled_theta()
-        return theta_s.index_select(0, self.w_ids).view(self.base_layer.weight.shape)
+        """ΔW in fp32, shaped like the base weight (differentiable in theta)."""
+        weight = self.base_layer.weight
+        ids = self.groups.ids(weight.device)[: self.groups.n_weight]
+        return self.state.scaled_theta().index_select(0, ids).view(weight.shape)
 
     def merged_weights(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(W0 + ΔW, b0 + Δb) in the base dtype: what merging writes into the base layer."""
         theta_s = self.state.scaled_theta().detach()
         weight, bias = self.base_layer.weight, self.base_layer.bias
-        w = effective(weight.detach(), theta_s, self.w_ids)
-        b = effective(bias.detach(), theta_s, self.b_ids) if self.adapt_bias else bias
+        w = self.groups.effective_weight(weight.detach(), theta_s)
+        b = self.groups.effective_bias(bias.detach(), theta_s) if self.adapt_bias else bias
         return w, b
 
     def _cached_weights(self) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -128,8 +111,8 @@ class GPartLinear(nn.Module):
         weight, bias = self.base_layer.weight, self.base_layer.bias
         if torch.is_grad_enabled() and (self.state.theta.requires_grad or weight.requires_grad):
             self._cache = None
-            return GPartLinearFunction.apply(x, weight, bias, self.state.scaled_theta(), self.w_ids,
-                                             self.b_ids, self.transposed)
+            return GPartLinearFunction.apply(x, weight, bias, self.state.scaled_theta(), self.groups,
+                                             self.adapt_bias, self.transposed)
         w, b = self._cached_weights() if not self.training else self.merged_weights()
         dtype = _compute_dtype(x, weight)
         return _linear(x.to(dtype), w.to(dtype), None if b is None else b.to(dtype), self.transposed)

@@ -15,7 +15,8 @@ from torch import nn
 from .config import GPartConfig
 from .errors import GpartError
 from .layer import GPartLinear, check_supported
-from .partition import group_ids, group_sizes
+from .groups import LayerGroups
+from .partition import group_sizes
 
 STATE_NAME = "gpart_state"
 
@@ -118,8 +119,9 @@ def apply(model: nn.Module, config: GPartConfig) -> nn.Module:
     model.add_module(STATE_NAME, state)
     offset = 0
     for entry, count, (name, module) in zip(spec, sizes, found):
-        ids = group_ids(n_params, config.d, config.seed, offset, count).to(device)
-        _set_module(model, name, GPartLinear(module, state, offset, ids, entry["bias"]))
+        n_bias = module.bias.numel() if entry["bias"] else 0
+        groups = LayerGroups(offset, count - n_bias, n_bias, n_params, config.d, config.seed)
+        _set_module(model, name, GPartLinear(module, state, groups, entry["bias"]))
         offset += count
     state.head_names = _unfreeze_heads(model, config.head_modules)
     return model

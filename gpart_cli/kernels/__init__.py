@@ -1,0 +1,1 @@
+"""Optional GPU kernels (Triton). The CPU path in `gpart_cli.layer` never needs them."""
