@@ -129,9 +129,14 @@ def peak_memory(method: str, args) -> float:
     return json.loads(out.strip().splitlines()[-1])["peak_mib"]
 
 
-def child(method: str, args) -> None:
-    import resource
+def _peak_rss_mib() -> float:
+    # VmHWM belongs to this process's own address space; ru_maxrss would carry the parent's peak across exec.
+    with open("/proc/self/status") as f:
+        line = next(x for x in f if x.startswith("VmHWM:"))
+    return int(line.split()[1]) / 1024
 
+
+def child(method: str, args) -> None:
     model, optimizer = prepare(method, build_base(args), args, copy_base=False)
     batch = torch.randint(0, args.vocab, (args.batch, args.seq)).to(args.device)
     if args.device == "cuda":
@@ -139,7 +144,7 @@ def child(method: str, args) -> None:
     for _ in range(2):
         step(model, optimizer, batch, args)
     peak = (torch.cuda.max_memory_allocated() / 2**20 if args.device == "cuda"
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+            else _peak_rss_mib())
     print(json.dumps({"peak_mib": peak}))
 
 
@@ -208,8 +213,9 @@ def main() -> None:
     if args.child:
         child(args.child, args)
         return
-    timed = time_methods(args)
+    # Memory first: the children are started while this process is still small.
     memory = {} if args.no_memory else {m: peak_memory(m, args) for m in args.methods}
+    timed = time_methods(args)
     result = report(args, timed, memory)
     print_table(result)
     print(json.dumps(result, indent=2))

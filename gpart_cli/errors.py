@@ -19,3 +19,9 @@ def nearest(word: str, choices) -> str | None:
 
     found = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.5)
     return found[0] if found else None
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type name when the message is empty)."""
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__

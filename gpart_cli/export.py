@@ -7,7 +7,7 @@ from pathlib import Path
 
 from . import atomic
 from .artifact import Artifact, load, read_artifact
-from .errors import GpartError
+from .errors import GpartError, first_line
 from .loading import ModelSource, load_model, load_tokenizer, resolve, torch_dtype
 from .model import merge
 
@@ -21,7 +21,7 @@ def infer_task_type(source: ModelSource) -> str:
                                             trust_remote_code=source.trust_remote_code,
                                             **({"gguf_file": source.gguf_file} if source.gguf_file else {}))
     except (OSError, ValueError) as e:
-        raise GpartError(f"could not read the config of {source.name_or_path!r}: {str(e).splitlines()[0]}") \
+        raise GpartError(f"could not read the config of {source.name_or_path!r}: {first_line(e)}") \
             from None
     arch = (getattr(config, "architectures", None) or [""])[0]
     for suffix, task_type in (("ForCausalLM", "causal_lm"), ("ForSequenceClassification", "sequence_classification"),

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import GpartError
+from .errors import GpartError, first_line
 
 TASK_TYPES = ("causal_lm", "sequence_classification", "image_classification", "base")
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -101,7 +101,7 @@ def load_model(source: ModelSource, task_type: str, num_labels: int | None = Non
     try:
         return _auto_class(task_type).from_pretrained(path, **kwargs)
     except (OSError, ValueError) as e:
-        raise GpartError(f"could not load model {source.name_or_path!r}: {str(e).splitlines()[0]}. Check "
+        raise GpartError(f"could not load model {source.name_or_path!r}: {first_line(e)}. Check "
                          f"model.name_or_path (a local dir, a hub id, or pkg:PACKAGE/dir); offline machines "
                          f"need a local copy") from None
 
@@ -116,7 +116,7 @@ def load_tokenizer(source: ModelSource):
     try:
         tok = AutoTokenizer.from_pretrained(resolve(source.name_or_path), **kwargs)
     except (OSError, ValueError) as e:
-        raise GpartError(f"could not load the tokenizer of {source.name_or_path!r}: {str(e).splitlines()[0]}") \
+        raise GpartError(f"could not load the tokenizer of {source.name_or_path!r}: {first_line(e)}") \
             from None
     if tok.pad_token is None:
         # A distinct pad token would grow the vocabulary; reuse unk/eos but mask by attention, never by id.

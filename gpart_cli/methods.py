@@ -15,7 +15,7 @@ from torch import nn
 from . import atomic
 from .artifact import save as save_gpart
 from .config import GPartConfig
-from .errors import GpartError
+from .errors import GpartError, first_line
 from .model import apply
 
 HEAD_CANDIDATES = ("classifier", "score")
@@ -67,7 +67,7 @@ def prepare(model: nn.Module, method, train, task_type: str) -> Prepared:
         try:
             model = get_peft_model(model, _peft_config(method, heads, task_type))
         except ValueError as e:
-            raise GpartError(f"method {method.name}: {str(e).splitlines()[0]}; check method.target_modules") from None
+            raise GpartError(f"method {method.name}: {first_line(e)}; check method.target_modules") from None
     elif method.name == "full":
         for p in model.parameters():
             p.requires_grad_(True)

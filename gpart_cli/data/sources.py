@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import GpartError
+from ..errors import GpartError, first_line
 
 # `datasets` builder names per file suffix; .jsonl and .json both load with the json builder.
 _BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".tsv": "csv"}
@@ -32,18 +32,21 @@ def load_rows(files: list[str] | None, path: str | None, config: str | None, spl
         if missing:
             raise GpartError(f"{what} file {missing[0]} does not exist; fix the path in the recipe "
                              f"(relative paths are relative to the directory you run gpart from)")
+        empty = [f for f in files if Path(f).stat().st_size == 0]
+        if empty:
+            raise GpartError(f"{what} file {empty[0]} is empty; point the recipe at a file with rows")
         builder, extra = _builder(files)
         try:
             rows = datasets.load_dataset(builder, data_files={"rows": list(files)}, split="rows", **extra)
         except Exception as e:  # malformed JSON/CSV surfaces as several exception types
-            raise GpartError(f"could not read {what} files {files}: {str(e).splitlines()[0]}") from None
+            raise GpartError(f"could not read {what} files {files}: {first_line(e)}") from None
         source = ", ".join(files)
     elif path:
         try:
             rows = datasets.load_dataset(path, config, split=split)
         except Exception as e:
             raise GpartError(f"could not load {what} {path!r} (config {config!r}, split {split!r}): "
-                             f"{str(e).splitlines()[0]}. Offline? Point the recipe's files at local copies") from None
+                             f"{first_line(e)}. Offline? Point the recipe's files at local copies") from None
         source = f"{path}/{config or ''}:{split}"
     else:
         raise GpartError(f"no {what} source: set the recipe's files (local) or data.path (hub dataset id)")

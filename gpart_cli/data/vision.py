@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import GpartError
+from ..errors import GpartError, first_line
 from .sources import load_rows, require_columns
 from .splits import Splits, carve_dev
 
@@ -114,7 +114,7 @@ def _folder_rows(folder: str, max_samples, seed, what: str):
     try:
         rows = datasets.load_dataset("imagefolder", data_dir=folder, split="train")
     except Exception as e:  # no images, unreadable files and bad layouts surface as several exception types
-        raise GpartError(f"could not read {what} image folder {folder}: {str(e).splitlines()[0]}") from None
+        raise GpartError(f"could not read {what} image folder {folder}: {first_line(e)}") from None
     require_columns(rows, ["image", "label"], f"{what} image folder {folder} (one sub-folder per class)")
     if max_samples is not None and max_samples < len(rows):
         rows = rows.shuffle(seed=seed).select(range(max_samples))

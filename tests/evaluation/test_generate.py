@@ -10,7 +10,7 @@ from gpart_cli.evaluation.generate import MATH_STOPS, cut_at_stop, generate
 
 CORPUS = ["Tom has 3 apples and eats 1 . How many are left ?", "He eats 1 so 3 - 1 = 2 . The answer is: 2",
           "Ann has 5 pens , she gives 2 away . Bob has 7 red and 4 blue cars"]
-QUERIES = ["Tom has 3 apples", "Ann has 5 pens , she gives 2 away . How many are left ?", "Bob has 7 cars",
+QUERIES = ["Tom has 3 apples", "Ann has 5 pens , she gives 2 away . How many are left ?", "Bob has 7 red cars",
            "He eats 1", "Bob has 7 red and 4 blue cars . Ann has 5 pens . How many are left ?"]
 EOS = 2
 
@@ -74,17 +74,21 @@ def test_cut_at_stop():
 
 
 def test_batched_left_padded_equals_one_at_a_time(tok, prompts):
-    model = tiny_llama(len(tok))
+    model = tiny_llama(len(tok), seed=8)  # seed 8: four distinct outputs, one ending early on eos
     lengths = {len(tok(p)["input_ids"]) for p in prompts}
     assert len(lengths) == len(prompts)  # every prompt has a different length: padding is exercised
     one = generate(model, tok, prompts, max_new_tokens=6, batch_size=1)
     batched = generate(model, tok, prompts, max_new_tokens=6, batch_size=3)
     assert batched == one
-    assert len(set(one)) > 1  # different prompts, different continuations: the order is checkable
+    assert len(set(one)) == 4 and min(len(o.split()) for o in one) < 6  # order checkable, a row stops early
     # Order: each prompt alone gives the same text as at its position in the list.
     assert [generate(model, tok, [p], max_new_tokens=6, batch_size=4)[0] for p in prompts] == one
-    reversed_out = generate(model, tok, prompts[::-1], max_new_tokens=6, batch_size=3)
-    assert reversed_out == one[::-1]
+    assert generate(model, tok, prompts[::-1], max_new_tokens=6, batch_size=3) == one[::-1]
+    # Stop strings are applied per row: rows of one batch stop at different steps.
+    stops = ["apples", "4"]
+    assert generate(model, tok, prompts, max_new_tokens=6, batch_size=5, stop=stops) == \
+        [cut_at_stop(o, stops) for o in one] == generate(model, tok, prompts, max_new_tokens=6, batch_size=1,
+                                                          stop=stops)
 
 
 def test_max_new_tokens_respected(tok, prompts):

@@ -1,0 +1,104 @@
+"""Bad input never gives a traceback: exit code 2 and a message naming the field or file and the fix."""
+
+import json
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from gpart_cli.cli.app import app
+from tests.conftest import write_jsonl
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def recipe_for(tiny_bert_dir, sst2_files, tmp_path):
+    def make(edit=None, text=None):
+        raw = {"model": {"name_or_path": str(tiny_bert_dir)},
+               "method": {"name": "gpart", "d": 64, "target_modules": ["query", "value"]},
+               "data": {"family": "glue", "task": "sst2", "train_files": [str(sst2_files[0])],
+                        "eval_files": [str(sst2_files[1])], "max_length": 32},
+               "train": {"max_steps": 2, "batch_size": 8}}
+        if edit:
+            edit(raw)
+        path = tmp_path / "recipe.yaml"
+        path.write_text(text if text is not None else yaml.safe_dump(raw))
+        return path
+    return make
+
+
+def _set(section, key, value):
+    return lambda raw: raw[section].__setitem__(key, value)
+
+
+def _bad_rows(tmp_path, rows):
+    return write_jsonl(tmp_path / "bad.jsonl", rows)
+
+
+CASES = {
+    "malformed yaml": (None, "model: [\n", "is not valid YAML at line"),
+    "unknown key": (_set("train", "lr_thetaa", 1), None, "did you mean train.lr_theta"),
+    "wrong type": (_set("train", "batch_size", "big"), None, "train.batch_size = 'big' should be an integer"),
+    "d zero": (_set("method", "d", 0), None, "method.d = 0 must be >= 1"),
+    "d above N": (_set("method", "d", 10**7), None, "d = 10,000,000 is out of range"),
+    "no target": (_set("method", "target_modules", ["q_proj"]), None, "no module matches target_modules"),
+    "unknown method": (_set("method", "name", "adapterx"), None, "method.name = 'adapterx' is not one of"),
+    "unknown task": (_set("data", "task", "sst3"), None, "unknown GLUE task 'sst3'"),
+    "missing file": (_set("data", "train_files", ["nope/train.jsonl"]), None, "nope/train.jsonl does not exist"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_bad_recipe_inputs(recipe_for, tmp_path, name):
+    edit, text, message = CASES[name]
+    res = runner.invoke(app, ["train", str(recipe_for(edit, text)), "--output", str(tmp_path / "run")])
+    assert res.exit_code == 2, res.output
+    assert message in " ".join(res.output.split()) and "Traceback" not in res.output
+
+
+@pytest.mark.parametrize("rows,message", [
+    ([{"text": "a", "label": 1}] * 20, "lacks column(s) sentence; found text, label"),
+    ([{"sentence": "a", "label": 7}] * 20, "label 7 in column 'label' is out of range for num_labels = 2"),
+])
+def test_bad_data_rows(recipe_for, tmp_path, rows, message):
+    bad = str(_bad_rows(tmp_path, rows))
+    res = runner.invoke(app, ["train", str(recipe_for(_set("data", "train_files", [bad]))), "--output",
+                              str(tmp_path / "run")])
+    assert res.exit_code == 2 and message in " ".join(res.output.split()), res.output
+    assert "bad.jsonl" in res.output.replace("\n", "")
+
+
+def test_empty_split(recipe_for, tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    res = runner.invoke(app, ["train", str(recipe_for(_set("data", "eval_files", [str(empty)]))), "--output",
+                              str(tmp_path / "run")])
+    assert res.exit_code == 2 and "Traceback" not in res.output
+    assert "empty" in res.output
+
+
+def test_eval_unknown_task_and_bad_predictions(tmp_path):
+    res = runner.invoke(app, ["eval", "--task", "squad"])
+    assert res.exit_code == 2 and "unknown task 'squad'" in res.output
+    data = write_jsonl(tmp_path / "g.jsonl", [{"question": "q", "answer": "#### 3"}] * 2)
+    preds = tmp_path / "p.jsonl"
+    preds.write_text(json.dumps({"idx": 0, "output": "The answer is: 3"}) + "\n")
+    res = runner.invoke(app, ["eval", "--task", "gsm8k", "--data", str(data), "--predictions", str(preds),
+                              "--output", str(tmp_path / "s.json")])
+    assert res.exit_code == 2 and "no output for idx [1]" in " ".join(res.output.split())
+
+
+def test_eval_scores_given_predictions(tmp_path):
+    data = write_jsonl(tmp_path / "g.jsonl", [{"question": "q", "answer": "x #### 1,234"},
+                                              {"question": "q", "answer": "#### 5"}])
+    preds = tmp_path / "p.jsonl"
+    preds.write_text(json.dumps({"idx": 0, "output": "so $1,234.00\nThe answer is: 1234"}) + "\n"
+                     + json.dumps({"idx": 1, "output": "#### 6"}) + "\n")
+    res = runner.invoke(app, ["eval", "--task", "gsm8k", "--data", str(data), "--predictions", str(preds),
+                              "--output", str(tmp_path / "s.json")])
+    assert res.exit_code == 0, res.output
+    scores = json.loads((tmp_path / "s.json").read_text())["scores"]
+    assert scores == {"metamath": 0.5, "strict": 0.0, "flexible": 0.5, "n": 2}
+    records = [json.loads(x) for x in (tmp_path / "s.predictions.jsonl").read_text().splitlines()]
+    assert [r["reference"] for r in records] == ["1234", "5"]
