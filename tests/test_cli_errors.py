@@ -102,3 +102,16 @@ def test_eval_scores_given_predictions(tmp_path):
     assert scores == {"metamath": 0.5, "strict": 0.0, "flexible": 0.5, "n": 2}
     records = [json.loads(x) for x in (tmp_path / "s.predictions.jsonl").read_text().splitlines()]
     assert [r["reference"] for r in records] == ["1234", "5"]
+
+
+def test_eval_scores_math_predictions_with_is_equiv(tmp_path):
+    data = write_jsonl(tmp_path / "m.jsonl", [
+        {"problem": "p", "solution": "so $\\boxed{\\frac{1}{2}}$"},
+        {"problem": "p", "solution": "first \\boxed{3} then \\boxed{\\sqrt{2}+1}"}])
+    preds = tmp_path / "p.jsonl"
+    preds.write_text(json.dumps({"idx": 0, "output": "The answer is: 0.5"}) + "\n"
+                     + json.dumps({"idx": 1, "output": "thus $\\boxed{3}$"}) + "\n")
+    res = runner.invoke(app, ["eval", "--task", "math", "--data", str(data), "--predictions", str(preds),
+                              "--output", str(tmp_path / "s.json")])
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "s.json").read_text())["scores"] == {"is_equiv": 0.5, "n": 2}
