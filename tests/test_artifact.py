@@ -141,3 +141,20 @@ def test_save_leaves_no_temp_files_and_overwrites_atomically(tmp_path):
     gpart.save(model, tmp_path / "a.gpart")
     assert [p.name for p in tmp_path.iterdir()] == ["a.gpart"]
     assert torch.equal(gpart.read_artifact(tmp_path / "a.gpart").theta, gpart.theta(model).detach())
+
+
+def test_written_files_get_the_usual_permissions(tmp_path):
+    import os
+
+    from gpart_cli import atomic
+
+    _, model = _trained_llama()
+    mask = os.umask(0o022)
+    try:
+        path = gpart.save(model, tmp_path / "a.gpart")
+        with atomic.directory(tmp_path / "d") as d:
+            (d / "x").write_text("1")
+    finally:
+        os.umask(mask)
+    assert path.stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "d").stat().st_mode & 0o777 == 0o755
