@@ -76,11 +76,14 @@ def test_interrupted_run_resumes_to_the_same_theta(tiny_bert_dir, sst2_files, tm
         return original(self, step)
 
     monkeypatch.setattr(Trainer, "_train_step", interrupt_at_7)
-    with pytest.raises(KeyboardInterrupt):
-        run(recipe, tmp_path / "cut")
+    res = runner.invoke(app, ["train", str(tmp_path / "whole" / "recipe.yaml"), "--output", str(tmp_path / "cut")])
+    assert res.exit_code == 130
+    command = f"gpart train {tmp_path / 'cut' / 'recipe.yaml'} --output {tmp_path / 'cut'} --resume"
+    assert command in res.output.replace("\n", "")
     assert json.loads((tmp_path / "cut" / "checkpoints" / "last" / "state.json").read_text())["step"] == 7
     monkeypatch.setattr(Trainer, "_train_step", original)
-    run(recipe, tmp_path / "cut", resume=True)
+    res = runner.invoke(app, command.split()[1:])  # exactly the printed command
+    assert res.exit_code == 0, res.output
     whole, cut = (gpart.read_artifact(tmp_path / d / "adapter.gpart") for d in ("whole", "cut"))
     assert torch.equal(whole.theta, cut.theta)
     assert all(torch.equal(whole.head[k], cut.head[k]) for k in whole.head)

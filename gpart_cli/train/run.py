@@ -45,8 +45,9 @@ def run(recipe: Recipe, out: Path, *, resume: bool = False, overwrite: bool = Fa
     try:
         trainer.train()
     except KeyboardInterrupt:
-        console.print(f"\n[yellow]interrupted[/]: checkpoint saved. Resume with:\n  gpart train {recipe.source} "
-                      f"--output {out} --resume")
+        # The run dir's recipe.yaml is the resolved one, --set overrides included.
+        console.print(f"\n[yellow]interrupted[/]: checkpoint saved. Resume with:\n  gpart train "
+                      f"{out / 'recipe.yaml'} --output {out} --resume")
         raise
     results = trainer.finish()
     console.print(summary_table(results))
