@@ -217,3 +217,38 @@ def test_gradient_checkpointing_trains_the_same_theta(tiny_llama_dir, tmp_path):
     plain, ckpt = (gpart.read_artifact(tmp_path / d / "adapter.gpart").theta for d in ("plain", "ckpt"))
     assert torch.count_nonzero(plain) > 0
     torch.testing.assert_close(ckpt, plain, rtol=0, atol=1e-7)
+
+
+def _nan_loss_at(monkeypatch, bad_step):
+    """Make the model's loss NaN on optimizer step `bad_step` (1-based), as a diverging run would."""
+    original = Trainer._train_step
+
+    def patched(self, step):
+        if step + 1 != bad_step:
+            return original(self, step)
+        handle = self.model.register_forward_hook(
+            lambda module, args, out: out.__setitem__("loss", out["loss"] * float("nan")) or out)
+        try:
+            return original(self, step)
+        finally:
+            handle.remove()
+
+    monkeypatch.setattr(Trainer, "_train_step", patched)
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_state(tiny_bert_dir, sst2_files, tmp_path, monkeypatch):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(glue_recipe(tiny_bert_dir, sst2_files, train__max_steps=6,
+                                                 train__eval_before=False).to_dict()))
+    _nan_loss_at(monkeypatch, 4)
+    res = runner.invoke(app, ["train", str(recipe), "--output", str(tmp_path / "run")])
+    assert res.exit_code == 2 and "the loss became nan at step 4" in " ".join(res.output.split())
+    state = json.loads((tmp_path / "run" / "checkpoints" / "last" / "state.json").read_text())
+    assert state["step"] == 3
+    theta = load_file(str(tmp_path / "run" / "checkpoints" / "last" / "trainable.safetensors"))["gpart_state.theta"]
+    assert torch.isfinite(theta).all() and torch.count_nonzero(theta) > 0
+    res = runner.invoke(app, ["train", str(recipe), "--output", str(tmp_path / "run"), "--resume",
+                              "--set", "train.on_nan=skip"])
+    assert res.exit_code == 0, res.output
+    assert "step skipped" in res.output
+    assert torch.isfinite(gpart.read_artifact(tmp_path / "run" / "adapter.gpart").theta).all()

@@ -30,7 +30,8 @@ from .progress import TrainProgress
 from .setup import Setup, build
 
 # Recipe fields that may change between a run and its --resume without changing the result.
-_RESUME_SAFE = {"source", "name", "train.log_every", "eval.batch_size", "eval.limit", "eval.max_new_tokens"}
+_RESUME_SAFE = {"source", "name", "train.log_every", "train.on_nan", "eval.batch_size", "eval.limit",
+                "eval.max_new_tokens"}
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -181,9 +182,12 @@ class Trainer:
         if not math.isfinite(total):
             self.optimizer.zero_grad(set_to_none=True)
             if t.on_nan == "stop":
-                raise GpartError(f"the loss became {total} at step {step + 1}; the last good checkpoint is in "
-                                 f"{self.out / 'checkpoints' / 'last'}. Lower train.lr_theta / lr_head, or set "
-                                 f"train.on_nan: skip to skip such steps")
+                self._checkpoint(step)  # the state before this step is still good: keep it
+                raise GpartError(f"the loss became {total} at step {step + 1}; stopped with the last good state saved "
+                                 f"in {self.out / 'checkpoints' / 'last'}. Lower train.lr_theta / lr_head and start "
+                                 f"again, or resume with --set train.on_nan=skip to skip such steps")
+            self.console.print(f"[yellow]warning:[/] loss {total} at step {step + 1}: step skipped (train.on_nan: skip)")
+            self.scheduler.step()  # keep the schedule aligned with the step count
             return total, float("nan")
         norm = torch.nn.utils.clip_grad_norm_(self.params, t.max_grad_norm or float("inf"))
         self.optimizer.step()
