@@ -1,6 +1,10 @@
 """Resumable checkpoints without pickle: trainable tensors, optimizer state, scheduler, RNG, step.
 
-Layout of a checkpoint dir (written atomically as a whole):
+`checkpoints/last` and `checkpoints/best` are symlinks to `last-<step>` / `best-<step>` directories. A new
+checkpoint is written to a fresh directory, then the link is swapped with one atomic rename, so a kill at
+any moment leaves a complete checkpoint behind the link: the previous one or the new one.
+
+Layout of a checkpoint dir:
   trainable.safetensors   the parameters that train (theta + head for gpart), by name
   optimizer.safetensors   optimizer tensors (`state.<param index>.<key>`) and RNG byte states (`rng.*`)
   state.json              step, optimizer scalars and param groups, scheduler state, Python/NumPy RNG, extras
@@ -9,7 +13,9 @@ Layout of a checkpoint dir (written atomically as a whole):
 from __future__ import annotations
 
 import json
+import os
 import random
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -77,15 +83,25 @@ def _restore_rng(tensors: dict[str, torch.Tensor], meta: dict) -> None:
 
 
 def save_checkpoint(path: Path, model: nn.Module, optimizer, scheduler, step: int, extra: dict) -> None:
-    """Write everything needed to continue bit-identically from `step` (atomic directory swap)."""
+    """Write everything needed to continue bit-identically from `step`, then point `path` at it."""
     opt_tensors, opt_meta = _split_optimizer(optimizer.state_dict())
     rng_tensors, rng_meta = _rng_state()
     state = {"step": step, "optimizer": opt_meta, "scheduler": scheduler.state_dict(), "rng": rng_meta,
              "extra": extra}
-    with atomic.directory(path) as tmp:
+    target = path.with_name(f"{path.name}-{step:08d}")
+    with atomic.directory(target) as tmp:
         save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
         save_file({**opt_tensors, **rng_tensors}, str(tmp / "optimizer.safetensors"))
         (tmp / "state.json").write_text(json.dumps(state))
+    link = path.with_name(f".{path.name}.link")
+    if link.is_symlink():
+        link.unlink()
+    os.symlink(target.name, link)
+    os.replace(link, path)  # the atomic switch
+    # Older checkpoints, and temp dirs a killed run left half-written, are no longer needed.
+    for old in [*path.parent.glob(f"{path.name}-*"), *path.parent.glob(f".{path.name}-*.tmp")]:
+        if old.name != target.name:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def load_checkpoint(path: Path, model: nn.Module, optimizer, scheduler) -> dict:
