@@ -9,12 +9,12 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 class TrainProgress:
     """A progress bar whose fields are updated once per optimizer step."""
 
-    def __init__(self, console: Console, total: int, start: int = 0) -> None:
+    def __init__(self, console: Console, total: int, start: int = 0, enabled: bool = True) -> None:
         self.progress = Progress(
             TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
             TextColumn("loss [cyan]{task.fields[loss]}"), TextColumn("lr {task.fields[lr]}"),
             TextColumn("{task.fields[rate]} samples/s"), TimeElapsedColumn(), TextColumn("eta"),
-            TimeRemainingColumn(), console=console, transient=False)
+            TimeRemainingColumn(), console=console, transient=False, disable=not enabled)
         self.task = self.progress.add_task("train", total=total, completed=start, loss="-", lr="-", rate="-")
 
     def __enter__(self) -> "TrainProgress":

@@ -8,6 +8,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ..recipe import Recipe
+from . import distributed
 from .trainer import Trainer, prepare_run_dir
 
 
@@ -31,9 +32,10 @@ def run(recipe: Recipe, out: Path, *, resume: bool = False, overwrite: bool = Fa
         console: Console | None = None) -> dict | None:
     """Train the recipe into `out` and return results.json's content (None for a dry run)."""
     console = console or Console(stderr=True)
-    if not dry_run:
-        prepare_run_dir(out, recipe, resume, overwrite)
     trainer = Trainer(recipe, out, console, resume=resume)
+    if not dry_run and trainer.main:
+        prepare_run_dir(out, recipe, resume, overwrite)
+    distributed.barrier()
     trainer.setup()
     splits = trainer.s.splits
     console.print(f"[bold]{recipe.name}[/]: {recipe.method.name} on {trainer.s.task['name']} · "
@@ -49,7 +51,11 @@ def run(recipe: Recipe, out: Path, *, resume: bool = False, overwrite: bool = Fa
         console.print(f"\n[yellow]interrupted[/]: checkpoint saved. Resume with:\n  gpart train "
                       f"{out / 'recipe.yaml'} --output {out} --resume")
         raise
+    if not trainer.main:
+        distributed.shutdown()
+        return None
     results = trainer.finish()
+    distributed.shutdown()
     console.print(summary_table(results))
     console.print(f"result: [bold]{results['result']}[/] · metrics {out / 'metrics.jsonl'} · "
                   f"scores {out / 'results.json'}")

@@ -25,6 +25,7 @@ from ..errors import GpartError
 from ..evaluation import classify
 from ..methods import prepare, save_result, trainable_count
 from ..recipe import Recipe
+from . import distributed
 from .checkpoint import load_checkpoint, load_trainable_state, save_checkpoint
 from .progress import TrainProgress
 from .setup import Setup, build
@@ -72,7 +73,9 @@ class Trainer:
     def __init__(self, recipe: Recipe, out: Path, console: Console | None = None, resume: bool = False) -> None:
         self.recipe, self.out, self.resume = recipe, Path(out), resume
         self.console = console or Console(stderr=True)
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.rank, self.world = distributed.world()
+        self.main = self.rank == 0
+        self.device = distributed.local_device()
         t = recipe.train
         use_bf16 = t.precision == "bf16" or (t.precision == "auto" and self.device.type == "cuda"
                                              and torch.cuda.is_bf16_supported())
@@ -87,6 +90,9 @@ class Trainer:
         self.model = prepared.model.to(self.device)
         if t.gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if t.batch_size % self.world:
+            raise GpartError(f"train.batch_size = {t.batch_size} must be divisible by the {self.world} processes")
+        self.forward_model = distributed.wrap(self.model, self.device)  # DDP under torchrun; evals use self.model
         self.params = [p for g in prepared.groups for p in g["params"]]
         self.optimizer = torch.optim.AdamW(prepared.groups, betas=(0.9, 0.999), eps=1e-8)
         n = len(self.s.splits.train)
@@ -115,7 +121,9 @@ class Trainer:
         if self._perm is None or self._perm[0] != epoch:
             g = torch.Generator().manual_seed(t.seed * 1_000_003 + epoch)
             self._perm = (epoch, torch.randperm(len(data), generator=g))
-        idx = self._perm[1][k * t.batch_size:(k + 1) * t.batch_size].tolist()
+        idx = self._perm[1][k * t.batch_size:(k + 1) * t.batch_size]
+        share = -(-len(idx) // self.world)  # this rank's contiguous share of the global micro-batch
+        idx = idx[self.rank * share:(self.rank + 1) * share].tolist()
         batch = self.s.splits.collate([data[i] for i in idx])
         return {key: v.to(self.device) for key, v in batch.items()}
 
@@ -167,6 +175,8 @@ class Trainer:
 
     # ---- the loop ------------------------------------------------------------------------------------
     def _log(self, record: dict) -> None:
+        if not self.main:
+            return
         with open(self.out / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
 
@@ -176,9 +186,10 @@ class Trainer:
         for micro in range(t.grad_accum):
             batch = self.micro_batch(step * t.grad_accum + micro)
             with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
-                loss = self.model(**batch).loss / t.grad_accum
+                loss = self.forward_model(**batch).loss / t.grad_accum
             loss.backward()
             total += float(loss.detach())
+        total = distributed.mean(total, self.device)  # same value on every rank: they stop or skip together
         if not math.isfinite(total):
             self.optimizer.zero_grad(set_to_none=True)
             if t.on_nan == "stop":
@@ -196,12 +207,16 @@ class Trainer:
         return total, float(norm)
 
     def _checkpoint(self, step: int) -> None:
+        if not self.main:
+            return
         save_checkpoint(self.out / "checkpoints" / "last", self.model, self.optimizer, self.scheduler, step,
                         self.state)
 
     def _maybe_eval(self, step: int) -> None:
         t = self.recipe.train
         every = t.eval_every or self.steps_per_epoch
+        if not self.main:  # rank 0 evaluates and writes; the others carry on (DDP waits for it)
+            return
         if self.s.splits.dev is None or (step % every and step != self.total_steps):
             if t.save_every and step % t.save_every == 0:
                 self._checkpoint(step)
@@ -223,11 +238,11 @@ class Trainer:
             saved = load_checkpoint(self.out / "checkpoints" / "last", self.model, self.optimizer, self.scheduler)
             start, self.state = saved["step"], saved["extra"]
             self.console.print(f"resuming {self.out} at step {start}/{self.total_steps}")
-        elif t.eval_before:
+        elif t.eval_before and self.main:
             self.state["before"], _ = self.evaluate_report()
         self.model.train()
         samples = t.batch_size * t.grad_accum
-        with TrainProgress(self.console, self.total_steps, start) as progress:
+        with TrainProgress(self.console, self.total_steps, start, enabled=self.main) as progress:
             for step in range(start, self.total_steps):
                 tick = time.perf_counter()
                 try:
@@ -243,6 +258,7 @@ class Trainer:
                                "grad_norm": norm, "samples_per_s": rate})
                 self._maybe_eval(step + 1)
         self._checkpoint(self.total_steps)
+        distributed.barrier()
 
     # ---- finishing -----------------------------------------------------------------------------------
     def finish(self) -> dict:
