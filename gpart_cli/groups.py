@@ -50,6 +50,10 @@ class LayerGroups:
             return effective_weight(weight, theta_s, self.offset, self.n, self.d, self.seed)
         return _gather_add(weight, theta_s, self.ids(weight.device)[: self.n_weight])
 
+    def delta_weight(self, theta_s: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+        """ΔW alone (fp32), for quantized bases where W0 cannot be added to: uses the cached ids."""
+        return theta_s.index_select(0, self.ids(theta_s.device)[: self.n_weight]).view(shape)
+
     def effective_bias(self, bias: torch.Tensor, theta_s: torch.Tensor) -> torch.Tensor:
         return _gather_add(bias, theta_s, self._bias_ids(bias.device))
 

@@ -69,11 +69,51 @@ class GPartLinearFunction(torch.autograd.Function):
         return grad_x, grad_w, grad_b, grad_theta, None, None, None
 
 
+class GPartDeltaFunction(torch.autograd.Function):
+    """x ΔW^T alone, for a quantized base computed by its own layer (y = base(x) + x ΔW^T, DESIGN §3).
+
+    Like the full Function it saves only x and theta and rebuilds ΔW in backward.
+    """
+
+    @staticmethod
+    def forward(ctx, x, theta_scaled, groups, shape, dtype):
+        ctx.save_for_backward(x, theta_scaled)
+        ctx.groups, ctx.shape, ctx.dtype = groups, shape, dtype
+        with torch.autocast(x.device.type, enabled=False):
+            return F.linear(x.to(dtype), groups.delta_weight(theta_scaled, shape).to(dtype))
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, theta_scaled = ctx.saved_tensors
+        gy = grad_y.to(ctx.dtype).reshape(-1, grad_y.shape[-1])
+        grad_x = grad_theta = None
+        if ctx.needs_input_grad[0]:
+            delta = ctx.groups.delta_weight(theta_scaled, ctx.shape).to(ctx.dtype)
+            grad_x = (gy @ delta).view(*x.shape[:-1], -1).to(x.dtype)
+        if ctx.needs_input_grad[1]:
+            grad_theta = torch.zeros_like(theta_scaled)
+            ctx.groups.add_weight_grad(grad_theta, gy, x.to(ctx.dtype).reshape(-1, x.shape[-1]), False)
+        return grad_x, grad_theta, None, None, None
+
+
+def is_quantized(module: nn.Module) -> bool:
+    """A bitsandbytes 4/8-bit linear, whose packed weight cannot take W0 + ΔW directly."""
+    return type(module).__name__ in ("Linear4bit", "Linear8bitLt")
+
+
+def weight_shape(module: nn.Module) -> tuple[int, ...]:
+    """The logical (out, in) shape of a target's weight, also for packed quantized weights."""
+    if is_quantized(module):
+        return (module.out_features, module.in_features)
+    return tuple(module.weight.shape)
+
+
 class GPartLinear(nn.Module):
     """Wraps a frozen `nn.Linear` or transformers `Conv1D` (`base_layer`) with a slice of the partition.
 
-    The layer owns no trainable state: theta lives in the shared `GPartState`, reached through `state`.
-    `ids` holds the int32 group id of each of its adapted weights (then bias), 4 bytes per parameter.
+    The layer owns no trainable state: theta lives in the shared `GPartState`, reached through `state`;
+    `groups` says where its weights (then bias) sit in the partition. A quantized base is kept as it is and
+    the update is added to its output.
     """
 
     def __init__(self, base_layer: nn.Module, state: nn.Module, groups: LayerGroups, adapt_bias: bool) -> None:
@@ -83,16 +123,18 @@ class GPartLinear(nn.Module):
         self.groups = groups
         self.adapt_bias = adapt_bias
         self.transposed = not isinstance(base_layer, nn.Linear)  # Conv1D keeps W as (in, out)
+        self.quantized = is_quantized(base_layer)
         self._cache: tuple[tuple, torch.Tensor, torch.Tensor | None] | None = None
 
     def delta_weight(self) -> torch.Tensor:
         """ΔW in fp32, shaped like the base weight (differentiable in theta)."""
-        weight = self.base_layer.weight
-        ids = self.groups.ids(weight.device)[: self.groups.n_weight]
-        return self.state.scaled_theta().index_select(0, ids).view(weight.shape)
+        return self.groups.delta_weight(self.state.scaled_theta(), weight_shape(self.base_layer))
 
     def merged_weights(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(W0 + ΔW, b0 + Δb) in the base dtype: what merging writes into the base layer."""
+        if self.quantized:
+            raise GpartError("merging into a 4/8-bit quantized base would re-quantize W0 + ΔW and lose the update; "
+                             "merge into an unquantized copy instead: gpart merge BASE ADAPTER -o DIR --dtype bfloat16")
         theta_s = self.state.scaled_theta().detach()
         weight, bias = self.base_layer.weight, self.base_layer.bias
         w = self.groups.effective_weight(weight.detach(), theta_s)
@@ -107,7 +149,18 @@ class GPartLinear(nn.Module):
             self._cache = (key, *self.merged_weights())
         return self._cache[1], self._cache[2]
 
+    def _forward_quantized(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = _compute_dtype(x, x)  # the activations' dtype, or autocast's
+        theta_s = self.state.scaled_theta()
+        if not torch.is_grad_enabled() or not self.state.theta.requires_grad:
+            theta_s = theta_s.detach()
+        shape = weight_shape(self.base_layer)
+        delta = GPartDeltaFunction.apply(x, theta_s, self.groups, shape, dtype)
+        return self.base_layer(x) + delta.to(x.dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.quantized:
+            return self._forward_quantized(x)
         weight, bias = self.base_layer.weight, self.base_layer.bias
         if torch.is_grad_enabled() and (self.state.theta.requires_grad or weight.requires_grad):
             self._cache = None
@@ -119,7 +172,7 @@ class GPartLinear(nn.Module):
 
 
 def supported(module: nn.Module) -> bool:
-    """Whether GPart can wrap this module type."""
+    """Whether GPart can wrap this module type (bitsandbytes 4/8-bit linears subclass nn.Linear)."""
     return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
 
 

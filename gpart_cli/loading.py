@@ -90,6 +90,8 @@ def load_model(source: ModelSource, task_type: str, num_labels: int | None = Non
     quant = _quantization_config(source.quantization, dtype)
     if quant is not None:
         kwargs["quantization_config"] = quant
+        # Quantized weights are placed at load time and cannot be moved with .to() afterwards.
+        kwargs["device_map"] = {"": f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"}
     if num_labels is not None and task_type in ("sequence_classification", "image_classification"):
         kwargs["num_labels"] = num_labels
         if num_labels == 1:

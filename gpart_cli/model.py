@@ -14,7 +14,7 @@ from torch import nn
 
 from .config import GPartConfig
 from .errors import GpartError
-from .layer import GPartLinear, check_supported
+from .layer import GPartLinear, check_supported, is_quantized, weight_shape
 from .groups import LayerGroups
 from .partition import group_sizes
 
@@ -70,13 +70,16 @@ def find_targets(model: nn.Module, config: GPartConfig) -> list[tuple[str, nn.Mo
 
 def module_spec(found: list[tuple[str, nn.Module]], adapt_bias: bool) -> list[dict]:
     """Ordered [{name, shape, bias}] describing the adapted parameters."""
-    return [{"name": name, "shape": list(m.weight.shape), "bias": bool(adapt_bias and m.bias is not None)}
+    return [{"name": name, "shape": list(weight_shape(m)), "bias": bool(adapt_bias and m.bias is not None)}
             for name, m in found]
 
 
 def _numel(module: nn.Module, adapt_bias: bool) -> int:
     """How many adapted parameters a target module contributes (weight, then bias)."""
-    return module.weight.numel() + (module.bias.numel() if adapt_bias else 0)
+    n = 1
+    for size in weight_shape(module):
+        n *= size
+    return n + (module.bias.numel() if adapt_bias else 0)
 
 
 def fingerprint(spec: list[dict]) -> str:
@@ -106,6 +109,8 @@ def apply(model: nn.Module, config: GPartConfig) -> nn.Module:
     if hasattr(model, STATE_NAME):
         raise GpartError("this model already has GPart applied; call gpart.merge(model) or start from the base")
     found = find_targets(model, config)
+    if config.bias and any(is_quantized(m) and m.bias is not None for _, m in found):
+        raise GpartError("bias: true is not supported on a quantized base; set method.bias: false")
     spec = module_spec(found, config.bias)
     sizes = [_numel(m, entry["bias"]) for entry, (_, m) in zip(spec, found)]
     n_params = sum(sizes)
@@ -163,7 +168,11 @@ def merge(model: nn.Module) -> nn.Module:
     Returns the same model object, now a plain transformers/torch model. Head modules stay trained.
     """
     state_of(model)
-    for name, layer in gpart_layers(model):
+    layers = gpart_layers(model)
+    quantized = next((layer for _, layer in layers if layer.quantized), None)
+    if quantized is not None:
+        quantized.merged_weights()  # raises the GpartError that explains how to merge instead
+    for name, layer in layers:
         w, b = layer.merged_weights()
         base = layer.base_layer
         base.weight.data.copy_(w)

@@ -87,7 +87,8 @@ class Trainer:
         torch.manual_seed(t.seed)
         self.s: Setup = build(r)
         prepared = prepare(self.s.model, r.method, t, self.s.task_type)
-        self.model = prepared.model.to(self.device)
+        quantized = getattr(prepared.model, "hf_quantizer", None) is not None  # placed at load, cannot .to()
+        self.model = prepared.model if quantized else prepared.model.to(self.device)
         if t.gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if t.batch_size % self.world:

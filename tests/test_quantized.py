@@ -1,0 +1,91 @@
+"""Quantized bases (bitsandbytes nf4/int8, here on its CPU backend): y = base(x) + x ΔWᵀ trains θ; merging
+into the quantized base is refused with the way to merge into an unquantized copy instead."""
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import gpart_cli as gpart
+from gpart_cli.cli.app import app
+from gpart_cli.errors import GpartError
+from gpart_cli.loading import ModelSource, load_model
+from gpart_cli.model import _set_module, gpart_layers, state_of
+from gpart_cli.partition import group_ids, group_sizes
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    from tests.conftest import tiny_llama
+
+    out = tmp_path_factory.mktemp("qbase")
+    tiny_llama(hidden=64).save_pretrained(out)
+    return out
+
+
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+def test_quantized_base_trains_theta_with_the_right_gradient(base_dir, kind, tokens):
+    base = load_model(ModelSource(str(base_dir), quantization=kind), "causal_lm")
+    fresh = load_model(ModelSource(str(base_dir), quantization=kind), "causal_lm")  # deepcopy breaks bnb
+    model = gpart.apply(fresh, gpart.GPartConfig(d=40, target_modules=["q_proj", "v_proj"]))
+    layers = gpart_layers(model)
+    assert all(layer.quantized for _, layer in layers)
+    assert state_of(model).targets[0]["shape"] == [64, 64]  # logical shape, not the packed storage
+    with torch.no_grad():
+        assert torch.equal(model(tokens).logits, base(tokens).logits)  # θ = 0: exactly the quantized base
+        gpart.theta(model).copy_(torch.randn(40, generator=torch.Generator().manual_seed(0)) * 0.01)
+    model(tokens).logits.square().mean().backward()
+    grad = gpart.theta(model).grad.double()
+    # Reference: the same additive update with dense ΔW leaves.
+    deltas = [layer.delta_weight().detach().requires_grad_(True) for _, layer in layers]
+    hooks = [layer.base_layer.register_forward_hook(lambda m, a, out, dw=dw: out + a[0] @ dw.t())
+             for (_, layer), dw in zip(layers, deltas)]
+    for name, layer in layers:  # put the plain quantized layers back; the hooks add x ΔWᵀ
+        _set_module(model, name, layer.base_layer)
+    base_out = model(tokens).logits
+    base_out.square().mean().backward()
+    for h in hooks:
+        h.remove()
+    flat = torch.cat([dw.grad.flatten() for dw in deltas]).double()
+    n = flat.numel()
+    ref = torch.zeros(40, dtype=torch.float64).index_add_(0, group_ids(n, 40, 0).long(), flat)
+    ref /= group_sizes(n, 40).double().sqrt()
+    assert float((grad - ref).norm() / ref.norm()) < 1e-4
+
+
+def test_merging_into_a_quantized_base_is_refused_and_explained(base_dir, tmp_path):
+    base = load_model(ModelSource(str(base_dir), quantization="nf4"), "causal_lm")
+    model = gpart.apply(base, gpart.GPartConfig(d=40, target_modules=["q_proj"]))
+    with pytest.raises(GpartError, match="merge into an unquantized copy instead: gpart merge BASE ADAPTER"):
+        gpart.merge(model)
+    path = gpart.save(model, tmp_path / "a.gpart", recipe={"model": {"quantization": "nf4"}})
+    # The CLI merge loads an unquantized copy of the base, so it works and gives a plain model.
+    res = runner.invoke(app, ["merge", str(base_dir), str(path), "-o", str(tmp_path / "m"), "--dtype", "bfloat16"])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "m" / "model.safetensors").is_file()
+
+
+def test_bias_on_a_quantized_base_is_a_clear_error(base_dir):
+    base = load_model(ModelSource(str(base_dir), quantization="int8"), "causal_lm")
+    base.model.layers[0].self_attn.q_proj.bias = torch.nn.Parameter(torch.zeros(64))
+    with pytest.raises(GpartError, match="bias: true is not supported on a quantized base"):
+        gpart.apply(base, gpart.GPartConfig(d=8, target_modules=["q_proj"], bias=True))
+
+
+def test_recipe_with_quantization_trains(tiny_llama_dir, tmp_path):
+    from gpart_cli.recipe import from_dict
+    from gpart_cli.train.run import run
+    from tests.conftest import ASSETS
+
+    recipe = from_dict({
+        "model": {"name_or_path": str(tiny_llama_dir), "quantization": "nf4"},
+        "method": {"name": "gpart", "d": 64, "target_modules": ["q_proj", "v_proj"]},
+        "data": {"family": "sft", "task": "gsm8k", "train_files": [str(ASSETS / "gsm8k" / "train.jsonl")],
+                 "query_column": "question", "response_column": "answer", "max_train_samples": 12,
+                 "dev_samples": 4, "max_length": 320},
+        "train": {"max_steps": 2, "batch_size": 4, "lr_theta": 1e-2, "eval_before": False}, "name": "q"})
+    results = run(recipe, tmp_path / "run")
+    art = gpart.read_artifact(tmp_path / "run" / "adapter.gpart")
+    assert results["trainable_params"] == 64 and torch.count_nonzero(art.theta) == 64
+    assert art.meta["recipe"]["model"]["quantization"] == "nf4"
