@@ -6,9 +6,9 @@ import os
 from pathlib import Path
 
 from . import atomic
-from .artifact import Artifact, load, read_artifact
+from .artifact import load, read_artifact
 from .errors import GpartError, first_line
-from .loading import ModelSource, load_model, load_tokenizer, resolve, torch_dtype
+from .loading import ModelSource, load_model, load_tokenizer, recorded_source, resolve, torch_dtype
 from .model import merge
 
 
@@ -31,28 +31,23 @@ def infer_task_type(source: ModelSource) -> str:
     return "base"
 
 
-def source_for(base: str, art: Artifact, dtype: str = "float32") -> ModelSource:
-    """How to load `base` for this adapter: loader options come from the recipe it was trained with."""
-    # Merging always loads an unquantized copy: the recipe's quantization is deliberately not passed on.
-    model = (art.meta.get("recipe") or {}).get("model") or {}
-    return ModelSource(name_or_path=base, revision=model.get("revision"), dtype=dtype,
-                       trust_remote_code=bool(model.get("trust_remote_code", False)),
-                       gguf_file=model.get("gguf_file"))
+def load_adapted(base: str, adapter: str | os.PathLike, dtype: str = "float32", trust_remote_code: bool = False):
+    """Load `base` for the adapter's task and apply the adapter; returns (model, artifact, source).
 
-
-def load_adapted(base: str, adapter: str | os.PathLike, dtype: str = "float32"):
-    """Load `base` for the adapter's task and apply the adapter; returns (model, artifact, source)."""
+    Merging and evaluation always load an unquantized copy: the recipe's quantization is not passed on.
+    """
     art = read_artifact(adapter)
-    source = source_for(base, art, dtype)
+    source = recorded_source(base, art.meta.get("recipe"), dtype, trust_remote_code)
     task = art.meta.get("task") or {}
     task_type = task.get("type") or infer_task_type(source)
     model = load_model(source, task_type, task.get("num_labels"), task.get("labels"))
     return load(model, art.path), art, source
 
 
-def merge_to_dir(base: str, adapter: str | os.PathLike, out: str | os.PathLike, dtype: str | None = None) -> Path:
+def merge_to_dir(base: str, adapter: str | os.PathLike, out: str | os.PathLike, dtype: str | None = None,
+                 trust_remote_code: bool = False) -> Path:
     """Merge in fp32, cast to `dtype` (default: the dtype the adapter was trained on), save atomically."""
-    model, art, source = load_adapted(base, adapter, "float32")
+    model, art, source = load_adapted(base, adapter, "float32", trust_remote_code)
     target = dtype or (art.meta.get("base_model") or {}).get("dtype") or "float32"
     model = merge(model).to(torch_dtype(target))
     out = Path(out)

@@ -149,3 +149,20 @@ def build_from_config(raw: dict, task_type: str, num_labels: int | None = None, 
             config.id2label = dict(enumerate(labels))
             config.label2id = {name: i for i, name in enumerate(labels)}
     return _auto_class(task_type).from_config(config)
+
+
+def recorded_source(name_or_path: str, recipe: dict | None, dtype: str = "float32",
+                    trust_remote_code: bool = False) -> ModelSource:
+    """How to load a base for an adapter, from the loader options its recipe recorded.
+
+    `trust_remote_code` never comes from the file, only from the caller (a CLI flag): an adapter someone
+    sent you must not be able to run code. `gguf_file` must be a plain file name inside the model dir.
+    """
+    model = (recipe or {}).get("model") or {}
+    gguf = model.get("gguf_file")
+    if gguf is not None and (not isinstance(gguf, str) or "/" in gguf or "\\" in gguf or gguf.startswith("..")):
+        raise GpartError(f"the adapter's recipe names gguf_file {gguf!r}; only a plain file name inside the model "
+                         f"dir is allowed")
+    revision = model.get("revision")
+    return ModelSource(name_or_path=name_or_path, revision=revision if isinstance(revision, str) else None,
+                       dtype=dtype, trust_remote_code=trust_remote_code, gguf_file=gguf)

@@ -33,6 +33,10 @@ def user_errors(fn):
     return wrapper
 
 
+TrustRemoteCode = Annotated[bool, typer.Option("--trust-remote-code", help="Run Python code shipped with the "
+                                                "model repository (never taken from an adapter file).")]
+
+
 def not_yet(command: str, issue: str) -> None:
     raise GpartError(f"`gpart {command}` is not yet implemented in this version ({issue}); "
                      f"use the Python API meanwhile")
@@ -59,12 +63,13 @@ def merge(base: Annotated[str, typer.Argument(help="Base model: a transformers d
           adapter: Annotated[Path, typer.Argument(help="The .gpart adapter to fold in.")],
           output: Annotated[Path, typer.Option("-o", "--output", help="Directory to write the merged model to.")],
           dtype: Annotated[Optional[str], typer.Option(help="float32 | bfloat16 | float16 (default: the "
-                                                             "dtype the adapter was trained on).")] = None):
+                                                             "dtype the adapter was trained on).")] = None,
+          trust_remote_code: TrustRemoteCode = False):
     """Write a standard transformers model dir with the target weights = W0 + Pθ and the head restored."""
     from ..export import merge_to_dir
 
     with console.status("merging"):
-        out = merge_to_dir(base, adapter, output, dtype)
+        out = merge_to_dir(base, adapter, output, dtype, trust_remote_code)
     console.print(f"merged model written to [bold]{out}[/] (loads with AutoModel*.from_pretrained)")
 
 
@@ -108,12 +113,14 @@ def evaluate(task: Annotated[str, typer.Option(help="glue/<task>, vision/<datase
              predictions: Annotated[Optional[Path], typer.Option(help="Score JSONL lines {idx, output} produced "
                                                                       "elsewhere; no model is loaded.")] = None,
              output: Annotated[Optional[Path], typer.Option(help="Scores JSON (predictions JSONL goes beside "
-                                                                 "it).")] = None):
+                                                                 "it).")] = None,
+             trust_remote_code: TrustRemoteCode = False):
     """Score a model, an adapter, or given predictions on a task."""
     from ..evaluation.runner import EvalRequest, evaluate as run_eval
 
     req = EvalRequest(task=task, adapter=adapter, model=model, data=data, split=split, limit=limit,
-                      batch_size=batch_size, max_new_tokens=max_new_tokens, predictions=predictions, output=output)
+                      batch_size=batch_size, max_new_tokens=max_new_tokens, predictions=predictions, output=output,
+                      trust_remote_code=trust_remote_code)
     with console.status(f"evaluating {task}"):
         doc = run_eval(req)
     table = Table(title=f"{task}" + (f" · {limit} examples" if limit else ""))

@@ -12,7 +12,7 @@ import torch
 
 from .. import atomic
 from ..errors import GpartError
-from ..loading import ModelSource, load_model, load_tokenizer
+from ..loading import ModelSource, load_model, load_tokenizer, recorded_source
 from ..methods import RUN_INFO
 from . import classify
 from .tasks import GENERATION_TASKS, load_task_rows, run_generation, score_outputs
@@ -32,6 +32,7 @@ class EvalRequest:
     max_new_tokens: int = 256
     predictions: Path | None = None
     output: Path | None = None
+    trust_remote_code: bool = False
 
 
 def parse_task(task: str) -> tuple[str, str]:
@@ -48,12 +49,6 @@ def parse_task(task: str) -> tuple[str, str]:
 def _run_info(path: Path) -> dict:
     info = path / RUN_INFO
     return json.loads(info.read_text()) if info.is_file() else {}
-
-
-def _source(name: str, recipe: dict | None = None) -> ModelSource:
-    m = (recipe or {}).get("model") or {}
-    return ModelSource(name_or_path=name, revision=m.get("revision"), trust_remote_code=bool(m.get("trust_remote_code")),
-                       gguf_file=m.get("gguf_file"))
 
 
 def resolve_adapter(path: Path) -> tuple[str, Path]:
@@ -80,7 +75,7 @@ def load_for_eval(req: EvalRequest, task_type: str):
     if req.adapter is None:
         if not req.model:
             raise GpartError("give --model (a base or merged model) and/or --adapter")
-        source = _source(req.model)
+        source = recorded_source(req.model, None, trust_remote_code=req.trust_remote_code)
         return load_model(source, task_type), _tokenizer(source, task_type)
     kind, path = resolve_adapter(req.adapter)
     if kind == "gpart":
@@ -90,18 +85,18 @@ def load_for_eval(req: EvalRequest, task_type: str):
         base = req.model or (art.meta.get("base_model") or {}).get("name_or_path")
         if not base:
             raise GpartError(f"{path} does not record its base model; pass --model")
-        model, _, source = load_adapted(base, path)
+        model, _, source = load_adapted(base, path, trust_remote_code=req.trust_remote_code)
         return model, _tokenizer(source, task_type)
     info = _run_info(path)
     if kind == "merged":
-        source = _source(str(path), info.get("recipe"))
+        source = recorded_source(str(path), info.get("recipe"), trust_remote_code=req.trust_remote_code)
         return load_model(source, task_type), _tokenizer(source, task_type)
     from peft import PeftModel
 
     base = req.model or ((info.get("recipe") or {}).get("model") or {}).get("name_or_path")
     if not base:
         base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
-    source = _source(base, info.get("recipe"))
+    source = recorded_source(base, info.get("recipe"), trust_remote_code=req.trust_remote_code)
     task = info.get("task") or {}
     model = load_model(source, task_type, task.get("num_labels"), task.get("labels"))
     return PeftModel.from_pretrained(model, str(path)), _tokenizer(source, task_type)
