@@ -115,3 +115,39 @@ def test_eval_scores_math_predictions_with_is_equiv(tmp_path):
                               "--output", str(tmp_path / "s.json")])
     assert res.exit_code == 0, res.output
     assert json.loads((tmp_path / "s.json").read_text())["scores"] == {"is_equiv": 0.5, "n": 2}
+
+
+def _adapter_variants(tmp_path):
+    """A valid adapter file and damaged copies of it: truncated, flipped header, edited metadata."""
+    import copy as _copy
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    import gpart_cli as gpart
+    from tests.conftest import tiny_llama
+
+    model = gpart.apply(_copy.deepcopy(tiny_llama()), gpart.GPartConfig(d=16, target_modules=["q_proj"]))
+    good = gpart.save(model, tmp_path / "good.gpart")
+    data = good.read_bytes()
+    (tmp_path / "truncated.gpart").write_bytes(data[: len(data) // 2])
+    flipped = bytearray(data)
+    flipped[30] ^= 0xFF
+    (tmp_path / "flipped.gpart").write_bytes(bytes(flipped))
+    with safe_open(str(good), framework="pt") as f:
+        meta, tensors = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}
+    for name, key, value in (("d", "d", "17"), ("partition", "partition", '"randperm"'),
+                             ("format", "format", '"gpart/2"')):
+        save_file(tensors, str(tmp_path / f"edited-{name}.gpart"), metadata={**meta, key: value})
+
+
+@pytest.mark.parametrize("name,message", [
+    ("truncated", "not a valid .gpart adapter"), ("flipped", "not a valid .gpart adapter"),
+    ("edited-d", "tensor 'theta' should be float32 [17]"), ("edited-partition", "partition algorithm 'randperm'"),
+    ("edited-format", "has format 'gpart/2'"), ("missing", "missing.gpart does not exist"),
+])
+def test_damaged_adapters_through_the_cli(tmp_path, name, message):
+    _adapter_variants(tmp_path)
+    res = runner.invoke(app, ["inspect", str(tmp_path / f"{name}.gpart")])
+    assert res.exit_code == 2 and message in " ".join(res.output.split()), res.output
+    assert "Traceback" not in res.output

@@ -52,5 +52,9 @@ def test_sigkill_mid_run_then_resume_is_bit_identical(tiny_bert_dir, sst2_files,
     whole, cut = (gpart.read_artifact(tmp_path / d / "adapter.gpart") for d in ("whole", "cut"))
     assert torch.equal(whole.theta, cut.theta), f"killed after step {kill_after}"
     assert all(torch.equal(whole.head[k], cut.head[k]) for k in whole.head)
+    # metrics.jsonl of the resumed run holds each step once, as the unbroken run's does.
+    logs = [[json.loads(x)["step"] for x in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
+            for d in ("whole", "cut")]
+    assert logs[0] == logs[1]
     results = [json.loads((tmp_path / d / "results.json").read_text()) for d in ("whole", "cut")]
     assert results[0]["after"] == results[1]["after"] and results[0]["best_step"] == results[1]["best_step"]

@@ -181,6 +181,21 @@ class Trainer:
         with open(self.out / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
 
+    def _truncate_log(self, step: int) -> None:
+        """Keep metrics.jsonl up to the resumed step: no torn last line, no steps logged twice."""
+        path = self.out / "metrics.jsonl"
+        if not path.is_file():
+            return
+        kept = []
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut short by a kill
+            if record.get("step", 0) <= step:
+                kept.append(line + "\n")
+        atomic.write_text(path, "".join(kept))
+
     def _train_step(self, step: int) -> tuple[float, float]:
         t = self.recipe.train
         total = 0.0
@@ -238,6 +253,8 @@ class Trainer:
         if self.resume:
             saved = load_checkpoint(self.out / "checkpoints" / "last", self.model, self.optimizer, self.scheduler)
             start, self.state = saved["step"], saved["extra"]
+            if self.main:
+                self._truncate_log(start)
             self.console.print(f"resuming {self.out} at step {start}/{self.total_steps}")
         elif t.eval_before and self.main:
             self.state["before"], _ = self.evaluate_report()
