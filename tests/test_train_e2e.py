@@ -103,7 +103,8 @@ def test_baselines_run_in_the_same_harness(tiny_bert_dir, sst2_files, tmp_path, 
     assert (tmp_path / "run" / result).is_file()
     # gpart eval reads the run dir in the method's own format and reproduces the trainer's score.
     res = runner.invoke(app, ["eval", "--task", "glue/sst2", "--adapter", str(tmp_path / "run"),
-                              "--data", str(sst2_files[1]), "--output", str(tmp_path / "ev.json")])
+                              "--data", str(sst2_files[1]), "--output", str(tmp_path / "ev.json")]
+                        + ([] if method in ("full", "linear_probe") else ["--model", str(tiny_bert_dir)]))
     assert res.exit_code == 0, res.output
     assert json.loads((tmp_path / "ev.json").read_text())["scores"] == results["after"]
 
@@ -194,7 +195,8 @@ def test_sft_family_trains_and_scores_gsm8k(tiny_llama_dir, tmp_path):
     records = [json.loads(line) for line in (tmp_path / "run" / "predictions.jsonl").read_text().splitlines()]
     assert [r["reference"] for r in records] == ["18", "3", "70000", "540"]
     # `gpart eval` on the run dir regenerates the same outputs (greedy, batched, left-padded).
-    res = runner.invoke(app, ["eval", "--task", "gsm8k", "--adapter", str(tmp_path / "run"), "--data",
+    res = runner.invoke(app, ["eval", "--task", "gsm8k", "--adapter", str(tmp_path / "run"), "--model",
+                              str(tiny_llama_dir), "--data",
                               str(gsm / "test.jsonl"), "--limit", "4", "--batch-size", "3", "--max-new-tokens", "6",
                               "--output", str(tmp_path / "ev.json")])
     assert res.exit_code == 0, res.output

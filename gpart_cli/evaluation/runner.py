@@ -68,6 +68,21 @@ def resolve_adapter(path: Path) -> tuple[str, Path]:
     raise GpartError(f"--adapter {path} is neither a .gpart file, a PEFT adapter dir, a model dir, nor a gpart run dir")
 
 
+def _recorded_base(recorded: str | None, adapter: Path) -> str:
+    """The base an adapter file names, used without --model only when it is a hub id or pkg: model.
+
+    A local path written inside an adapter is not followed on its own: an adapter must not make gpart read
+    files the user did not name.
+    """
+    if not recorded:
+        raise GpartError(f"{adapter} does not record its base model; pass --model")
+    local = recorded.startswith(("/", ".", "~")) or Path(recorded).exists()
+    if local:
+        raise GpartError(f"{adapter} was trained on the local model {recorded}; pass --model {recorded} to confirm "
+                         f"(gpart does not open local paths named only inside an adapter)")
+    return recorded
+
+
 def load_for_eval(req: EvalRequest, task_type: str):
     """(model, tokenizer) for the request; the tokenizer is None for vision."""
     from ..export import load_adapted
@@ -82,9 +97,7 @@ def load_for_eval(req: EvalRequest, task_type: str):
         from ..artifact import read_artifact
 
         art = read_artifact(path)
-        base = req.model or (art.meta.get("base_model") or {}).get("name_or_path")
-        if not base:
-            raise GpartError(f"{path} does not record its base model; pass --model")
+        base = req.model or _recorded_base((art.meta.get("base_model") or {}).get("name_or_path"), path)
         model, _, source = load_adapted(base, path, trust_remote_code=req.trust_remote_code)
         return model, _tokenizer(source, task_type)
     info = _run_info(path)
@@ -93,9 +106,9 @@ def load_for_eval(req: EvalRequest, task_type: str):
         return load_model(source, task_type), _tokenizer(source, task_type)
     from peft import PeftModel
 
-    base = req.model or ((info.get("recipe") or {}).get("model") or {}).get("name_or_path")
-    if not base:
-        base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    recorded = ((info.get("recipe") or {}).get("model") or {}).get("name_or_path") or \
+        json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    base = req.model or _recorded_base(recorded, path)
     source = recorded_source(base, info.get("recipe"), trust_remote_code=req.trust_remote_code)
     task = info.get("task") or {}
     model = load_model(source, task_type, task.get("num_labels"), task.get("labels"))
