@@ -37,11 +37,6 @@ TrustRemoteCode = Annotated[bool, typer.Option("--trust-remote-code", help="Run 
                                                 "model repository (never taken from an adapter file).")]
 
 
-def not_yet(command: str, issue: str) -> None:
-    raise GpartError(f"`gpart {command}` is not yet implemented in this version ({issue}); "
-                     f"use the Python API meanwhile")
-
-
 @app.command()
 @user_errors
 def inspect(adapter: Annotated[Path, typer.Argument(help="A .gpart adapter file.")],
@@ -135,9 +130,25 @@ def evaluate(task: Annotated[str, typer.Option(help="glue/<task>, vision/<datase
 
 @app.command(name="sweep-d")
 @user_errors
-def sweep_d(recipe: Annotated[Path, typer.Argument(help="A recipe YAML file.")]):
-    """Train and evaluate one run per d (and seed); write a table, CSV/JSON and a plot."""
-    not_yet("sweep-d", "issue 6")
+def sweep_d(recipe: Annotated[Path, typer.Argument(help="A recipe YAML file.")],
+            d: Annotated[str, typer.Option("--d", help="Comma-separated d values, e.g. 1000,4000,16000.")],
+            seeds: Annotated[str, typer.Option(help="Comma-separated seeds (method and training seed).")] = "0",
+            method: Annotated[str, typer.Option(help="Comma-separated methods side by side, e.g. gpart,unilora.")]
+            = "gpart",
+            overrides: Overrides = None,
+            output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Sweep directory (default "
+                                                            "runs/sweep-RECIPE_NAME).")] = None):
+    """Train and evaluate one run per d (and seed); write a table, results.csv/json and plot.png."""
+    from ..recipe import METHODS
+    from ..sweep import parse_ints, sweep
+
+    methods = [m.strip() for m in method.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise GpartError(f"--method {method!r}: use some of {', '.join(METHODS)}")
+    out = output or Path("runs") / f"sweep-{recipe.stem}"
+    sweep(recipe, overrides or [], methods, parse_ints(d, "--d"), parse_ints(seeds, "--seeds"), out, err_console)
+    console.print(f"results: {out / 'results.csv'} · {out / 'results.json'} · plot {out / 'plot.png'}")
 
 
 def main() -> None:
