@@ -254,3 +254,12 @@ def test_nan_loss_stops_and_keeps_the_last_good_state(tiny_bert_dir, sst2_files,
     assert res.exit_code == 0, res.output
     assert "step skipped" in res.output
     assert torch.isfinite(gpart.read_artifact(tmp_path / "run" / "adapter.gpart").theta).all()
+
+
+def test_dry_run_loads_everything_and_writes_nothing(tiny_bert_dir, sst2_files, tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(glue_recipe(tiny_bert_dir, sst2_files).to_dict()))
+    res = runner.invoke(app, ["train", str(recipe), "--output", str(tmp_path / "run"), "--dry-run"])
+    assert res.exit_code == 0, res.output
+    assert "72 train / 24 dev rows · 18 steps" in " ".join(res.output.split())
+    assert not (tmp_path / "run").exists()
