@@ -116,8 +116,8 @@ def evaluate(task: Annotated[str, typer.Option(help="glue/<task>, vision/<datase
     req = EvalRequest(task=task, adapter=adapter, model=model, data=data, split=split, limit=limit,
                       batch_size=batch_size, max_new_tokens=max_new_tokens, predictions=predictions, output=output,
                       trust_remote_code=trust_remote_code)
-    with console.status(f"evaluating {task}"):
-        doc = run_eval(req)
+    err_console.print(f"evaluating {task} …")  # generation tasks show their own progress bar
+    doc = run_eval(req)
     table = Table(title=f"{task}" + (f" · {limit} examples" if limit else ""))
     table.add_column("metric")
     table.add_column("score", justify="right")

@@ -81,10 +81,18 @@ def score_outputs(name: str, rows: list[dict], outputs: list[str]) -> tuple[dict
 
 
 def run_generation(name: str, model, tokenizer, rows: list[dict], batch_size: int, max_new_tokens: int,
-                   on_batch=None) -> tuple[dict, list[dict]]:
-    """Greedy-decode every prompt and score it."""
+                   console=None) -> tuple[dict, list[dict]]:
+    """Greedy-decode every prompt (with a progress bar: examples done, rate, ETA) and score it."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
     from .generate import MATH_STOPS, generate
 
-    outputs = generate(model, tokenizer, prompts_for(name, rows), max_new_tokens=max_new_tokens,
-                       batch_size=batch_size, stop=MATH_STOPS, on_batch=on_batch)
+    progress = Progress(TextColumn(f"[bold]{name}"), BarColumn(), MofNCompleteColumn(), TextColumn("examples · eta"),
+                        TimeRemainingColumn(), console=console or Console(stderr=True), transient=True)
+    with progress:
+        bar = progress.add_task(name, total=len(rows))
+        outputs = generate(model, tokenizer, prompts_for(name, rows), max_new_tokens=max_new_tokens,
+                           batch_size=batch_size, stop=MATH_STOPS,
+                           on_batch=lambda done: progress.update(bar, completed=done))
     return score_outputs(name, rows, outputs)

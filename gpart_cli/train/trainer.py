@@ -146,7 +146,8 @@ class Trainer:
             from ..evaluation.tasks import load_task_rows, run_generation
 
             rows = load_task_rows(e.task, e.files, e.split, e.limit)
-            return run_generation(e.task, self.model, self.s.tokenizer, rows, e.batch_size, e.max_new_tokens)
+            return run_generation(e.task, self.model, self.s.tokenizer, rows, e.batch_size, e.max_new_tokens,
+                                  self.console)
         if self.s.splits.eval is None:
             return None, []
         preds, refs = classify.predict(self.model, self.s.splits.eval, self.s.splits.collate, e.batch_size,
