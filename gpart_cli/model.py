@@ -35,6 +35,16 @@ class GPartState(nn.Module):
         self.register_buffer("inv_sqrt_sizes", scale, persistent=False)
         self.head_names: list[str] = []
 
+    def _apply(self, fn, recurse=True):
+        # model.to(torch.bfloat16) must move theta but not round it: theta stays fp32 (DESIGN §1).
+        theta, scale = self.theta.data, self.inv_sqrt_sizes  # fn builds new tensors; these keep fp32 values
+        super()._apply(fn, recurse)
+        if self.theta.dtype != torch.float32:
+            self.theta.data = theta.to(self.theta.device)
+        if self.inv_sqrt_sizes.dtype != torch.float32:
+            self.inv_sqrt_sizes = scale.to(self.inv_sqrt_sizes.device)
+        return self
+
     def scaled_theta(self) -> torch.Tensor:
         """theta_j / sqrt(n_j) (or theta itself when not isometric): what each weight of group j gets."""
         return self.theta * self.inv_sqrt_sizes

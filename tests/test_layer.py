@@ -147,10 +147,14 @@ def test_bias_adaptation_covers_biases_and_their_gradient():
 
 def test_bf16_base_keeps_theta_fp32():
     base, model = _adapted("llama", d=32)
+    with torch.no_grad():
+        gpart.theta(model).fill_(1e-3 + 1e-9)  # not representable in bf16: must survive the cast exactly
     model = model.to(torch.bfloat16).train()
     state = state_of(model)
-    state.theta.data = state.theta.data.float()
-    state.inv_sqrt_sizes.data = state.inv_sqrt_sizes.data.float()
+    assert state.theta.dtype == torch.float32 and state.inv_sqrt_sizes.dtype == torch.float32
+    assert float(state.theta[0]) == torch.tensor(1e-3 + 1e-9, dtype=torch.float32).item()
+    with torch.no_grad():
+        state.theta.zero_()
     logits = _out(model, _inputs("llama"))
     assert logits.dtype == torch.bfloat16
     logits.float().square().mean().backward()
