@@ -61,9 +61,13 @@ def _versions() -> dict:
     return {"gpart": __version__, "torch": torch.__version__, "transformers": transformers.__version__}
 
 
-def base_model_info(model: nn.Module, targets: list[dict], revision: str | None = None) -> dict:
-    """{name_or_path, revision, fingerprint, dtype} of the base an adapter was trained on."""
-    name = getattr(getattr(model, "config", None), "_name_or_path", "") or ""
+def base_model_info(model: nn.Module, targets: list[dict], revision: str | None = None,
+                    name_or_path: str | None = None) -> dict:
+    """{name_or_path, revision, fingerprint, dtype} of the base an adapter was trained on.
+
+    `name_or_path` should be what the user wrote (a hub id or pkg: spec), not the resolved local path.
+    """
+    name = name_or_path or getattr(getattr(model, "config", None), "_name_or_path", "") or ""
     dtype = next((str(p.dtype).removeprefix("torch.") for p in model.parameters()), None)
     return {"name_or_path": name, "revision": revision, "fingerprint": fingerprint(targets), "dtype": dtype}
 

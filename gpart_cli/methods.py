@@ -90,7 +90,12 @@ def trainable_count(model: nn.Module) -> int:
 def save_result(model: nn.Module, method: str, out_dir: Path, *, task: dict, recipe: dict, tokenizer=None) -> Path:
     """Write the trained result in the method's native format; returns the path written."""
     if method == "gpart":
-        return save_gpart(model, out_dir / "adapter.gpart", task=task, recipe=recipe)
+        from .artifact import base_model_info
+        from .model import state_of
+
+        source = recipe.get("model") or {}
+        base = base_model_info(model, state_of(model).targets, source.get("revision"), source.get("name_or_path"))
+        return save_gpart(model, out_dir / "adapter.gpart", task=task, recipe=recipe, base_model=base)
     target = out_dir / ("adapter" if method in ("lora", "unilora") else "model")
     with atomic.directory(target) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)

