@@ -152,6 +152,9 @@ def sweep_d(recipe: Annotated[Path, typer.Argument(help="A recipe YAML file.")],
 
 
 def main() -> None:
+    import os
+
+    os.environ.setdefault("TQDM_DISABLE", "1")  # library bars (GGUF dequantizing, shards) would garble Rich output
     import transformers
 
     transformers.logging.set_verbosity_error()  # load reports and bars would drown the progress display
