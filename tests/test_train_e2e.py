@@ -178,6 +178,32 @@ def test_vision_family_on_fashion_mnist(tmp_path):
     assert json.loads((tmp_path / "ev.json").read_text())["scores"] == results["after"]
 
 
+def test_self_pretrained_backbone_fine_tuned_on_held_out_classes(tmp_path):
+    """The vision replication's protocol: full training on classes 0-2, then GPart on unseen classes 7 and 9."""
+    fm = ASSETS / "fashion_mnist"
+    data = {"family": "vision", "task": "fashion_mnist",
+            "train_files": [str(fm / "train-images-idx3-ubyte.gz"), str(fm / "train-labels-idx1-ubyte.gz")],
+            "eval_files": [str(fm / "t10k-images-idx3-ubyte.gz"), str(fm / "t10k-labels-idx1-ubyte.gz")],
+            "max_train_samples": 120, "max_eval_samples": 40, "dev_fraction": 0.25}
+    train = {"max_steps": 3, "batch_size": 16, "lr_theta": 1e-3, "eval_before": False}
+    pre = from_dict({"model": {"config": {"model_type": "vit", "image_size": 28, "patch_size": 7, "num_channels": 1,
+                                          "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+                                          "intermediate_size": 64}},
+                     "method": {"name": "full"}, "data": {**data, "classes": [0, 1, 2]}, "train": train, "name": "p"})
+    run(pre, tmp_path / "pre")
+    fine = from_dict({"model": {"name_or_path": str(tmp_path / "pre" / "model")},
+                      "method": {"name": "gpart", "d": 256, "target_modules": ["q_proj", "v_proj"]},
+                      "data": {**data, "classes": [7, 9]}, "train": train, "name": "f"})
+    results = run(fine, tmp_path / "fine")
+    assert results["trainable_params"] == 256 + 32 * 2 + 2  # theta + a fresh 2-way head
+    art = gpart.read_artifact(tmp_path / "fine" / "adapter.gpart")
+    assert art.meta["task"]["labels"] == ["Sneaker", "Ankle boot"] and art.meta["task"]["num_labels"] == 2
+    preds = [json.loads(line) for line in (tmp_path / "fine" / "predictions.jsonl").read_text().splitlines()]
+    # Eval rows are the held-out classes only, renumbered 0/1, and the score is computed from them.
+    assert len(preds) == 40 and {p["reference"] for p in preds} == {0, 1} and {p["prediction"] for p in preds} <= {0, 1}
+    assert results["after"]["accuracy"] == sum(p["prediction"] == p["reference"] for p in preds) / 40
+
+
 def test_sft_family_trains_and_scores_gsm8k(tiny_llama_dir, tmp_path):
     gsm = ASSETS / "gsm8k"
     recipe = from_dict({

@@ -186,6 +186,13 @@ def select_classes(rows, labels: list[str], keep: list[int]):
     return kept, names
 
 
+def _kept(rows, names: list[str], keep: list, what: str):
+    try:
+        return select_classes(rows, names, [int(k) for k in keep])
+    except (GpartError, TypeError, ValueError) as e:
+        raise GpartError(f"data.classes: {e} ({what})") from None
+
+
 def _align(rows, names: list[str], train_names: list[str], source: str):
     """Eval rows numbered like the training classes: renumbered by name when they hold a subset of them."""
     if names == train_names:
@@ -276,17 +283,33 @@ def collate_images(items: list[dict]) -> dict:
             "labels": torch.tensor([item["labels"] for item in items], dtype=torch.long)}
 
 
+def _subset(rows, max_samples, seed):
+    return rows if max_samples is None or len(rows) <= max_samples else \
+        rows.shuffle(seed=seed).select(range(max_samples))
+
+
 def build_vision_splits(data, model_config, seed: int, processor=None) -> Splits:
-    """Train/dev/eval `Splits` of an image classification task; dev is carved from train with `seed`."""
+    """Train/dev/eval `Splits` of an image classification task; dev is carved from train with `seed`.
+
+    With `data.classes`, only those classes are kept (renumbered) before the max_*_samples subsets are drawn.
+    """
+    cap = (lambda n: None) if data.classes else (lambda n: n)
     rows, names = load_image_rows(data.train_files, data.path, data.config, data.train_split, data,
-                                  data.max_train_samples, seed, "train data")
+                                  cap(data.max_train_samples), seed, "train data")
+    all_names = names
+    if data.classes:  # e.g. the classes held out of a self-pretraining run
+        rows, names = _kept(rows, names, data.classes, "train data")
+        rows = _subset(rows, data.max_train_samples, seed)
     train, dev = carve_dev(rows, data.dev_fraction, seed)
     evaluation = None
     if data.eval_files or data.path:
         evaluation, eval_names = load_image_rows(data.eval_files, data.path, data.config, data.eval_split, data,
-                                                 data.max_eval_samples, seed, "eval data")
+                                                 cap(data.max_eval_samples), seed, "eval data")
         source = _source(data.eval_files, data.path, data.eval_split, "eval data")
-        evaluation = _align(evaluation, eval_names, names, source)
+        evaluation = _align(evaluation, eval_names, all_names, source)
+        if data.classes:
+            evaluation, _ = _kept(evaluation, all_names, data.classes, "eval data")
+            evaluation = _subset(evaluation, data.max_eval_samples, seed)
     transform = transform_for(model_config, data.image_size, processor)
     train, dev, evaluation = (None if part is None else VisionItems(part, transform)
                               for part in (train, dev, evaluation))

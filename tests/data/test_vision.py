@@ -147,6 +147,26 @@ def test_select_classes_keeps_and_renumbers():
         select_classes(rows, names, [3, 10])
 
 
+def test_held_out_classes_filter_train_and_eval_then_subsample():
+    data = section(train_files=TRAIN_PAIR, eval_files=TEST_PAIR, classes=[6, 7, 8, 9], max_train_samples=500,
+                   max_eval_samples=300, dev_fraction=0.1)
+    splits = build_vision_splits(data, tiny_vit_config(4), seed=0)
+    assert splits.labels == ["Shirt", "Sneaker", "Bag", "Ankle boot"] and splits.num_labels == 4
+    assert (len(splits.train), len(splits.dev), len(splits.eval)) == (450, 50, 300)  # caps count kept rows
+    eval_labels = [splits.eval[i]["labels"] for i in range(len(splits.eval))]
+    train_labels = [splits.train[i]["labels"] for i in range(len(splits.train))]
+    assert set(eval_labels) == set(train_labels) == {0, 1, 2, 3}
+    # Renumbered, not relabelled: eval label 2 is a t10k image whose original label is 8 (Bag).
+    original = np.frombuffer(gzip.open(TEST_PAIR[0]).read()[8:], dtype=np.uint8)
+    assert int((original == 8).sum()) == 1000 and eval_labels.count(2) > 0
+
+
+def test_held_out_classes_errors_name_the_field():
+    with pytest.raises(GpartError, match="data.classes: .*distinct ids in \\[0, 10\\)"):
+        build_vision_splits(section(train_files=TRAIN_PAIR, classes=[9, 10], max_train_samples=50),
+                            tiny_vit_config(2), seed=0)
+
+
 # ---- image folders ----
 
 def _image_folder(root: Path, classes=("cat", "dog"), per_class: int = 3) -> Path:
@@ -360,3 +380,21 @@ def test_missing_file(tmp_path):
 def test_no_source_at_all():
     with pytest.raises(GpartError, match="no train data source"):
         build_vision_splits(section(), tiny_vit_config(), seed=0)
+
+
+def test_pretrained_head_with_another_label_count_starts_fresh(tmp_path):
+    """A self-pretrained 6-class ViT fine-tuned on 4 held-out classes: body loaded, head re-initialised."""
+    from transformers import ViTForImageClassification
+
+    from gpart_cli.loading import ModelSource, load_model
+
+    torch.manual_seed(0)
+    pretrained = ViTForImageClassification(tiny_vit_config(6))
+    pretrained.save_pretrained(tmp_path / "model")
+    model = load_model(ModelSource(str(tmp_path / "model")), "image_classification", 4, ["a", "b", "c", "d"])
+    assert tuple(model.classifier.weight.shape) == (4, 32) and model.config.id2label[3] == "d"
+    saved = dict(pretrained.named_parameters())
+    body = {n: p for n, p in model.named_parameters() if not n.startswith("classifier")}
+    assert len(body) == len(saved) - 2 and all(torch.equal(p, saved[n]) for n, p in body.items())
+    same = load_model(ModelSource(str(tmp_path / "model")), "image_classification", 6)
+    assert torch.equal(same.classifier.weight, pretrained.classifier.weight)  # a matching head still loads
