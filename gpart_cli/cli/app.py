@@ -100,6 +100,8 @@ def evaluate(task: Annotated[str, typer.Option(help="glue/<task>, vision/<datase
                                                                   "dir, or gpart run dir.")] = None,
              model: Annotated[Optional[str], typer.Option(help="Base or merged model: dir, hub id or "
                                                                "pkg:PACKAGE/dir.")] = None,
+             gguf_file: Annotated[Optional[str], typer.Option(help="A GGUF file inside --model's dir (a quantized "
+                                                                   "base, dequantized on load).")] = None,
              data: Annotated[Optional[list[str]], typer.Option(help="Local data file(s) instead of the hub.")] = None,
              split: Annotated[Optional[str], typer.Option(help="Split name on the hub.")] = None,
              limit: Annotated[Optional[int], typer.Option(min=1, help="Score only the first N examples.")] = None,
@@ -115,7 +117,7 @@ def evaluate(task: Annotated[str, typer.Option(help="glue/<task>, vision/<datase
 
     req = EvalRequest(task=task, adapter=adapter, model=model, data=data, split=split, limit=limit,
                       batch_size=batch_size, max_new_tokens=max_new_tokens, predictions=predictions, output=output,
-                      trust_remote_code=trust_remote_code)
+                      trust_remote_code=trust_remote_code, gguf_file=gguf_file)
     err_console.print(f"evaluating {task} …")  # generation tasks show their own progress bar
     doc = run_eval(req)
     table = Table(title=f"{task}" + (f" · {limit} examples" if limit else ""))

@@ -33,6 +33,7 @@ class EvalRequest:
     predictions: Path | None = None
     output: Path | None = None
     trust_remote_code: bool = False
+    gguf_file: str | None = None     # a GGUF base given with --model
 
 
 def parse_task(task: str) -> tuple[str, str]:
@@ -90,7 +91,8 @@ def load_for_eval(req: EvalRequest, task_type: str):
     if req.adapter is None:
         if not req.model:
             raise GpartError("give --model (a base or merged model) and/or --adapter")
-        source = recorded_source(req.model, None, trust_remote_code=req.trust_remote_code)
+        recipe = {"model": {"gguf_file": req.gguf_file}} if req.gguf_file else None
+        source = recorded_source(req.model, recipe, trust_remote_code=req.trust_remote_code)
         return load_model(source, task_type), _tokenizer(source, task_type)
     kind, path = resolve_adapter(req.adapter)
     if kind == "gpart":
@@ -167,6 +169,9 @@ def _read_predictions(path: Path, n: int) -> list[str]:
 
 def evaluate(req: EvalRequest) -> dict:
     """Run the evaluation, write scores and predictions, return the scores document."""
+    if req.gguf_file and (req.adapter is not None or Path(req.gguf_file).name != req.gguf_file):
+        raise GpartError("--gguf-file takes a file name inside the --model dir, for a base scored without --adapter "
+                         "(an adapter's run records its own GGUF file)")
     family, name = parse_task(req.task)
     if family == "generation":
         rows = load_task_rows(name, req.data, req.split, req.limit)
