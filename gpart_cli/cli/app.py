@@ -156,7 +156,15 @@ def sweep_d(recipe: Annotated[Path, typer.Argument(help="A recipe YAML file.")],
 def main() -> None:
     import os
 
-    os.environ.setdefault("TQDM_DISABLE", "1")  # library bars (GGUF dequantizing, shards) would garble Rich output
+    # Library tqdm bars (GGUF dequantizing, datasets casting, shards) would garble the Rich progress display.
+    # tqdm reads TQDM_DISABLE when it is imported, which happens before this runs, so switch its default too.
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    if os.environ["TQDM_DISABLE"] == "1":
+        from functools import partialmethod
+
+        import tqdm
+
+        tqdm.tqdm.__init__ = partialmethod(tqdm.tqdm.__init__, disable=True)
     import transformers
 
     transformers.logging.set_verbosity_error()  # load reports and bars would drown the progress display
