@@ -39,12 +39,7 @@ GLUE_METHODS = {
     "unilora": ["method.name=unilora", "method.d=23040", "method.rank=4"],
     "gpart": ["method.name=gpart", "method.d=23040"],
     "gpart_nonisometric": ["method.name=gpart", "method.d=23040", "method.isometric=false"],
-    # The paper's lrs were set for 60+ epochs; these rows show what a 4x higher lr does in 2 (SST-2 only; the
-    # methods that lagged at their paper lr).
-    "lora_lr2e-3": ["method.name=lora", "method.rank=8", "train.lr_theta=2e-3"],
-    "gpart_lr2e-2": ["method.name=gpart", "method.d=23040", "train.lr_theta=2e-2"],
 }
-GLUE_SST2_ONLY = {"lora_lr2e-3", "gpart_lr2e-2"}
 # Vision (tiny self-pretrained ViT, q/v: 32,768 adapted weights): d = 4,096 for GPart and Uni-LoRA.
 VISION_METHODS = {
     "linear_probe": ["method.name=linear_probe"],
@@ -119,8 +114,6 @@ def plan_glue(args, work: Path) -> list[Run]:
         train_file, eval_file = qnli_files(work) if task == "qnli" else (glue / "train.jsonl",
                                                                           glue / "validation.jsonl")
         for method in _pick(GLUE_METHODS, args):
-            if method in GLUE_SST2_ONLY and task != "sst2":
-                continue
             for seed in _seeds(args):
                 sets = [f"data.task={task}", f"data.train_files=[{train_file}]", f"data.eval_files=[{eval_file}]",
                         f"data.max_train_samples={args.train_rows}", f"train.epochs={args.epochs}",

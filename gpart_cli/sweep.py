@@ -165,7 +165,7 @@ def plot(doc: dict) -> bytes:
 
 
 def table(doc: dict) -> Table:
-    t = Table(title=f"sweep-d · {doc['metric']} (median over seeds, [min, max])")
+    t = Table(title=f"sweep-d · {doc['metric']} (median over seeds, \\[min, max])")
     for col in ("method", "d", "median", "range", "seeds"):
         t.add_column(col, justify="right")
     for s in sorted(doc["summary"], key=lambda s: (s["method"], s["d"] or 0)):
