@@ -23,7 +23,7 @@ import statistics
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,24 +31,25 @@ ASSETS = ROOT.parent / "shared" / "assets"
 RESULTS = ROOT / "benchmarks" / "results"
 
 GLUE_METRIC = {"cola": "matthews_correlation", "stsb": "pearson", "sst2": "accuracy", "qnli": "accuracy"}
-# method -> recipe overrides. GLUE: d = 23,040 is the paper's GLUE budget; lr(θ) 5e-3 as in the paper's recipes.
-GLUE_METHODS = {
-    "linear_probe": ["method.name=linear_probe"],
-    "full": ["method.name=full", "train.lr_theta=5e-5"],
-    "lora": ["method.name=lora", "method.rank=8", "train.lr_theta=5e-4"],
-    "unilora": ["method.name=unilora", "method.d=23040", "method.rank=4"],
-    "gpart": ["method.name=gpart", "method.d=23040"],
-    "gpart_nonisometric": ["method.name=gpart", "method.d=23040", "method.isometric=false"],
-}
+
+
+def classification_methods(d: int, full_lr: str, lora_lr: str) -> dict[str, list[str]]:
+    """method -> recipe overrides for the classification tables: linear probe, full fine-tuning, LoRA r=8, and
+    Uni-LoRA (r=4) and GPart (isometric and not) at the same d with the recipe's lr(θ)."""
+    return {
+        "linear_probe": ["method.name=linear_probe"],
+        "full": ["method.name=full", f"train.lr_theta={full_lr}"],
+        "lora": ["method.name=lora", "method.rank=8", f"train.lr_theta={lora_lr}"],
+        "unilora": ["method.name=unilora", f"method.d={d}", "method.rank=4"],
+        "gpart": ["method.name=gpart", f"method.d={d}"],
+        "gpart_nonisometric": ["method.name=gpart", f"method.d={d}", "method.isometric=false"],
+    }
+
+
+# GLUE: d = 23,040 is the paper's GLUE budget; lr(θ) 5e-3 (the recipe's) and the LoRA/full lrs as in the paper.
+GLUE_METHODS = classification_methods(23040, full_lr="5e-5", lora_lr="5e-4")
 # Vision (tiny self-pretrained ViT, q/v: 32,768 adapted weights): d = 4,096 for GPart and Uni-LoRA.
-VISION_METHODS = {
-    "linear_probe": ["method.name=linear_probe"],
-    "full": ["method.name=full", "train.lr_theta=5e-4"],
-    "lora": ["method.name=lora", "method.rank=8", "train.lr_theta=5e-3"],
-    "unilora": ["method.name=unilora", "method.d=4096", "method.rank=4"],
-    "gpart": ["method.name=gpart", "method.d=4096"],
-    "gpart_nonisometric": ["method.name=gpart", "method.d=4096", "method.isometric=false"],
-}
+VISION_METHODS = classification_methods(4096, full_lr="5e-4", lora_lr="5e-3")
 # Math SFT (SmolLM2-135M, q/k/v/o): GPart and Uni-LoRA share d = 16,384. With 30 steps the paper's long-run
 # learning rates do not transfer, so the θ methods run at two lrs each and the dev loss (32 held-out training
 # examples) picks one per method; every variant's MAWPS score is still reported.
@@ -69,7 +70,6 @@ class Run:
     cmd: list[str]
     out: Path                      # the run dir (train) or the scores JSON (eval)
     metric: str
-    extra: dict = field(default_factory=dict)
 
     def scores(self) -> dict:
         if self.cmd[1] == "eval":

@@ -81,22 +81,23 @@ def test_empty_split(recipe_for, tmp_path):
 def test_eval_unknown_task_and_bad_predictions(tmp_path):
     res = runner.invoke(app, ["eval", "--task", "squad"])
     assert res.exit_code == 2 and "unknown task 'squad'" in res.output
-    data = write_jsonl(tmp_path / "g.jsonl", [{"question": "q", "answer": "#### 3"}] * 2)
-    preds = tmp_path / "p.jsonl"
-    preds.write_text(json.dumps({"idx": 0, "output": "The answer is: 3"}) + "\n")
-    res = runner.invoke(app, ["eval", "--task", "gsm8k", "--data", str(data), "--predictions", str(preds),
-                              "--output", str(tmp_path / "s.json")])
+    res = _score_predictions(tmp_path, "gsm8k", [{"question": "q", "answer": "#### 3"}] * 2, ["The answer is: 3"])
     assert res.exit_code == 2 and "no output for idx [1]" in " ".join(res.output.split())
 
 
-def test_eval_scores_given_predictions(tmp_path):
-    data = write_jsonl(tmp_path / "g.jsonl", [{"question": "q", "answer": "x #### 1,234"},
-                                              {"question": "q", "answer": "#### 5"}])
+def _score_predictions(tmp_path, task: str, rows: list[dict], outputs: list[str]):
+    """`gpart eval --predictions` on `rows` (written as JSONL) with one output per idx; scores go to s.json."""
+    data = write_jsonl(tmp_path / "rows.jsonl", rows)
     preds = tmp_path / "p.jsonl"
-    preds.write_text(json.dumps({"idx": 0, "output": "so $1,234.00\nThe answer is: 1234"}) + "\n"
-                     + json.dumps({"idx": 1, "output": "#### 6"}) + "\n")
-    res = runner.invoke(app, ["eval", "--task", "gsm8k", "--data", str(data), "--predictions", str(preds),
-                              "--output", str(tmp_path / "s.json")])
+    preds.write_text("".join(json.dumps({"idx": i, "output": out}) + "\n" for i, out in enumerate(outputs)))
+    return runner.invoke(app, ["eval", "--task", task, "--data", str(data), "--predictions", str(preds),
+                               "--output", str(tmp_path / "s.json")])
+
+
+def test_eval_scores_given_predictions(tmp_path):
+    res = _score_predictions(tmp_path, "gsm8k", [{"question": "q", "answer": "x #### 1,234"},
+                                                 {"question": "q", "answer": "#### 5"}],
+                             ["so $1,234.00\nThe answer is: 1234", "#### 6"])
     assert res.exit_code == 0, res.output
     scores = json.loads((tmp_path / "s.json").read_text())["scores"]
     assert scores == {"metamath": 0.5, "strict": 0.0, "flexible": 0.5, "n": 2}
@@ -105,14 +106,9 @@ def test_eval_scores_given_predictions(tmp_path):
 
 
 def test_eval_scores_math_predictions_with_is_equiv(tmp_path):
-    data = write_jsonl(tmp_path / "m.jsonl", [
-        {"problem": "p", "solution": "so $\\boxed{\\frac{1}{2}}$"},
-        {"problem": "p", "solution": "first \\boxed{3} then \\boxed{\\sqrt{2}+1}"}])
-    preds = tmp_path / "p.jsonl"
-    preds.write_text(json.dumps({"idx": 0, "output": "The answer is: 0.5"}) + "\n"
-                     + json.dumps({"idx": 1, "output": "thus $\\boxed{3}$"}) + "\n")
-    res = runner.invoke(app, ["eval", "--task", "math", "--data", str(data), "--predictions", str(preds),
-                              "--output", str(tmp_path / "s.json")])
+    rows = [{"problem": "p", "solution": "so $\\boxed{\\frac{1}{2}}$"},
+            {"problem": "p", "solution": "first \\boxed{3} then \\boxed{\\sqrt{2}+1}"}]
+    res = _score_predictions(tmp_path, "math", rows, ["The answer is: 0.5", "thus $\\boxed{3}$"])
     assert res.exit_code == 0, res.output
     assert json.loads((tmp_path / "s.json").read_text())["scores"] == {"is_equiv": 0.5, "n": 2}
 

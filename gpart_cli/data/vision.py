@@ -106,6 +106,13 @@ def _array_rows(images, labels, names, max_samples, seed):
                                        "label": labels[order].tolist()}, features=features)
 
 
+def _subset(rows, max_samples, seed):
+    """A seeded subset of at most `max_samples` rows (all of them when there are no more)."""
+    if max_samples is None or len(rows) <= max_samples:
+        return rows
+    return rows.shuffle(seed=seed).select(range(max_samples))
+
+
 def _folder_rows(folder: str, max_samples, seed, what: str):
     """Rows of an image folder (one sub-folder per class) through the `imagefolder` builder."""
     import datasets
@@ -116,9 +123,7 @@ def _folder_rows(folder: str, max_samples, seed, what: str):
     except Exception as e:  # no images, unreadable files and bad layouts surface as several exception types
         raise GpartError(f"could not read {what} image folder {folder}: {first_line(e)}") from None
     require_columns(rows, ["image", "label"], f"{what} image folder {folder} (one sub-folder per class)")
-    if max_samples is not None and max_samples < len(rows):
-        rows = rows.shuffle(seed=seed).select(range(max_samples))
-    return rows
+    return _subset(rows, max_samples, seed)
 
 
 def _hub_rows(path, config, split, data, max_samples, seed, what: str):
@@ -283,19 +288,15 @@ def collate_images(items: list[dict]) -> dict:
             "labels": torch.tensor([item["labels"] for item in items], dtype=torch.long)}
 
 
-def _subset(rows, max_samples, seed):
-    return rows if max_samples is None or len(rows) <= max_samples else \
-        rows.shuffle(seed=seed).select(range(max_samples))
-
-
 def build_vision_splits(data, model_config, seed: int, processor=None) -> Splits:
     """Train/dev/eval `Splits` of an image classification task; dev is carved from train with `seed`.
 
     With `data.classes`, only those classes are kept (renumbered) before the max_*_samples subsets are drawn.
     """
-    cap = (lambda n: None) if data.classes else (lambda n: n)
+    # With classes to keep, the subsets are drawn after the filter, so load every row first.
+    train_cap, eval_cap = (None, None) if data.classes else (data.max_train_samples, data.max_eval_samples)
     rows, names = load_image_rows(data.train_files, data.path, data.config, data.train_split, data,
-                                  cap(data.max_train_samples), seed, "train data")
+                                  train_cap, seed, "train data")
     all_names = names
     if data.classes:  # e.g. the classes held out of a self-pretraining run
         rows, names = _kept(rows, names, data.classes, "train data")
@@ -304,7 +305,7 @@ def build_vision_splits(data, model_config, seed: int, processor=None) -> Splits
     evaluation = None
     if data.eval_files or data.path:
         evaluation, eval_names = load_image_rows(data.eval_files, data.path, data.config, data.eval_split, data,
-                                                 cap(data.max_eval_samples), seed, "eval data")
+                                                 eval_cap, seed, "eval data")
         source = _source(data.eval_files, data.path, data.eval_split, "eval data")
         evaluation = _align(evaluation, eval_names, all_names, source)
         if data.classes:

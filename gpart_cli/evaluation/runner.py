@@ -91,8 +91,7 @@ def load_for_eval(req: EvalRequest, task_type: str):
     if req.adapter is None:
         if not req.model:
             raise GpartError("give --model (a base or merged model) and/or --adapter")
-        recipe = {"model": {"gguf_file": req.gguf_file}} if req.gguf_file else None
-        source = recorded_source(req.model, recipe, trust_remote_code=req.trust_remote_code)
+        source = ModelSource(req.model, trust_remote_code=req.trust_remote_code, gguf_file=req.gguf_file)
         return load_model(source, task_type), _tokenizer(source, task_type)
     kind, path = resolve_adapter(req.adapter)
     if kind == "gpart":
