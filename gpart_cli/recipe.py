@@ -32,6 +32,7 @@ class ModelSection:
     quantization: Optional[str] = None      # nf4 | int8 (bitsandbytes)
     trust_remote_code: bool = False
     gguf_file: Optional[str] = None
+    pooling: str = "cls"                    # classification input: cls (the model's own) | mean (masked mean)
 
 
 @dataclass(frozen=True)
@@ -120,7 +121,7 @@ class Recipe:
 
 _CHOICES = {"method.name": METHODS, "data.family": FAMILIES, "train.schedule": SCHEDULES,
             "train.precision": PRECISIONS, "train.on_nan": ("stop", "skip"),
-            "model.dtype": ("float32", "bfloat16", "float16"), "model.quantization": ("nf4", "int8", None)}
+            "model.dtype": ("float32", "bfloat16", "float16"), "model.pooling": ("cls", "mean"), "model.quantization": ("nf4", "int8", None)}
 _POSITIVE = {"method.d", "method.rank", "train.batch_size", "train.grad_accum", "data.max_length",
              "train.log_every", "eval.batch_size", "eval.max_new_tokens", "train.max_steps", "train.eval_every",
              "train.save_every", "data.max_train_samples", "data.max_eval_samples", "eval.limit",

@@ -24,17 +24,45 @@ from .recipe import Recipe, load_recipe
 
 D_METHODS = ("gpart", "unilora")  # methods whose size is set by d; the others are one point per seed
 GENERATION_METRIC = {"gsm8k": "metamath", "math": "is_equiv", "mawps": "metamath"}
+TIE = "tie"  # --lr-head tie: the head trains at the run's θ learning rate
 
 
 @dataclass(frozen=True)
 class RunKey:
+    """One run of the grid. `lr` sets train.lr_theta (the head's lr for linear_probe, which has no adapter);
+    `lr_head` sets train.lr_head (TIE: equal to `lr`); None keeps the recipe's value."""
+
     method: str
     d: int | None
     seed: int
+    lr: float | None = None
+    lr_head: float | str | None = None
 
     @property
     def folder(self) -> str:
-        return f"{self.method}-d{self.d}-s{self.seed}" if self.d is not None else f"{self.method}-s{self.seed}"
+        parts = [self.method]
+        if self.d is not None:
+            parts.append(f"d{self.d}")
+        if self.lr is not None:
+            parts.append(f"lr{self.lr:g}")
+        if self.lr_head is not None:
+            parts.append("lrh-tie" if self.lr_head == TIE else f"lrh{self.lr_head:g}")
+        return "-".join([*parts, f"s{self.seed}"])
+
+    @property
+    def cell(self) -> tuple:
+        """The (method, d, seed) point the lr grid of this run belongs to: dev picks one run per cell."""
+        return self.method, self.d, self.seed
+
+    def overrides(self) -> list[str]:
+        extra = [f"method.name={self.method}", f"method.seed={self.seed}", f"train.seed={self.seed}"]
+        if self.d is not None:
+            extra.append(f"method.d={self.d}")
+        if self.lr is not None:
+            extra.append(f"train.{'lr_head' if self.method == 'linear_probe' else 'lr_theta'}={self.lr!r}")
+        if self.lr_head is not None and self.method != "linear_probe":
+            extra.append(f"train.lr_head={(self.lr if self.lr_head == TIE else self.lr_head)!r}")
+        return extra
 
 
 def parse_ints(text: str, flag: str) -> list[int]:
@@ -47,9 +75,48 @@ def parse_ints(text: str, flag: str) -> list[int]:
     return values
 
 
-def plan(methods: list[str], ds: list[int], seeds: list[int]) -> list[RunKey]:
-    return [RunKey(m, d if m in D_METHODS else None, s)
-            for m in methods for d in (ds if m in D_METHODS else [None]) for s in seeds]
+def parse_floats(text: str, flag: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) <= 0:
+        raise GpartError(f"{flag} {text!r} should be comma-separated positive numbers, e.g. {flag} 5e-3,2e-2,5e-2")
+    return values
+
+
+def parse_lr_grid(items: list[str], methods: list[str]) -> dict[str, list[float | None]]:
+    """Learning rates per method from `--lr LIST` (every method) and `--lr METHOD=LIST` (that method)."""
+    default: list[float | None] = [None]
+    per_method: dict[str, list[float | None]] = {}
+    for item in items:
+        name, eq, values = item.rpartition("=")
+        if not eq:
+            default = list(parse_floats(item, "--lr"))
+        elif name not in methods:
+            raise GpartError(f"--lr {item!r}: {name!r} is not one of the swept methods ({', '.join(methods)})")
+        else:
+            per_method[name] = list(parse_floats(values, f"--lr {name}="))
+    return {m: per_method.get(m, default) for m in methods}
+
+
+def parse_lr_head(text: str | None) -> list[float | str | None]:
+    if text is None:
+        return [None]
+    return [TIE] if text.strip() == TIE else list(parse_floats(text, "--lr-head"))
+
+
+def plan(methods: list[str], ds: list[int], seeds: list[int], lrs: dict[str, list] | None = None,
+         lr_heads: list | None = None) -> list[RunKey]:
+    """Every run of the grid, cell by cell (method, d, seed), each cell's lr grid in the order given."""
+    lrs = lrs or {}
+    keys = []
+    for m in methods:
+        for d in (ds if m in D_METHODS else [None]):
+            for s in seeds:
+                heads = [None] if m == "linear_probe" else (lr_heads or [None])
+                keys += [RunKey(m, d, s, lr, h) for lr in lrs.get(m, [None]) for h in heads]
+    return keys
 
 
 def main_metric(recipe: Recipe) -> str:
@@ -58,26 +125,41 @@ def main_metric(recipe: Recipe) -> str:
     return classify.main_metric(recipe.data.family, recipe.data.task)
 
 
+def dev_score(recipe: Recipe, results: dict) -> float | None:
+    """The run's best dev score, higher is better (minus the dev loss for SFT); None without a dev split."""
+    best = results.get("best_dev") or {}
+    if recipe.data.family == "sft":
+        return -best["loss"] if "loss" in best else None
+    return best.get(classify.main_metric(recipe.data.family, recipe.data.task))
+
+
 def _run_one(recipe_path: Path, overrides: list[str], key: RunKey, out: Path, console: Console) -> dict:
     from .train.run import run
 
-    extra = [f"method.name={key.method}", f"method.seed={key.seed}", f"train.seed={key.seed}"]
-    if key.d is not None:
-        extra.append(f"method.d={key.d}")
-    recipe = load_recipe(recipe_path, [*overrides, *extra])
+    recipe = load_recipe(recipe_path, [*overrides, *key.overrides()])
     resume = (out / "checkpoints" / "last").is_dir()
     return run(recipe, out, resume=resume, overwrite=not resume, console=console)
 
 
 def sweep(recipe_path: Path, overrides: list[str], methods: list[str], ds: list[int], seeds: list[int],
-          out: Path, console: Console | None = None) -> dict:
-    """Run (or reuse) every run of the grid and write results.csv, results.json and plot.png into `out`."""
+          out: Path, console: Console | None = None, lrs: dict[str, list] | None = None,
+          lr_heads: list | None = None) -> dict:
+    """Run (or reuse) every run of the grid and write results.csv, results.json and plot.png into `out`.
+
+    Where a cell (method, d, seed) has several learning rates, the run with the best dev score is selected and
+    its test score is the cell's result; the test split never chooses.
+    """
     console = console or Console(stderr=True)
     base = load_recipe(recipe_path, overrides)  # validate once, up front
+    keys = plan(methods, ds, seeds, lrs, lr_heads)
+    if any(len([k for k in keys if k.cell == key.cell]) > 1 for key in keys) and base.data.dev_fraction <= 0 \
+            and base.data.family != "sft":
+        raise GpartError("choosing the learning rate needs a dev split: set data.dev_fraction > 0 (e.g. --set "
+                         "data.dev_fraction=0.1) or pass one value per method to --lr")
     metric = main_metric(base)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
-    for key in plan(methods, ds, seeds):
+    for key in keys:
         run_dir = out / key.folder
         done = run_dir / "results.json"
         if done.is_file():
@@ -92,7 +174,8 @@ def sweep(recipe_path: Path, overrides: list[str], methods: list[str], ds: list[
                 with open(out / "failures.jsonl", "a") as f:
                     f.write(json.dumps({"run": key.folder, "error": str(e)}) + "\n")
                 continue
-        rows.append(_row(key, results, metric))
+        rows.append(_row(key, results, metric, dev_score(base, results)))
+    rows = select_by_dev(rows)
     doc = {"recipe": str(recipe_path), "overrides": overrides, "metric": metric, "runs": rows,
            "summary": summarize(rows)}
     _write(out, doc)
@@ -100,26 +183,47 @@ def sweep(recipe_path: Path, overrides: list[str], methods: list[str], ds: list[
     return doc
 
 
-def _row(key: RunKey, results: dict, metric: str) -> dict:
+def _row(key: RunKey, results: dict, metric: str, dev: float | None) -> dict:
     after, before = results.get("after") or {}, results.get("before") or {}
-    return {"method": key.method, "d": key.d, "seed": key.seed, "metric": metric, "score": after.get(metric),
-            "base_score": before.get(metric), "trainable_params": results.get("trainable_params"),
-            "best_step": results.get("best_step"), "run": key.folder}
+    return {"method": key.method, "d": key.d, "seed": key.seed, "lr": key.lr,
+            "lr_head": key.lr if key.lr_head == TIE else key.lr_head, "metric": metric, "score": after.get(metric),
+            "dev_score": dev, "selected": False, "base_score": before.get(metric),
+            "trainable_params": results.get("trainable_params"), "best_step": results.get("best_step"),
+            "run": key.folder}
+
+
+def select_by_dev(rows: list[dict]) -> list[dict]:
+    """Mark one run per (method, d, seed): the best dev score (ties: the first in grid order).
+
+    A cell with one run selects it. Runs without a dev score never win against runs with one.
+    """
+    cells: dict[tuple, list[dict]] = {}
+    for r in rows:
+        cells.setdefault((r["method"], r["d"], r["seed"]), []).append(r)
+    for runs in cells.values():
+        scored = [r for r in runs if r["dev_score"] is not None]
+        best = max(scored, key=lambda r: r["dev_score"]) if scored else runs[0]  # max keeps the first on ties
+        for r in runs:
+            r["selected"] = r is best
+    return rows
 
 
 def summarize(rows: list[dict]) -> list[dict]:
-    """Median, min and max over seeds per (method, d)."""
-    groups: dict[tuple, list[float]] = {}
+    """Median, min and max over seeds per (method, d), of the dev-selected run of each seed."""
+    groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        if r["score"] is not None:
-            groups.setdefault((r["method"], r["d"]), []).append(r["score"])
-    return [{"method": m, "d": d, "median": statistics.median(v), "min": min(v), "max": max(v), "seeds": len(v)}
+        if r["selected"] and r["score"] is not None:
+            groups.setdefault((r["method"], r["d"]), []).append(r)
+    return [{"method": m, "d": d, "median": statistics.median(x["score"] for x in v),
+             "min": min(x["score"] for x in v), "max": max(x["score"] for x in v), "seeds": len(v),
+             "lrs": [x["lr"] for x in v], "lr_heads": [x["lr_head"] for x in v]}
             for (m, d), v in groups.items()]
 
 
 def _write(out: Path, doc: dict) -> None:
     buf = io.StringIO()
-    fields = ["method", "d", "seed", "metric", "score", "base_score", "trainable_params", "best_step", "run"]
+    fields = ["method", "d", "seed", "lr", "lr_head", "metric", "score", "dev_score", "selected", "base_score",
+              "trainable_params", "best_step", "run"]
     writer = csv.DictWriter(buf, fieldnames=fields)
     writer.writeheader()
     writer.writerows(doc["runs"])
@@ -129,7 +233,10 @@ def _write(out: Path, doc: dict) -> None:
 
 
 def plot(doc: dict) -> bytes:
-    """PNG: metric vs d (log x), median line and per-seed points per method; reference levels as lines."""
+    """PNG: metric vs d (log x), median line and per-seed points per method; reference levels as lines.
+
+    Only the dev-selected run of each (method, d, seed) is drawn: the other learning rates are in the CSV/JSON.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -140,7 +247,7 @@ def plot(doc: dict) -> bytes:
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, method in enumerate(dict.fromkeys(r["method"] for r in runs)):
         color = colors[i % len(colors)]
-        pts = [r for r in runs if r["method"] == method and r["score"] is not None]
+        pts = [r for r in runs if r["method"] == method and r["selected"] and r["score"] is not None]
         med = sorted((s["d"], s["median"]) for s in summary if s["method"] == method and s["d"] is not None)
         if med:
             ax.plot([d for d, _ in med], [m for _, m in med], marker="o", color=color, label=f"{method} (median)")
@@ -164,11 +271,21 @@ def plot(doc: dict) -> bytes:
     return buf.getvalue()
 
 
+def _lr_text(values: list) -> str:
+    return ", ".join("-" if v is None else f"{v:g}" for v in values)
+
+
 def table(doc: dict) -> Table:
-    t = Table(title=f"sweep-d · {doc['metric']} (median over seeds, \\[min, max])")
-    for col in ("method", "d", "median", "range", "seeds"):
+    grid = any(r["lr"] is not None or r["lr_head"] is not None for r in doc["runs"])
+    title = "sweep-d · {} (median over seeds, \\[min, max]{})".format(
+        doc["metric"], "; lr chosen per seed on the dev split" if grid else "")
+    t = Table(title=title)
+    for col in ("method", "d", "median", "range", "seeds", *(("lr", "lr_head") if grid else ())):
         t.add_column(col, justify="right")
     for s in sorted(doc["summary"], key=lambda s: (s["method"], s["d"] or 0)):
-        t.add_row(s["method"], f"{s['d']:,}" if s["d"] else "-", f"{s['median']:.4f}",
-                  f"[{s['min']:.4f}, {s['max']:.4f}]", str(s["seeds"]))
+        cells = [s["method"], f"{s['d']:,}" if s["d"] else "-", f"{s['median']:.4f}",
+                 f"[{s['min']:.4f}, {s['max']:.4f}]", str(s["seeds"])]
+        if grid:
+            cells += [_lr_text(s["lrs"]), _lr_text(s["lr_heads"])]
+        t.add_row(*cells)
     return t

@@ -302,3 +302,24 @@ def test_adapter_records_the_base_as_the_recipe_names_it(sst2_files, tmp_path):
     res = runner.invoke(app, ["eval", "--task", "glue/sst2", "--adapter", str(tmp_path / "run"), "--data",
                               str(sst2_files[1]), "--output", str(tmp_path / "ev.json")])
     assert res.exit_code == 0, res.output
+
+
+def test_mean_pooling_recipe_trains_and_is_recorded(tiny_bert_dir, sst2_files, tmp_path):
+    from gpart_cli.pooling import MaskedMeanPooler
+
+    recipe = glue_recipe(tiny_bert_dir, sst2_files, train__max_steps=2, model__pooling="mean")
+    trainer = Trainer(recipe, tmp_path / "run")
+    trainer.setup()
+    assert isinstance(trainer.model.bert.pooler, MaskedMeanPooler)
+    run(recipe, tmp_path / "run2")
+    assert gpart.read_artifact(tmp_path / "run2" / "adapter.gpart").meta["recipe"]["model"]["pooling"] == "mean"
+
+
+def test_mean_pooling_outside_text_classification_is_refused(tiny_llama_dir, tmp_path):
+    from gpart_cli.errors import GpartError
+    from gpart_cli.train.setup import build
+
+    recipe = from_dict({"model": {"name_or_path": str(tiny_llama_dir), "pooling": "mean"},
+                        "data": {"family": "sft", "train_files": [str(ASSETS / "gsm8k" / "train.jsonl")]}})
+    with pytest.raises(GpartError, match="model.pooling: mean applies to text classification"):
+        build(recipe)

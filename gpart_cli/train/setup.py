@@ -10,6 +10,7 @@ from ..data.glue import build_glue_splits, glue_task
 from ..data.splits import Splits
 from ..errors import GpartError
 from ..loading import ModelSource, build_from_config, config_from_dict, load_model, load_tokenizer, resolve
+from ..pooling import apply_pooling
 from ..recipe import Recipe
 
 TASK_TYPE = {"glue": "sequence_classification", "vision": "image_classification", "sft": "causal_lm"}
@@ -62,11 +63,15 @@ def build(recipe: Recipe) -> Setup:
     """Model, tokenizer and splits for the recipe's task family."""
     family, data, seed = recipe.data.family, recipe.data, recipe.train.seed
     task_type = TASK_TYPE[family]
+    if recipe.model.pooling != "cls" and family != "glue":
+        raise GpartError(f"model.pooling: {recipe.model.pooling} applies to text classification (data.family glue); "
+                         f"remove it for data.family {family}")
     if family == "glue":
         task = glue_task(data.task)
         tokenizer = load_tokenizer(model_source(recipe))
         splits = build_glue_splits(data, tokenizer, seed)
-        model = _model(recipe, task_type, task.num_labels, list(task.labels) or None)
+        model = apply_pooling(_model(recipe, task_type, task.num_labels, list(task.labels) or None),
+                              recipe.model.pooling)
     elif family == "vision":
         from ..data.vision import build_vision_splits
 
