@@ -13,11 +13,10 @@ from pathlib import Path
 
 import torch
 
+from .devices import DTYPE_NAMES as DTYPES
 from .errors import GpartError, first_line
 
 TASK_TYPES = ("causal_lm", "sequence_classification", "image_classification", "base")
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -26,7 +25,7 @@ class ModelSource:
 
     name_or_path: str
     revision: str | None = None
-    dtype: str = "float32"
+    dtype: str = "float32"                 # or "auto": the dtype the checkpoint is stored in
     trust_remote_code: bool = False
     gguf_file: str | None = None
     quantization: str | None = None  # nf4 | int8 (bitsandbytes)
@@ -81,17 +80,23 @@ def _auto_class(task_type: str):
 
 
 def load_model(source: ModelSource, task_type: str, num_labels: int | None = None,
-               labels: list[str] | None = None):
-    """Load a pretrained base model for `task_type`; errors name the model and the fix."""
-    dtype = torch_dtype(source.dtype)
+               labels: list[str] | None = None, device: torch.device | None = None):
+    """Load a pretrained base model for `task_type` onto `device` (default cpu); errors name the model and the fix.
+
+    On a GPU the checkpoint's shards go straight to the device (no whole-model copy in host memory first).
+    """
+    dtype = source.dtype if source.dtype == "auto" else torch_dtype(source.dtype)
     kwargs: dict = {"revision": source.revision, "trust_remote_code": source.trust_remote_code, "dtype": dtype}
     if source.gguf_file:
         kwargs["gguf_file"] = source.gguf_file
-    quant = _quantization_config(source.quantization, dtype)
+    quant = _quantization_config(source.quantization, torch.bfloat16 if dtype == "auto" else dtype)
+    device = device or torch.device("cpu")
     if quant is not None:
         kwargs["quantization_config"] = quant
         # Quantized weights are placed at load time and cannot be moved with .to() afterwards.
-        kwargs["device_map"] = {"": f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"}
+        kwargs["device_map"] = {"": str(device)}
+    elif device.type == "cuda":
+        kwargs["device_map"] = {"": str(device)}
     if num_labels is not None and task_type in ("sequence_classification", "image_classification"):
         kwargs["num_labels"] = num_labels
         # A head for another label count (e.g. fine-tuning on classes held out of pretraining) starts fresh,

@@ -216,7 +216,8 @@ def test_sft_family_trains_and_scores_gsm8k(tiny_llama_dir, tmp_path):
         "eval": {"task": "gsm8k", "files": [str(gsm / "test.jsonl")], "limit": 4, "batch_size": 2,
                  "max_new_tokens": 6}, "name": "s"})
     results = run(recipe, tmp_path / "run")
-    assert set(results["after"]) == {"metamath", "strict", "flexible", "n"} and results["after"]["n"] == 4
+    assert set(results["after"]) == {"metamath", "strict", "flexible", "strict_numeric", "flexible_numeric", "n"}
+    assert results["after"]["n"] == 4
     assert results["best_dev"]["loss"] > 0 and results["trainable_params"] == 128
     records = [json.loads(line) for line in (tmp_path / "run" / "predictions.jsonl").read_text().splitlines()]
     assert [r["reference"] for r in records] == ["18", "3", "70000", "540"]
