@@ -35,6 +35,10 @@ from .setup import Setup, build
 # Recipe fields that may change between a run and its --resume without changing the result.
 _RESUME_SAFE = {"source", "name", "train.log_every", "train.on_nan", "eval.batch_size", "eval.limit",
                 "eval.max_new_tokens", "eval.dev_batch_size"}
+# Fields newer than some recorded runs, and what a recipe without them meant: vision images were resized plainly
+# before augmentation existed. The transforms only matter for vision runs.
+_ADDED_FIELDS = {"data.train_transform": "resize", "data.eval_transform": "resize"}
+_VISION_ONLY = {"data.train_transform", "data.eval_transform"}
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -54,7 +58,9 @@ def prepare_run_dir(out: Path, recipe: Recipe, resume: bool, overwrite: bool) ->
         if not (out / "checkpoints" / "last").is_dir():
             raise GpartError(f"--resume: {out} holds no checkpoint to resume from; drop --resume to start a new run")
         old, new = _flatten(yaml.safe_load(saved.read_text())), _flatten(recipe.to_dict())
-        changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in _RESUME_SAFE)
+        old = {**{k: v for k, v in _ADDED_FIELDS.items() if k not in old}, **old}
+        ignored = _RESUME_SAFE | (_VISION_ONLY if recipe.data.family != "vision" else set())
+        changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in ignored)
         if changed:
             diffs = "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:5])
             raise GpartError(f"--resume: the recipe changed since {out} started ({diffs}). Resume with the "
