@@ -67,7 +67,7 @@ def _load_dtype(source: ModelSource, target: str) -> str:
 
 def merge_to_dir(base: str, adapter: str | os.PathLike, out: str | os.PathLike, dtype: str | None = None,
                  trust_remote_code: bool = False, device: torch.device | None = None) -> Path:
-    """Merge (fp32 sums, one rounding), cast to `dtype` (default: the dtype the adapter was trained on), save atomically.
+    """Merge (fp32 sums, one rounding), cast to `dtype` (default: the adapter's training dtype), save atomically.
 
     The saved config.json also carries the fields transformers 4.x and vLLM read (see `portable_config`).
     """

@@ -37,7 +37,7 @@ def legacy_rope_fields(config: dict) -> dict:
     if global_rope and global_rope.get("rope_theta") is not None:
         fields["rope_theta"] = global_rope["rope_theta"]
         kind = global_rope.get("rope_type", global_rope.get("type", "default"))
-        if kind != "default" and scaling_ok:  # 4.x keeps scaling apart from the base; some read "type", some "rope_type"
+        if kind != "default" and scaling_ok:  # 4.x keeps scaling apart from the base; readers use "type" or "rope_type"
             scaling = {k: v for k, v in global_rope.items() if k != "rope_theta"}
             fields["rope_scaling"] = {**scaling, "rope_type": kind, "type": kind}
     if local_rope and local_rope.get("rope_theta") is not None:

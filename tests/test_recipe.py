@@ -35,8 +35,9 @@ def test_defaults_and_yaml_style_numbers():
     (_with("train", batch_size=True), "train.batch_size = True should be an integer"),
     (_with("data", dev_fraction=1.5), "data.dev_fraction = 1.5 must be in [0, 1)"),
     (_with("train", weight_decay=-0.1), "train.weight_decay = -0.1 must be >= 0"),
-    (_with("data", train_transform="random_crop"), "data.train_transform = 'random_crop' is not one of "
-                                                    "random_resized_crop, resize (did you mean 'random_resized_crop'?)"),
+    (_with("data", train_transform="random_crop"),
+     "data.train_transform = 'random_crop' is not one of random_resized_crop, resize (did you mean "
+     "'random_resized_crop'?)"),
     (_with("data", eval_transform="crop"), "data.eval_transform = 'crop' is not one of center_crop, resize"),
     (_with("eval", dev_batch_size=0), "recipe field eval.dev_batch_size = 0 must be >= 1"),
     ({"method": {}}, "model.name_or_path is missing"),

@@ -25,7 +25,8 @@ def _builder(files: list[str]) -> tuple[str, dict]:
 
 def hub_name(path: str, config: str | None, split: str, revision: str | None = None) -> str:
     """How messages name a hub split: `nyu-mll/glue (config sst2, split train)`."""
-    parts = ([f"config {config}"] if config else []) + [f"split {split}"] + ([f"revision {revision}"] if revision else [])
+    parts = [f"config {config}"] if config else []
+    parts += [f"split {split}"] + ([f"revision {revision}"] if revision else [])
     return f"{path} ({', '.join(parts)})"
 
 

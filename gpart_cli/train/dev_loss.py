@@ -82,10 +82,10 @@ class ChunkedLoss:
             if not self.chunked:
                 from rich.console import Console
 
-                Console(stderr=True).print(f"[yellow]warning:[/] the dev loss of {type(_unwrapped(self.model)).__name__} "
-                                           f"is computed one sequence per forward (its output head is not the plain "
-                                           f"lm_head this chunked path reproduces); lower eval.dev_batch_size if "
-                                           f"memory is short")
+                name = type(_unwrapped(self.model)).__name__
+                Console(stderr=True).print(f"[yellow]warning:[/] the dev loss of {name} is computed one sequence per "
+                                           f"forward (its output head is not the plain lm_head this chunked path "
+                                           f"reproduces); lower eval.dev_batch_size if memory is short")
         if not self.chunked:
             return self._per_sequence(batch)
         labels = batch["labels"][:, 1:]                         # position t predicts token t + 1

@@ -86,6 +86,9 @@ class Trainer:
         self.main = self.rank == 0
         # Under torchrun each rank owns its local GPU; alone, --device decides (default: cuda when available).
         self.device = distributed.local_device() if self.world > 1 else resolve_device(device)
+        if self.world > 1 and device not in (None, "auto") and resolve_device(device).type != self.device.type:
+            raise GpartError(f"--device {device}: under torchrun each process uses its local device "
+                             f"({self.device.type}); drop --device")
         self.autocast_dtype = autocast_dtype(recipe.train.precision, self.device)
 
     # ---- setup ---------------------------------------------------------------------------------------

@@ -117,7 +117,8 @@ def test_fashion_idx_files_fall_back_to_the_hub_copy(hub, tmp_path, capsys):
     assert fallback_names == names == FASHION_MNIST
     assert fallback["label"] == local["label"]
     assert [im.tobytes() for im in fallback["image"]] == [im.tobytes() for im in local["image"]]
-    assert "using the hub dataset zalando-datasets/fashion_mnist (split test)" in " ".join(capsys.readouterr().err.split())
+    err = " ".join(capsys.readouterr().err.split())
+    assert "using the hub dataset zalando-datasets/fashion_mnist (split test)" in err
 
 
 def test_sft_and_generation_eval_files_fall_back(hub, tmp_path):

@@ -25,7 +25,8 @@ def cifar_like(monkeypatch):
 
     real = datasets.load_dataset
     rng = np.random.default_rng(0)
-    features = datasets.Features({"img": datasets.Image(), "fine_label": datasets.ClassLabel(names=["ant", "bee", "cow"]),
+    features = datasets.Features({"img": datasets.Image(),
+                                  "fine_label": datasets.ClassLabel(names=["ant", "bee", "cow"]),
                                   "coarse_label": datasets.Value("int64")})
 
     def split(n):

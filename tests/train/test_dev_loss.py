@@ -40,7 +40,7 @@ def _llama(vocab: int, seed: int = 0, **extra):
 
 def test_large_vocab_long_sequences_stay_within_the_chunk_bound():
     """64k vocabulary, 2 × 512 tokens: the naive loss holds B·T·V fp32 logits and a log-softmax of the same size;
-    the chunked pass holds at most about 3 × chunk × V × 4 bytes (logits, log-softmax, one spare) plus hidden states."""
+    the chunked pass at most about 3 × chunk × V × 4 bytes (logits, log-softmax, one spare) plus hidden states."""
     vocab, batch_size, length, chunk = 64_000, 2, 512, 128
     model = _llama(vocab)
     batch = _batch(vocab, batch_size, length, prompt=256)
