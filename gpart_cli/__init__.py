@@ -11,11 +11,15 @@ Public API (DESIGN §8)::
     ids = gpart.group_ids(n=1000, d=7, seed=0)
 """
 
-from .artifact import load, read_artifact, save
-from .config import GPartConfig
-from .errors import GpartError
-from .model import apply, merge, theta
-from .partition import ALGORITHM, group_ids, group_sizes
+from .versions import require as _require_versions
+
+_require_versions()  # before anything else: an outdated dependency is named here, not deep inside a run
+
+from .artifact import load, read_artifact, save  # noqa: E402
+from .config import GPartConfig  # noqa: E402
+from .errors import GpartError  # noqa: E402
+from .model import apply, merge, theta  # noqa: E402
+from .partition import ALGORITHM, group_ids, group_sizes  # noqa: E402
 
 __version__ = "0.1.0"
 

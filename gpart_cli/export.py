@@ -2,28 +2,36 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
+import torch
+
 from . import atomic
 from .artifact import load, read_artifact
+from .devices import check_dtype, dtype_name
 from .errors import GpartError, first_line
 from .loading import ModelSource, load_model, load_tokenizer, recorded_source, resolve, torch_dtype
 from .model import merge
+from .portable_config import make_portable
+
+
+def _base_config(source: ModelSource):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(resolve(source.name_or_path), revision=source.revision,
+                                          trust_remote_code=source.trust_remote_code,
+                                          **({"gguf_file": source.gguf_file} if source.gguf_file else {}))
+    except (OSError, ValueError) as e:
+        raise GpartError(f"could not read the config of {source.name_or_path!r}: {first_line(e)}") \
+            from None
 
 
 def infer_task_type(source: ModelSource) -> str:
     """The auto-class family of a base model, from its config's `architectures`."""
-    from transformers import AutoConfig
-
-    try:
-        config = AutoConfig.from_pretrained(resolve(source.name_or_path), revision=source.revision,
-                                            trust_remote_code=source.trust_remote_code,
-                                            **({"gguf_file": source.gguf_file} if source.gguf_file else {}))
-    except (OSError, ValueError) as e:
-        raise GpartError(f"could not read the config of {source.name_or_path!r}: {first_line(e)}") \
-            from None
-    arch = (getattr(config, "architectures", None) or [""])[0]
+    arch = (getattr(_base_config(source), "architectures", None) or [""])[0]
     for suffix, task_type in (("ForCausalLM", "causal_lm"), ("ForSequenceClassification", "sequence_classification"),
                               ("ForImageClassification", "image_classification")):
         if arch.endswith(suffix):
@@ -31,8 +39,9 @@ def infer_task_type(source: ModelSource) -> str:
     return "base"
 
 
-def load_adapted(base: str, adapter: str | os.PathLike, dtype: str = "float32", trust_remote_code: bool = False):
-    """Load `base` for the adapter's task and apply the adapter; returns (model, artifact, source).
+def load_adapted(base: str, adapter: str | os.PathLike, dtype: str = "float32", trust_remote_code: bool = False,
+                 device: torch.device | None = None):
+    """Load `base` for the adapter's task onto `device` and apply the adapter; returns (model, artifact, source).
 
     Merging and evaluation always load an unquantized copy: the recipe's quantization is not passed on.
     """
@@ -40,19 +49,38 @@ def load_adapted(base: str, adapter: str | os.PathLike, dtype: str = "float32", 
     source = recorded_source(base, art.meta.get("recipe"), dtype, trust_remote_code)
     task = art.meta.get("task") or {}
     task_type = task.get("type") or infer_task_type(source)
-    model = load_model(source, task_type, task.get("num_labels"), task.get("labels"))
+    model = load_model(source, task_type, task.get("num_labels"), task.get("labels"), device)
     return load(model, art.path), art, source
 
 
+def _load_dtype(source: ModelSource, target: str) -> str:
+    """The dtype to load the base in so that merging rounds once, exactly as an fp32 merge then a cast would.
+
+    GPart sums W0 + ΔW in fp32 and rounds to the layer's dtype. When the checkpoint is stored in `target` (a bf16
+    release merged to bf16), loading it in `target` loses nothing and halves the memory; otherwise load fp32.
+    """
+    config = _base_config(source)
+    stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    stored = dtype_name(stored) if isinstance(stored, torch.dtype) else stored
+    return target if stored == target else "float32"
+
+
 def merge_to_dir(base: str, adapter: str | os.PathLike, out: str | os.PathLike, dtype: str | None = None,
-                 trust_remote_code: bool = False) -> Path:
-    """Merge in fp32, cast to `dtype` (default: the dtype the adapter was trained on), save atomically."""
-    model, art, source = load_adapted(base, adapter, "float32", trust_remote_code)
-    target = dtype or (art.meta.get("base_model") or {}).get("dtype") or "float32"
+                 trust_remote_code: bool = False, device: torch.device | None = None) -> Path:
+    """Merge (fp32 sums, one rounding), cast to `dtype` (default: the adapter's training dtype), save atomically.
+
+    The saved config.json also carries the fields transformers 4.x and vLLM read (see `portable_config`).
+    """
+    art = read_artifact(adapter)
+    target = check_dtype(dtype or (art.meta.get("base_model") or {}).get("dtype") or "float32")
+    probe = recorded_source(base, art.meta.get("recipe"), trust_remote_code=trust_remote_code)
+    model, _, source = load_adapted(base, adapter, _load_dtype(probe, target), trust_remote_code, device)
     model = merge(model).to(torch_dtype(target))
     out = Path(out)
     with atomic.directory(out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
+        config = tmp / "config.json"
+        config.write_text(json.dumps(make_portable(json.loads(config.read_text()), target), indent=2) + "\n")
         _save_preprocessors(source, tmp)
     return out
 

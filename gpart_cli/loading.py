@@ -13,11 +13,11 @@ from pathlib import Path
 
 import torch
 
+from .devices import DTYPE_NAMES as DTYPES
 from .errors import GpartError, first_line
+from .pooling import POOLINGS, apply_pooling, recorded_pooling
 
 TASK_TYPES = ("causal_lm", "sequence_classification", "image_classification", "base")
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -26,10 +26,11 @@ class ModelSource:
 
     name_or_path: str
     revision: str | None = None
-    dtype: str = "float32"
+    dtype: str = "float32"                 # or "auto": the dtype the checkpoint is stored in
     trust_remote_code: bool = False
     gguf_file: str | None = None
     quantization: str | None = None  # nf4 | int8 (bitsandbytes)
+    pooling: str | None = None       # text classification input (cls | mean); None: what the checkpoint records
 
 
 def resolve(name_or_path: str) -> str:
@@ -81,17 +82,23 @@ def _auto_class(task_type: str):
 
 
 def load_model(source: ModelSource, task_type: str, num_labels: int | None = None,
-               labels: list[str] | None = None):
-    """Load a pretrained base model for `task_type`; errors name the model and the fix."""
-    dtype = torch_dtype(source.dtype)
+               labels: list[str] | None = None, device: torch.device | None = None):
+    """Load a pretrained base model for `task_type` onto `device` (default cpu); errors name the model and the fix.
+
+    On a GPU the checkpoint's shards go straight to the device (no whole-model copy in host memory first).
+    """
+    dtype = source.dtype if source.dtype == "auto" else torch_dtype(source.dtype)
     kwargs: dict = {"revision": source.revision, "trust_remote_code": source.trust_remote_code, "dtype": dtype}
     if source.gguf_file:
         kwargs["gguf_file"] = source.gguf_file
-    quant = _quantization_config(source.quantization, dtype)
+    quant = _quantization_config(source.quantization, torch.bfloat16 if dtype == "auto" else dtype)
+    device = device or torch.device("cpu")
     if quant is not None:
         kwargs["quantization_config"] = quant
         # Quantized weights are placed at load time and cannot be moved with .to() afterwards.
-        kwargs["device_map"] = {"": f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"}
+        kwargs["device_map"] = {"": str(device)}
+    elif device.type == "cuda":
+        kwargs["device_map"] = {"": str(device)}
     if num_labels is not None and task_type in ("sequence_classification", "image_classification"):
         kwargs["num_labels"] = num_labels
         # A head for another label count (e.g. fine-tuning on classes held out of pretraining) starts fresh,
@@ -104,11 +111,15 @@ def load_model(source: ModelSource, task_type: str, num_labels: int | None = Non
             kwargs["label2id"] = {name: i for i, name in enumerate(labels)}
     path = resolve(source.name_or_path)
     try:
-        return _auto_class(task_type).from_pretrained(path, **kwargs)
+        model = _auto_class(task_type).from_pretrained(path, **kwargs)
     except (OSError, ValueError) as e:
         raise GpartError(f"could not load model {source.name_or_path!r}: {first_line(e)}. Check "
                          f"model.name_or_path (a local dir, a hub id, or pkg:PACKAGE/dir); offline machines "
                          f"need a local copy") from None
+    if task_type == "sequence_classification":
+        # A run's recipe (adapters on a plain base) or the saved model's own record (merged and full-FT dirs).
+        apply_pooling(model, source.pooling or recorded_pooling(model))
+    return model
 
 
 def load_tokenizer(source: ModelSource):
@@ -166,6 +177,7 @@ def recorded_source(name_or_path: str, recipe: dict | None, dtype: str = "float3
     if gguf is not None and (not isinstance(gguf, str) or "/" in gguf or "\\" in gguf or gguf.startswith("..")):
         raise GpartError(f"the adapter's recipe names gguf_file {gguf!r}; only a plain file name inside the model "
                          f"dir is allowed")
-    revision = model.get("revision")
+    revision, pooling = model.get("revision"), model.get("pooling")
     return ModelSource(name_or_path=name_or_path, revision=revision if isinstance(revision, str) else None,
-                       dtype=dtype, trust_remote_code=trust_remote_code, gguf_file=gguf)
+                       dtype=dtype, trust_remote_code=trust_remote_code, gguf_file=gguf,
+                       pooling=pooling if pooling in POOLINGS else None)

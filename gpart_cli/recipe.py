@@ -21,6 +21,8 @@ METHODS = ("gpart", "unilora", "lora", "full", "linear_probe")
 FAMILIES = ("glue", "vision", "sft")
 SCHEDULES = ("linear", "cosine", "constant")
 PRECISIONS = ("auto", "fp32", "bf16")
+TRAIN_TRANSFORMS = ("random_resized_crop", "resize")   # vision: the authors' augmentation, or a plain resize
+EVAL_TRANSFORMS = ("center_crop", "resize")            # vision: resize the short side + center crop, or a plain resize
 
 
 @dataclass(frozen=True)
@@ -52,8 +54,9 @@ class MethodSection:
 class DataSection:
     family: str = "glue"
     task: str = "sst2"                       # GLUE task, vision dataset name, or SFT dataset name
-    path: Optional[str] = None               # hub dataset id (e.g. nyu-mll/glue) when no files are given
-    config: Optional[str] = None             # hub dataset config (e.g. sst2)
+    path: Optional[str] = None               # hub dataset id (e.g. nyu-mll/glue): used when no files are given, and
+    config: Optional[str] = None             # in their place when the files are absent (a machine without them)
+    revision: Optional[str] = None           # hub dataset revision (a branch, tag, commit or refs/pr/N)
     train_files: Optional[list] = None       # local jsonl/json/csv/parquet/idx/npz files
     eval_files: Optional[list] = None
     train_split: str = "train"
@@ -65,7 +68,9 @@ class DataSection:
     text_columns: Optional[list] = None      # GLUE: defaults per task
     label_column: str = "label"
     image_column: str = "image"
-    image_size: Optional[int] = None         # vision: defaults to the model's
+    image_size: Optional[int] = None         # vision: defaults to the image processor's, then the model's
+    train_transform: str = "random_resized_crop"  # vision: RandomResizedCrop + horizontal flip | resize
+    eval_transform: str = "center_crop"      # vision (dev and eval): resize the short side + center crop | resize
     classes: Optional[list] = None           # vision: keep only these class ids, renumbered 0..k-1 in this order
     query_column: str = "query"              # SFT
     response_column: str = "response"
@@ -102,7 +107,8 @@ class EvalSection:
     split: Optional[str] = None
     limit: Optional[int] = None
     batch_size: int = 32
-    max_new_tokens: int = 256
+    max_new_tokens: Optional[int] = None     # default per task: gsm8k 512, math/math500 2048, mawps 256
+    dev_batch_size: Optional[int] = None     # rows per forward of the SFT dev loss (default: train.batch_size)
 
 
 @dataclass(frozen=True)
@@ -121,11 +127,13 @@ class Recipe:
 
 _CHOICES = {"method.name": METHODS, "data.family": FAMILIES, "train.schedule": SCHEDULES,
             "train.precision": PRECISIONS, "train.on_nan": ("stop", "skip"),
-            "model.dtype": ("float32", "bfloat16", "float16"), "model.pooling": ("cls", "mean"), "model.quantization": ("nf4", "int8", None)}
+            "model.dtype": ("float32", "bfloat16", "float16"), "model.quantization": ("nf4", "int8", None),
+            "model.pooling": ("cls", "mean"), "data.train_transform": TRAIN_TRANSFORMS,
+            "data.eval_transform": EVAL_TRANSFORMS}
 _POSITIVE = {"method.d", "method.rank", "train.batch_size", "train.grad_accum", "data.max_length",
              "train.log_every", "eval.batch_size", "eval.max_new_tokens", "train.max_steps", "train.eval_every",
              "train.save_every", "data.max_train_samples", "data.max_eval_samples", "eval.limit",
-             "data.image_size", "data.dev_samples"}
+             "data.image_size", "data.dev_samples", "eval.dev_batch_size"}
 _NON_NEGATIVE = {"method.seed", "train.seed", "train.weight_decay", "train.lr_theta", "train.lr_head",
                  "train.epochs", "train.max_grad_norm"}
 

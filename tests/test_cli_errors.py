@@ -96,13 +96,17 @@ def _score_predictions(tmp_path, task: str, rows: list[dict], outputs: list[str]
 
 def test_eval_scores_given_predictions(tmp_path):
     res = _score_predictions(tmp_path, "gsm8k", [{"question": "q", "answer": "x #### 1,234"},
-                                                 {"question": "q", "answer": "#### 5"}],
-                             ["so $1,234.00\nThe answer is: 1234", "#### 6"])
+                                                 {"question": "q", "answer": "#### 5"},
+                                                 {"question": "q", "answer": "so 7\n#### 7"}],
+                             ["so $1,234.00\nThe answer is: 1234", "#### 6", "#### 7.00"])
     assert res.exit_code == 0, res.output
-    scores = json.loads((tmp_path / "s.json").read_text())["scores"]
-    assert scores == {"metamath": 0.5, "strict": 0.0, "flexible": 0.5, "n": 2}
+    doc = json.loads((tmp_path / "s.json").read_text())
+    # lm-eval compares strings: "7.00" is not "7" for strict/flexible, but is for the numeric variants.
+    assert doc["scores"] == {"metamath": 1 / 3, "strict": 0.0, "flexible": 1 / 3, "strict_numeric": 1 / 3,
+                             "flexible_numeric": 2 / 3, "n": 3}
+    assert doc["predictions"] == str(tmp_path / "p.jsonl") and "device" not in doc  # no model was run
     records = [json.loads(x) for x in (tmp_path / "s.predictions.jsonl").read_text().splitlines()]
-    assert [r["reference"] for r in records] == ["1234", "5"]
+    assert [r["reference"] for r in records] == ["1234", "5", "7"]
 
 
 def test_eval_scores_math_predictions_with_is_equiv(tmp_path):

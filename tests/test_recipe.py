@@ -20,6 +20,9 @@ def test_defaults_and_yaml_style_numbers():
     r = from_dict(_with("train", lr_theta="5e-3", epochs=3))
     assert r.train.lr_theta == 0.005 and r.train.epochs == 3.0 and r.method.name == "gpart"
     assert r.method.target_modules == ["query", "value"] and r.model.trust_remote_code is False
+    # Unset: the task's generation length, the training micro-batch for the dev loss, the authors' vision transforms.
+    assert (r.eval.max_new_tokens, r.eval.dev_batch_size, r.data.revision) == (None, None, None)
+    assert (r.data.train_transform, r.data.eval_transform) == ("random_resized_crop", "center_crop")
 
 
 @pytest.mark.parametrize("raw,message", [
@@ -32,6 +35,11 @@ def test_defaults_and_yaml_style_numbers():
     (_with("train", batch_size=True), "train.batch_size = True should be an integer"),
     (_with("data", dev_fraction=1.5), "data.dev_fraction = 1.5 must be in [0, 1)"),
     (_with("train", weight_decay=-0.1), "train.weight_decay = -0.1 must be >= 0"),
+    (_with("data", train_transform="random_crop"),
+     "data.train_transform = 'random_crop' is not one of random_resized_crop, resize (did you mean "
+     "'random_resized_crop'?)"),
+    (_with("data", eval_transform="crop"), "data.eval_transform = 'crop' is not one of center_crop, resize"),
+    (_with("eval", dev_batch_size=0), "recipe field eval.dev_batch_size = 0 must be >= 1"),
     ({"method": {}}, "model.name_or_path is missing"),
     ({**BASE, "model": "gpt2"}, "section model. should be a mapping"),
 ])

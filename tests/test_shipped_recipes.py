@@ -84,7 +84,25 @@ def test_vit_recipes(size, d, batch):
     c100 = _load(f"vit-{size}-cifar100.yaml")
     assert (c100.data.path, c100.data.image_column, c100.data.label_column) == ("uoft-cs/cifar100", "img", "fine_label")
     fgvc = _load(f"vit-{size}-fgvc-aircraft.yaml")
-    assert (fgvc.data.path, fgvc.data.label_column) == ("HuggingFaceM4/FGVC-Aircraft", "variant")
+    # main is a loading script (refused by datasets >= 4); its parquet conversion is the repo's PR #1.
+    assert (fgvc.data.path, fgvc.data.revision, fgvc.data.label_column) == ("HuggingFaceM4/FGVC-Aircraft",
+                                                                            "refs/pr/1", "variant")
+
+
+@pytest.mark.parametrize("path", [f for f in FILES if f.name.startswith("vit-")], ids=lambda f: f.name)
+def test_vit_recipes_preprocess_as_the_authors(path):
+    """SamsungLabs/GPart finetune_ViT.py: RandomResizedCrop + flip for training, Resize + CenterCrop for eval."""
+    r = load_recipe(path)
+    assert (r.data.train_transform, r.data.eval_transform, r.data.image_size) == ("random_resized_crop",
+                                                                                 "center_crop", 224)
+
+
+@pytest.mark.parametrize("name", ["quickstart-fashion-mnist-vit.yaml", "selfpretrain-vit-fashion6.yaml",
+                                  "heldout-fashion4-vit.yaml"])
+def test_tiny_fashion_recipes_keep_their_plain_resize(name):
+    r = _load(name)
+    assert (r.data.train_transform, r.data.eval_transform) == ("resize", "resize")
+    assert (r.data.path, r.data.eval_split) == ("zalando-datasets/fashion_mnist", "test")
 
 
 def test_vit_default_recipe_lists_the_overrides_of_its_per_dataset_files():
@@ -92,7 +110,8 @@ def test_vit_default_recipe_lists_the_overrides_of_its_per_dataset_files():
     for slug in VISION_SLUGS:
         r = _load(f"vit-base-{slug}.yaml")
         line = (f"--set data.task={r.data.task} --set data.path={r.data.path} "
-                f"--set data.label_column={r.data.label_column} --set data.image_column={r.data.image_column}")
+                f"--set data.label_column={r.data.label_column} --set data.image_column={r.data.image_column}"
+                + (f" --set data.revision={r.data.revision}" if r.data.revision else ""))
         assert line in text, slug
 
 
@@ -106,8 +125,10 @@ def test_metamath_recipes(slug):
                                                                             "meta-math/MetaMathQA", 2048)
     assert (r.train.epochs, r.train.batch_size, r.train.grad_accum, r.train.lr_theta) == (2.0, 2, 8, 2e-4)
     assert (r.train.weight_decay, r.train.schedule, r.train.gradient_checkpointing) == (0.05, "cosine", True)
-    assert (r.eval.task, r.eval.max_new_tokens) == ("gsm8k", 512)
-    assert f"gpart eval --task math --adapter runs/metamath-{slug}" in (RECIPES / f"metamath-{slug}.yaml").read_text()
+    assert (r.eval.task, r.eval.max_new_tokens, r.eval.dev_batch_size) == ("gsm8k", 512, 8)
+    text = (RECIPES / f"metamath-{slug}.yaml").read_text()
+    assert f"gpart eval --task math --adapter runs/metamath-{slug}" in text and "5,000-problem test" in text
+    assert "--task math500" in text and "--max-new-tokens" not in text  # the task default is MetaMath's 2,048
 
 
 def test_metamath_llama8b_values():

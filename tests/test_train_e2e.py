@@ -109,9 +109,10 @@ def test_baselines_run_in_the_same_harness(tiny_bert_dir, sst2_files, tmp_path, 
     assert json.loads((tmp_path / "ev.json").read_text())["scores"] == results["after"]
 
 
-def test_cli_train_eval_merge_eval_round_trip(tiny_bert_dir, sst2_files, tmp_path):
+@pytest.mark.parametrize("pooling", ["cls", "mean"])
+def test_cli_train_eval_merge_eval_round_trip(tiny_bert_dir, sst2_files, tmp_path, pooling):
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(yaml.safe_dump(glue_recipe(tiny_bert_dir, sst2_files).to_dict()))
+    recipe.write_text(yaml.safe_dump(glue_recipe(tiny_bert_dir, sst2_files, model__pooling=pooling).to_dict()))
     out = tmp_path / "run"
     res = runner.invoke(app, ["train", str(recipe), "--output", str(out), "--set", "train.max_steps=5"])
     assert res.exit_code == 0, res.output
@@ -128,6 +129,8 @@ def test_cli_train_eval_merge_eval_round_trip(tiny_bert_dir, sst2_files, tmp_pat
         assert res.exit_code == 0, res.output
         scores[name] = json.loads((tmp_path / f"{name}.json").read_text())["scores"]
     assert scores["adapter"] == scores["merged"] == after
+    merged_config = json.loads((tmp_path / "merged" / "config.json").read_text())
+    assert merged_config.get("gpart_pooling") == (None if pooling == "cls" else "mean")
 
 
 def test_run_dir_protection(tiny_bert_dir, sst2_files, tmp_path):
@@ -216,7 +219,8 @@ def test_sft_family_trains_and_scores_gsm8k(tiny_llama_dir, tmp_path):
         "eval": {"task": "gsm8k", "files": [str(gsm / "test.jsonl")], "limit": 4, "batch_size": 2,
                  "max_new_tokens": 6}, "name": "s"})
     results = run(recipe, tmp_path / "run")
-    assert set(results["after"]) == {"metamath", "strict", "flexible", "n"} and results["after"]["n"] == 4
+    assert set(results["after"]) == {"metamath", "strict", "flexible", "strict_numeric", "flexible_numeric", "n"}
+    assert results["after"]["n"] == 4
     assert results["best_dev"]["loss"] > 0 and results["trainable_params"] == 128
     records = [json.loads(line) for line in (tmp_path / "run" / "predictions.jsonl").read_text().splitlines()]
     assert [r["reference"] for r in records] == ["18", "3", "70000", "540"]
@@ -323,3 +327,35 @@ def test_mean_pooling_outside_text_classification_is_refused(tiny_llama_dir, tmp
                         "data": {"family": "sft", "train_files": [str(ASSETS / "gsm8k" / "train.jsonl")]}})
     with pytest.raises(GpartError, match="model.pooling: mean applies to text classification"):
         build(recipe)
+
+
+def test_mean_pooled_models_load_with_their_pooling(tiny_bert_dir, sst2_files, tmp_path):
+    """gpart re-applies a run's mean pooling to merged, full-FT and adapter loads; plain transformers does not."""
+    from transformers import AutoModelForSequenceClassification
+
+    from gpart_cli.export import load_adapted
+    from gpart_cli.loading import ModelSource, load_model
+    from gpart_cli.pooling import MaskedMeanPooler
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(glue_recipe(tiny_bert_dir, sst2_files, model__pooling="mean").to_dict()))
+    for method in ("gpart", "full"):
+        res = runner.invoke(app, ["train", str(recipe), "--output", str(tmp_path / method), "--set",
+                                  "train.max_steps=2", "--set", f"method.name={method}"])
+        assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["merge", str(tiny_bert_dir), str(tmp_path / "gpart" / "adapter.gpart"), "-o",
+                              str(tmp_path / "merged")])
+    assert res.exit_code == 0 and "trained with model.pooling: mean" in " ".join(res.output.split())
+    adapted, _, _ = load_adapted(str(tiny_bert_dir), tmp_path / "gpart" / "adapter.gpart")
+    assert isinstance(adapted.bert.pooler, MaskedMeanPooler)
+    for saved in (tmp_path / "merged", tmp_path / "full" / "model"):
+        assert isinstance(load_model(ModelSource(str(saved)), "sequence_classification").bert.pooler, MaskedMeanPooler)
+        assert not isinstance(AutoModelForSequenceClassification.from_pretrained(saved).bert.pooler, MaskedMeanPooler)
+    # The base itself records nothing: it loads with its own [CLS] pooler.
+    assert not isinstance(load_model(ModelSource(str(tiny_bert_dir)), "sequence_classification").bert.pooler,
+                          MaskedMeanPooler)
+    results = json.loads((tmp_path / "full" / "results.json").read_text())["after"]
+    res = runner.invoke(app, ["eval", "--task", "glue/sst2", "--adapter", str(tmp_path / "full"), "--output",
+                              str(tmp_path / "full.json")])
+    assert res.exit_code == 0 and json.loads((tmp_path / "full.json").read_text())["scores"]["accuracy"] == \
+        results["accuracy"]

@@ -35,6 +35,8 @@ def user_errors(fn):
 
 TrustRemoteCode = Annotated[bool, typer.Option("--trust-remote-code", help="Run Python code shipped with the "
                                                 "model repository (never taken from an adapter file).")]
+Device = Annotated[Optional[str], typer.Option(help="auto | cpu | cuda | cuda:N (default auto: cuda when torch "
+                                                    "sees a GPU, else cpu).")]
 
 
 @app.command()
@@ -59,13 +61,18 @@ def merge(base: Annotated[str, typer.Argument(help="Base model: a transformers d
           output: Annotated[Path, typer.Option("-o", "--output", help="Directory to write the merged model to.")],
           dtype: Annotated[Optional[str], typer.Option(help="float32 | bfloat16 | float16 (default: the "
                                                              "dtype the adapter was trained on).")] = None,
-          trust_remote_code: TrustRemoteCode = False):
+          trust_remote_code: TrustRemoteCode = False, device: Device = None):
     """Write a standard transformers model dir with the target weights = W0 + Pθ and the head restored."""
+    from ..devices import resolve_device
     from ..export import merge_to_dir
 
-    with console.status("merging"):
-        out = merge_to_dir(base, adapter, output, dtype, trust_remote_code)
+    where = resolve_device(device)
+    with console.status(f"merging on {where}"):
+        out = merge_to_dir(base, adapter, output, dtype, trust_remote_code, where)
     console.print(f"merged model written to [bold]{out}[/] (loads with AutoModel*.from_pretrained)")
+    if json.loads((out / "config.json").read_text()).get("gpart_pooling") == "mean":
+        err_console.print("[yellow]note:[/] this model was trained with model.pooling: mean (recorded as gpart_pooling "
+                          "in config.json). gpart eval applies it; plain transformers pools with [CLS] instead")
 
 
 Overrides = Annotated[Optional[list[str]], typer.Option("--set", help="Override a recipe field: "
@@ -80,7 +87,8 @@ def train(recipe: Annotated[Path, typer.Argument(help="A recipe YAML file (see r
                                                           "(default runs/RECIPE_NAME).")] = None,
           resume: Annotated[bool, typer.Option(help="Continue the run in --output from its last checkpoint.")] = False,
           overwrite: Annotated[bool, typer.Option(help="Replace an existing run in --output.")] = False,
-          dry_run: Annotated[bool, typer.Option(help="Validate the recipe, load model and data, then stop.")] = False):
+          dry_run: Annotated[bool, typer.Option(help="Validate the recipe, load model and data, then stop.")] = False,
+          device: Device = None):
     """Fine-tune a model from a YAML recipe: writes adapter, metrics.jsonl, checkpoints and results.json."""
     from ..recipe import load_recipe
     from ..train.run import default_output, run
@@ -88,14 +96,15 @@ def train(recipe: Annotated[Path, typer.Argument(help="A recipe YAML file (see r
     parsed = load_recipe(recipe, overrides or [])
     out = output or default_output(parsed)
     try:
-        run(parsed, out, resume=resume, overwrite=overwrite, dry_run=dry_run, console=err_console)
+        run(parsed, out, resume=resume, overwrite=overwrite, dry_run=dry_run, console=err_console, device=device)
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
 
 
 @app.command(name="eval")
 @user_errors
-def evaluate(task: Annotated[str, typer.Option(help="glue/<task>, vision/<dataset>, gsm8k, math or mawps.")],
+def evaluate(task: Annotated[str, typer.Option(help="glue/<task>, vision/<dataset>, gsm8k, math (the 5,000-problem "
+                                                  "test), math500 or mawps.")],
              adapter: Annotated[Optional[Path], typer.Option(help="A .gpart file, PEFT adapter dir, merged model "
                                                                   "dir, or gpart run dir.")] = None,
              model: Annotated[Optional[str], typer.Option(help="Base or merged model: dir, hub id or "
@@ -106,18 +115,24 @@ def evaluate(task: Annotated[str, typer.Option(help="glue/<task>, vision/<datase
              split: Annotated[Optional[str], typer.Option(help="Split name on the hub.")] = None,
              limit: Annotated[Optional[int], typer.Option(min=1, help="Score only the first N examples.")] = None,
              batch_size: Annotated[int, typer.Option(min=1)] = 32,
-             max_new_tokens: Annotated[int, typer.Option(min=1)] = 256,
+             max_new_tokens: Annotated[Optional[int], typer.Option(min=1, help="Generation length (default per "
+                                                                   "task: gsm8k 512, math/math500 2048, mawps 256).")]
+             = None,
              predictions: Annotated[Optional[Path], typer.Option(help="Score JSONL lines {idx, output} produced "
                                                                       "elsewhere; no model is loaded.")] = None,
              output: Annotated[Optional[Path], typer.Option(help="Scores JSON (predictions JSONL goes beside "
                                                                  "it).")] = None,
-             trust_remote_code: TrustRemoteCode = False):
+             trust_remote_code: TrustRemoteCode = False, device: Device = None,
+             dtype: Annotated[Optional[str], typer.Option(help="Load the weights in float32 | bfloat16 | float16 "
+                                                               "(default: the precision the run trained in; a plain "
+                                                               "model: its own dtype on a GPU, float32 on CPU).")]
+             = None):
     """Score a model, an adapter, or given predictions on a task."""
     from ..evaluation.runner import EvalRequest, evaluate as run_eval
 
     req = EvalRequest(task=task, adapter=adapter, model=model, data=data, split=split, limit=limit,
                       batch_size=batch_size, max_new_tokens=max_new_tokens, predictions=predictions, output=output,
-                      trust_remote_code=trust_remote_code, gguf_file=gguf_file)
+                      trust_remote_code=trust_remote_code, gguf_file=gguf_file, device=device, dtype=dtype)
     err_console.print(f"evaluating {task} …")  # generation tasks show their own progress bar
     doc = run_eval(req)
     table = Table(title=f"{task}" + (f" · {limit} examples" if limit else ""))
@@ -126,8 +141,10 @@ def evaluate(task: Annotated[str, typer.Option(help="glue/<task>, vision/<datase
     for key, value in doc["scores"].items():
         table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
     console.print(table)
+    where = f" · {doc['device']}, {doc['dtype']}" + (f" + {doc['autocast']} autocast" if doc.get("autocast") else "") \
+        if "device" in doc else ""
     console.print(f"scores: {req.output or 'eval-' + task.replace('/', '-') + '.json'} · predictions: "
-                  f"{doc['predictions_file']}")
+                  f"{doc['predictions_file']}{where}")
 
 
 @app.command(name="sweep-d")

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import GpartError
-from .sources import load_rows, require_columns
+from .sources import load_rows_with_source, require_columns
 from .splits import Splits, carve_dev
 
 HUB_PATH = "nyu-mll/glue"
@@ -71,11 +71,11 @@ def tokenize_rows(rows, task: GlueTask, columns: list[str], label_column: str, t
 
 
 def load_glue_rows(data, split_files, split: str, max_samples, seed: int, what: str):
+    """Rows and text columns of one split: local files, or (also when the files are absent) the hub's GLUE copy."""
     task = glue_task(data.task)
     columns = list(data.text_columns or task.text_columns)
-    rows = load_rows(split_files, data.path or (None if split_files else HUB_PATH),
-                     data.config or (None if split_files else data.task), split, max_samples, seed, what)
-    source = ", ".join(split_files) if split_files else f"{HUB_PATH}/{data.task}:{split}"
+    rows, source = load_rows_with_source(split_files, data.path or HUB_PATH, data.config or data.task, split,
+                                         max_samples, seed, what, data.revision)
     require_columns(rows, columns + [data.label_column], source)
     check_labels(rows, task, data.label_column, source)
     return rows, columns

@@ -14,7 +14,7 @@ import torch
 
 from ..errors import GpartError
 from ..evaluation.answers import mawps_reference
-from .sources import load_rows, require_columns
+from .sources import load_rows_with_source, require_columns
 from .splits import Splits, carve_dev
 
 METAMATH_TEMPLATE = ("Below is an instruction that describes a task. Write a response that appropriately "
@@ -177,9 +177,8 @@ def build_sft_splits(data, tokenizer, seed: int) -> Splits:
     """Train and dev (carved from train, seeded, before tokenization) for SFT; eval is generation-based."""
     check_template(data.prompt_template)
     _, columns = _converter(data)  # an unknown task fails before any data is read
-    rows = load_rows(data.train_files, data.path, data.config, data.train_split, data.max_train_samples, seed,
-                     what="training data")
-    source = ", ".join(data.train_files) if data.train_files else f"{data.path}:{data.train_split}"
+    rows, source = load_rows_with_source(data.train_files, data.path, data.config, data.train_split,
+                                         data.max_train_samples, seed, "training data", data.revision)
     require_columns(rows, columns, source)  # fail before carving and tokenizing
     train, dev = carve_dev(rows, data.dev_fraction, seed, data.dev_samples)
     return Splits(train=_tokenized_dataset(train, data, tokenizer, source, "training"),

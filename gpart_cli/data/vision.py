@@ -1,7 +1,8 @@
 """Image classification data for the ViT recipes (DESIGN §6): IDX, NPZ, image folders and hub datasets.
 
 Every source becomes a `datasets.Dataset` with an `image` (PIL) and an integer `label` column plus class names;
-`build_vision_splits` turns rows into normalised pixel tensors lazily, one item at a time.
+`build_vision_splits` turns rows into normalised pixel tensors lazily, one item at a time (training rows augmented,
+dev and eval rows not: `image_transforms`). Local files that are absent are replaced by the recipe's hub dataset.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ import numpy as np
 import torch
 
 from ..errors import GpartError, first_line
-from .sources import load_rows, require_columns
+from .image_transforms import ImageTransform, transform_for  # noqa: F401  (ImageTransform: part of this API)
+from .sources import load_rows, missing_files, require_columns
 from .splits import Splits, carve_dev
 
 FASHION_MNIST = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
@@ -126,11 +128,12 @@ def _folder_rows(folder: str, max_samples, seed, what: str):
     return _subset(rows, max_samples, seed)
 
 
-def _hub_rows(path, config, split, data, max_samples, seed, what: str):
-    """Rows of a hub dataset, its image/label columns renamed to `image`/`label`, labels a ClassLabel."""
+def _hub_rows(path, config, split, data, max_samples, seed, what: str, absent=None):
+    """Rows of a hub dataset (standing in for `absent` local files, if given), its image/label columns renamed to
+    `image`/`label`, labels a ClassLabel."""
     import datasets
 
-    rows = load_rows(None, path, config, split, max_samples, seed, what)
+    rows = load_rows(absent, path, config, split, max_samples, seed, what, data.revision)
     require_columns(rows, [data.image_column, data.label_column], _source(None, path, split, what))
     rows = rows.select_columns([data.image_column, data.label_column])
     renames = {old: new for old, new in ((data.image_column, "image"), (data.label_column, "label")) if old != new}
@@ -140,6 +143,8 @@ def _hub_rows(path, config, split, data, max_samples, seed, what: str):
     labels, feature = _label_array(rows), rows.features["label"]
     names = (list(feature.names) if isinstance(feature, datasets.ClassLabel)
              else [str(i) for i in range(int(labels.max(initial=0)) + 1)])
+    if data.task == "fashion_mnist" and len(names) == len(FASHION_MNIST):
+        names = list(FASHION_MNIST)  # the hub spells class 0 "T - shirt / top": keep one set of names per task
     _check_range(labels, len(names), _source(None, path, split, what))  # -1 marks unlabelled rows in some splits
     return rows.cast_column("label", datasets.ClassLabel(names=names))
 
@@ -147,16 +152,14 @@ def _hub_rows(path, config, split, data, max_samples, seed, what: str):
 def load_image_rows(files, path, config, split, data, max_samples=None, seed=0, what="data"):
     """(`datasets.Dataset` with `image` (PIL) and `label` (int) columns, class names) of one split.
 
-    `files`: an IDX images/labels pair, one .npz, or one image folder; empty: hub dataset `path`/`config`.
+    `files`: an IDX images/labels pair, one .npz, or one image folder; empty, or absent on this machine: hub dataset
+    `path`/`config` (an absent file with no hub dataset to stand in is an error naming it).
     """
     files = [str(f) for f in files or []]
     source = _source(files, path, split, what)
-    missing = [f for f in files if not Path(f).exists()]
-    if missing:
-        raise GpartError(f"{what} file {missing[0]} does not exist; fix the path in the recipe "
-                         f"(relative paths are relative to the directory you run gpart from)")
-    if not files:
-        rows = _hub_rows(path, config, split, data, max_samples, seed, what)
+    missing = missing_files(files, Path.exists)
+    if missing or not files:
+        rows = _hub_rows(path, config, split, data, max_samples, seed, what, absent=files if missing else None)
     elif len(files) == 1 and Path(files[0]).is_dir():
         rows = _folder_rows(files[0], max_samples, seed, what)
     else:
@@ -210,76 +213,29 @@ def _align(rows, names: list[str], train_names: list[str], source: str):
     return rows
 
 
-class ImageTransform:
-    """PIL image or uint8/float array -> normalised float tensor [C, H, W]; deterministic (no augmentation)."""
-
-    def __init__(self, image_size: int, num_channels: int, mean: list[float], std: list[float]):
-        if num_channels not in (1, 3):
-            raise GpartError(f"images need 1 or 3 channels for the model; its config says {num_channels}")
-        self.image_size, self.num_channels = int(image_size), num_channels
-        self.mean = _per_channel(mean, num_channels, "mean")
-        self.std = _per_channel(std, num_channels, "std")
-
-    def __call__(self, image) -> torch.Tensor:
-        from PIL import Image
-
-        if not isinstance(image, Image.Image):
-            image = Image.fromarray(_to_uint8(np.asarray(image)))
-        # PIL's "L" is the ITU-R 601 luminance of RGB; "RGB" from grey repeats the one channel.
-        image = image.convert("L" if self.num_channels == 1 else "RGB")
-        if image.size != (self.image_size, self.image_size):
-            image = image.resize((self.image_size, self.image_size), Image.BILINEAR)
-        pixels = np.asarray(image, dtype=np.float32) / np.float32(255.0)
-        pixels = pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
-        return torch.from_numpy(np.ascontiguousarray((pixels - self.mean) / self.std))
-
-
-def _per_channel(values, channels: int, what: str) -> np.ndarray:
-    """`values` as a float32 [C, 1, 1] array; one value is shared, an RGB triple is averaged for grey models."""
-    values = [float(v) for v in (values if isinstance(values, (list, tuple, np.ndarray)) else [values])]
-    if len(values) == 1:
-        values = values * channels
-    elif channels == 1 and len(values) == 3:
-        values = [sum(values) / 3]
-    if len(values) != channels:
-        raise GpartError(f"image {what} {values} should have 1 or {channels} values")
-    return np.asarray(values, dtype=np.float32).reshape(channels, 1, 1)
-
-
-def _to_uint8(array: np.ndarray) -> np.ndarray:
-    """An image array as uint8 (H, W) or (H, W, C); floats in [0, 1] are scaled to 0..255."""
-    if array.ndim == 3 and array.shape[2] == 1:
-        array = array[:, :, 0]
-    if array.dtype != np.uint8:
-        scale = 255.0 if array.size and float(array.max()) <= 1.0 else 1.0
-        array = np.clip(np.rint(array.astype(np.float64) * scale), 0, 255).astype(np.uint8)
-    return array
-
-
-def transform_for(model_config, image_size: int | None = None, processor=None) -> ImageTransform:
-    """The `ImageTransform` a ViT-style model expects: its size and channels, the processor's mean/std or 0.5."""
-    size = image_size or getattr(model_config, "image_size", None)
-    size = size[0] if isinstance(size, (list, tuple)) else size
-    if not size:
-        raise GpartError("the model config has no image_size; set data.image_size in the recipe")
-    channels = int(getattr(model_config, "num_channels", 3) or 3)
-    mean = getattr(processor, "image_mean", None) or [0.5] * channels
-    std = getattr(processor, "image_std", None) or [0.5] * channels
-    return ImageTransform(int(size), channels, mean, std)
-
-
 class VisionItems(torch.utils.data.Dataset):
-    """Rows of a `datasets.Dataset`, each transformed to {"pixel_values", "labels"} only when indexed."""
+    """Rows of a `datasets.Dataset`, each transformed to {"pixel_values", "labels"} only when indexed.
 
-    def __init__(self, rows, transform: ImageTransform):
-        self.rows, self.transform = rows, transform
+    A random (training) transform draws from a generator seeded by (seed, epoch, row): the same crops for the same
+    epoch in any run, and a resumed run continues with exactly the draws it would have made.
+    """
+
+    def __init__(self, rows, transform: ImageTransform, seed: int = 0):
+        self.rows, self.transform, self.seed, self.epoch = rows, transform, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def __getitem__(self, index: int) -> dict:
         row = self.rows[int(index)]
-        return {"pixel_values": self.transform(row["image"]), "labels": int(row["label"])}
+        generator = None
+        if self.transform.random:
+            key = ((self.seed * 1_000_003 + self.epoch) * 2_147_483_647 + int(index)) % (2**63 - 1)
+            generator = torch.Generator().manual_seed(key)
+        return {"pixel_values": self.transform(row["image"], generator), "labels": int(row["label"])}
 
 
 def collate_images(items: list[dict]) -> dict:
@@ -311,7 +267,25 @@ def build_vision_splits(data, model_config, seed: int, processor=None) -> Splits
         if data.classes:
             evaluation, _ = _kept(evaluation, all_names, data.classes, "eval data")
             evaluation = _subset(evaluation, data.max_eval_samples, seed)
-    transform = transform_for(model_config, data.image_size, processor)
-    train, dev, evaluation = (None if part is None else VisionItems(part, transform)
-                              for part in (train, dev, evaluation))
+    augment = transform_for(model_config, data.image_size, processor, data.train_transform)
+    plain = transform_for(model_config, data.image_size, processor, data.eval_transform)
+    train = VisionItems(train, augment, seed)
+    dev, evaluation = (None if part is None else VisionItems(part, plain) for part in (dev, evaluation))
     return Splits(train=train, dev=dev, eval=evaluation, collate=collate_images, labels=names, num_labels=len(names))
+
+
+def eval_items(data, model_config, labels: list[str] | None, processor=None, files=None, split: str | None = None,
+               limit: int | None = None) -> VisionItems:
+    """The scored split of a run's recipe (`gpart eval --adapter RUN`): its dataset, split, columns, class subset
+    and eval transform, numbered like the run's classes `labels` (None: as the data numbers them). `files`/`split`
+    override the recipe's."""
+    split = split or data.eval_split
+    files = files if files else data.eval_files
+    rows, names = load_image_rows(files, data.path, data.config, split, data, None, 0, "eval data")
+    if data.classes:
+        rows, names = _kept(rows, names, data.classes, "eval data")
+    if labels is not None:
+        rows = _align(rows, names, list(labels), _source(files, data.path, split, "eval data"))
+    if limit:
+        rows = rows.select(range(min(limit, len(rows))))
+    return VisionItems(rows, transform_for(model_config, data.image_size, processor, data.eval_transform))

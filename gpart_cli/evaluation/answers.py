@@ -1,9 +1,9 @@
 """Answer extraction and comparison for the math benchmarks (DESIGN §7).
 
 Pure functions, no model code. Each extractor mirrors a published protocol so our numbers are comparable:
-MetaMath's "The answer is: " convention, lm-evaluation-harness gsm8k strict/flexible filters, and
-Hendrycks' MATH `last_boxed_only_string` / `remove_boxed` / `is_equiv` (re-implemented here).
-Numeric answers are compared as exact rationals (Fraction), never floats.
+MetaMath's "The answer is: " convention, lm-evaluation-harness gsm8k strict/flexible (string exact match, exactly as
+the harness scores it, plus numeric variants of the same extractions), and Hendrycks' MATH `last_boxed_only_string` /
+`remove_boxed` / `is_equiv` (re-implemented here). Numeric answers are compared as exact rationals (Fraction).
 """
 
 from __future__ import annotations
@@ -19,6 +19,10 @@ _FRACTION = re.compile(r"^[+-]?\d+/\d+$")
 _METAMATH_NUMBER = re.compile(r"-?(?:(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+|/\d+)?|\.\d+)")
 _STRICT = re.compile(r"#### (\-?[0-9\.\,]+)")
 _FLEXIBLE = re.compile(r"(-?[$0-9.,]{2,})|(-?[0-9]+)")
+# lm-evaluation-harness lm_eval/tasks/gsm8k/gsm8k.yaml: exact_match with these regexes_to_ignore (applied in this
+# order, to the prediction and to the full reference answer) and ignore_case; the regex filter's no-match fallback.
+LM_EVAL_IGNORE = (",", "\\$", "(?s).*#### ", "\\.$")
+LM_EVAL_FALLBACK = "[invalid]"
 
 
 # ---------------------------------------------------------------- numbers
@@ -91,14 +95,49 @@ def metamath_answer(text: str) -> str | None:
     return None if match is None else normalize_number(match.group().replace(",", ""))
 
 
+def _lm_eval_filter(text: str, pattern: re.Pattern, group_select: int) -> str:
+    """lm-eval's `regex` filter: match `group_select` of findall, its first non-empty group, stripped; else the
+    fallback "[invalid]"."""
+    found = pattern.findall(text if isinstance(text, str) else "")
+    if not found:
+        return LM_EVAL_FALLBACK
+    match = found[group_select]
+    if isinstance(match, tuple):
+        match = next((m for m in match if m), LM_EVAL_FALLBACK)
+    return match.strip()
+
+
+def lm_eval_strict_match(text: str) -> str:
+    """What lm-eval's gsm8k "strict-match" filter keeps: the FIRST "#### <number>" run, or "[invalid]"."""
+    return _lm_eval_filter(text, _STRICT, 0)
+
+
+def lm_eval_flexible_match(text: str) -> str:
+    """What lm-eval's gsm8k "flexible-extract" filter keeps: the LAST number-like run, or "[invalid]"."""
+    return _lm_eval_filter(text, _FLEXIBLE, -1)
+
+
+def lm_eval_exact_match(prediction: str, reference: str) -> bool:
+    """lm-eval's exact_match for gsm8k: strings equal after `LM_EVAL_IGNORE` and lower-casing, nothing numeric.
+
+    `reference` is the dataset's whole answer (worked solution and "#### N"); "72.00" does not match "72".
+    """
+    for pattern in LM_EVAL_IGNORE:
+        prediction, reference = re.sub(pattern, "", prediction), re.sub(pattern, "", reference)
+    return prediction.lower() == reference.lower()
+
+
 def lm_eval_strict(text: str) -> str | None:
-    """lm-eval gsm8k "strict-match": the FIRST "#### <number>" (regex findall, take_first)."""
+    """The numeric value of lm-eval's "strict-match" extraction (the FIRST "#### <number>"), normalised, or None.
+
+    For the `strict_numeric` score: the harness's own `strict` compares strings (`lm_eval_exact_match`).
+    """
     found = _STRICT.findall(text)
     return _lm_eval_clean(found[0]) if found else None
 
 
 def lm_eval_flexible(text: str) -> str | None:
-    """lm-eval gsm8k "flexible-extract": the LAST number-like run in the text (group_select -1)."""
+    """The numeric value of lm-eval's "flexible-extract" (the LAST number-like run), normalised, or None."""
     found = _FLEXIBLE.findall(text)
     if not found:
         return None

@@ -65,7 +65,7 @@ def _left_pad(sequences: list[list[int]], pad_id: int, device) -> tuple[torch.Te
             torch.tensor(mask, dtype=torch.long, device=device))
 
 
-def _model_device(model) -> torch.device:
+def model_device(model) -> torch.device:
     """Where the model's inputs go (its first parameter's device for models without `.device`)."""
     device = getattr(model, "device", None)
     return device if device is not None else next(model.parameters()).device
@@ -76,7 +76,7 @@ def _generate_batch(model, tokenizer, token_ids: list[list[int]], max_new_tokens
     """Greedy-decode one left-padded batch; the new text of each row, cut at its first stop string."""
     from transformers import GenerationConfig, StoppingCriteriaList
 
-    input_ids, attention_mask = _left_pad(token_ids, pad_id, _model_device(model))
+    input_ids, attention_mask = _left_pad(token_ids, pad_id, model_device(model))
     # A fresh config: greedy regardless of the checkpoint's sampling defaults (temperature, top_p, ...).
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, pad_token_id=pad_id,
                               eos_token_id=sorted(eos_ids) or None)

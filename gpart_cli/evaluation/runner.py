@@ -1,21 +1,25 @@
 """`gpart eval` (DESIGN §5, §7): score a base model, a merged dir, a .gpart adapter, a PEFT adapter or a run dir
 on a task, or score predictions produced elsewhere. Writes scores JSON and per-example predictions JSONL.
+
+The scores JSON records how the numbers were made: device, weights dtype and autocast, batch size, and for
+generation the max_new_tokens. An adapter or run is scored on the data its recipe names (dataset, split, columns,
+classes, max length, image transform) unless --data / --split say otherwise.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from .. import atomic
+from ..devices import eval_precision, resolve_device
 from ..errors import GpartError
-from ..loading import ModelSource, load_model, load_tokenizer, recorded_source
-from ..methods import RUN_INFO
+from ..loading import load_tokenizer
 from . import classify
-from .tasks import GENERATION_TASKS, load_task_rows, run_generation, score_outputs
+from .models import Scored, image_processor_for, load_scored, scored
+from .tasks import GENERATION_TASKS, load_task_rows, max_new_tokens_for, run_generation, score_outputs
 
 FAMILY_TASK_TYPE = {"glue": "sequence_classification", "vision": "image_classification"}
 
@@ -29,11 +33,13 @@ class EvalRequest:
     split: str | None = None
     limit: int | None = None
     batch_size: int = 32
-    max_new_tokens: int = 256
+    max_new_tokens: int | None = None  # None: the task's reference length
     predictions: Path | None = None
     output: Path | None = None
     trust_remote_code: bool = False
     gguf_file: str | None = None     # a GGUF base given with --model
+    device: str | None = None        # None: cuda when available, else cpu
+    dtype: str | None = None         # None: the precision the run trained in
 
 
 def parse_task(task: str) -> tuple[str, str]:
@@ -47,107 +53,52 @@ def parse_task(task: str) -> tuple[str, str]:
                      f"{', '.join(GENERATION_TASKS)}")
 
 
-def _run_info(path: Path) -> dict:
-    info = path / RUN_INFO
-    return json.loads(info.read_text()) if info.is_file() else {}
-
-
-def resolve_adapter(path: Path) -> tuple[str, Path]:
-    """("gpart" | "peft" | "merged", path) for an adapter file, a PEFT dir, a merged dir, or a run dir."""
-    if path.is_file():
-        return "gpart", path
-    if (path / "adapter.gpart").is_file():
-        return "gpart", path / "adapter.gpart"
-    if (path / "adapter_config.json").is_file():
-        return "peft", path
-    if (path / "adapter" / "adapter_config.json").is_file():
-        return "peft", path / "adapter"
-    if (path / "config.json").is_file():
-        return "merged", path
-    if (path / "model" / "config.json").is_file():
-        return "merged", path / "model"
-    raise GpartError(f"--adapter {path} is neither a .gpart file, a PEFT adapter dir, a model dir, nor a gpart run dir")
-
-
-def _recorded_base(recorded: str | None, adapter: Path) -> str:
-    """The base an adapter file names, used without --model only when it is a hub id or pkg: model.
-
-    A local path written inside an adapter is not followed on its own: an adapter must not make gpart read
-    files the user did not name.
-    """
-    if not recorded:
-        raise GpartError(f"{adapter} does not record its base model; pass --model")
-    local = recorded.startswith(("/", ".", "~")) or Path(recorded).exists()
-    if local:
-        raise GpartError(f"{adapter} was trained on the local model {recorded}; pass --model {recorded} to confirm "
-                         f"(gpart does not open local paths named only inside an adapter)")
-    return recorded
-
-
-def load_for_eval(req: EvalRequest, task_type: str):
-    """(model, tokenizer) for the request; the tokenizer is None for vision."""
-    from ..export import load_adapted
-
-    if req.adapter is None:
-        if not req.model:
-            raise GpartError("give --model (a base or merged model) and/or --adapter")
-        source = ModelSource(req.model, trust_remote_code=req.trust_remote_code, gguf_file=req.gguf_file)
-        return load_model(source, task_type), _tokenizer(source, task_type)
-    kind, path = resolve_adapter(req.adapter)
-    if kind == "gpart":
-        from ..artifact import read_artifact
-
-        art = read_artifact(path)
-        base = req.model or _recorded_base((art.meta.get("base_model") or {}).get("name_or_path"), path)
-        model, _, source = load_adapted(base, path, trust_remote_code=req.trust_remote_code)
-        return model, _tokenizer(source, task_type)
-    info = _run_info(path)
-    if kind == "merged":
-        source = recorded_source(str(path), info.get("recipe"), trust_remote_code=req.trust_remote_code)
-        return load_model(source, task_type), _tokenizer(source, task_type)
-    from peft import PeftModel
-
-    recorded = ((info.get("recipe") or {}).get("model") or {}).get("name_or_path") or \
-        json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
-    base = req.model or _recorded_base(recorded, path)
-    source = recorded_source(base, info.get("recipe"), trust_remote_code=req.trust_remote_code)
-    task = info.get("task") or {}
-    model = load_model(source, task_type, task.get("num_labels"), task.get("labels"))
-    return PeftModel.from_pretrained(model, str(path)), _tokenizer(source, task_type)
-
-
-def _tokenizer(source: ModelSource, task_type: str):
-    return None if task_type == "image_classification" else load_tokenizer(source)
-
-
-def _classification(req: EvalRequest, family: str, name: str) -> tuple[dict, list[dict]]:
+def _data_section(req: EvalRequest, family: str, name: str, recipe: dict | None):
+    """The data section to score: the run's recipe's when it trained on this task, else one built from the flags."""
     from ..recipe import DataSection
 
-    files = list(req.data) if req.data else None
-    data = DataSection(family=family, task=name, eval_files=files, train_files=files,
-                       eval_split=req.split or "validation", max_eval_samples=None)
-    model, tokenizer = load_for_eval(req, FAMILY_TASK_TYPE[family])
-    if family == "glue":
-        from transformers import DataCollatorWithPadding
-
-        from ..data.glue import glue_task, load_glue_rows, tokenize_rows
-
-        rows, columns = load_glue_rows(data, files, data.eval_split, None, 0, "eval data")
-        if req.limit:
-            rows = rows.select(range(min(req.limit, len(rows))))
-        dataset = tokenize_rows(rows, glue_task(name), columns, data.label_column, tokenizer, 512)
-        collate = DataCollatorWithPadding(tokenizer)
+    recorded = dict((recipe or {}).get("data") or {})
+    fields = {f.name for f in dataclasses.fields(DataSection)}
+    if recorded.get("family") == family and recorded.get("task") == name:
+        if "train_transform" not in recorded:  # recorded before augmentation existed: it trained on plain resizes
+            recorded["eval_transform"] = "resize"
+        data = DataSection(**{k: v for k, v in recorded.items() if k in fields})
     else:
-        from ..data.vision import VisionItems, collate_images, load_image_rows, transform_for
+        data = DataSection(family=family, task=name, path=None if req.data or family == "glue" else name,
+                           max_length=512)
+    return dataclasses.replace(data, eval_files=list(req.data) if req.data else data.eval_files,
+                               eval_split=req.split or data.eval_split)
 
-        rows, _ = load_image_rows(files, None if files else name, None, data.eval_split, data, None, 0, "eval data")
-        if req.limit:
-            rows = rows.select(range(min(req.limit, len(rows))))
-        dataset, collate = VisionItems(rows, transform_for(model.config)), collate_images
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    preds, refs = classify.predict(model.to(device), dataset, collate, req.batch_size, device)
+
+def _glue_dataset(data, name: str, tokenizer, limit: int | None):
+    from transformers import DataCollatorWithPadding
+
+    from ..data.glue import glue_task, load_glue_rows, tokenize_rows
+
+    task = glue_task(name)
+    split = task.eval_split if data.eval_split == "validation" else data.eval_split
+    rows, columns = load_glue_rows(data, data.eval_files, split, None, 0, "eval data")
+    if limit:
+        rows = rows.select(range(min(limit, len(rows))))
+    return tokenize_rows(rows, task, columns, data.label_column, tokenizer, data.max_length), \
+        DataCollatorWithPadding(tokenizer)
+
+
+def _classification(req: EvalRequest, family: str, name: str, what: Scored, device, precision):
+    model, source = load_scored(req, what, FAMILY_TASK_TYPE[family], device, precision)
+    data = _data_section(req, family, name, what.recipe)
+    if family == "glue":
+        dataset, collate = _glue_dataset(data, name, load_tokenizer(source), req.limit)
+    else:
+        from ..data.vision import collate_images, eval_items
+
+        config = model.config
+        labels = [config.id2label[i] for i in range(config.num_labels)] if what.recipe else None
+        dataset = eval_items(data, config, labels, image_processor_for(source), limit=req.limit)
+        collate = collate_images
+    preds, refs = classify.predict(model, dataset, collate, req.batch_size, device, precision.autocast)
     records = [{"idx": i, "prediction": p, "reference": r} for i, (p, r) in enumerate(zip(preds, refs))]
-    return classify.score(family, name, preds, refs), records
+    return classify.score(family, name, preds, refs), records, model
 
 
 def _read_predictions(path: Path, n: int) -> list[str]:
@@ -166,26 +117,40 @@ def _read_predictions(path: Path, n: int) -> list[str]:
     return [outputs[i] for i in range(n)]
 
 
+def _generation(req: EvalRequest, name: str, what: Scored, device, precision):
+    rows = load_task_rows(name, req.data, req.split, req.limit)
+    model, source = load_scored(req, what, "causal_lm", device, precision)
+    scores, records = run_generation(name, model, load_tokenizer(source), rows, req.batch_size, req.max_new_tokens,
+                                     autocast=precision.autocast)
+    return scores, records, model
+
+
 def evaluate(req: EvalRequest) -> dict:
     """Run the evaluation, write scores and predictions, return the scores document."""
     if req.gguf_file and (req.adapter is not None or Path(req.gguf_file).name != req.gguf_file):
         raise GpartError("--gguf-file takes a file name inside the --model dir, for a base scored without --adapter "
                          "(an adapter's run records its own GGUF file)")
     family, name = parse_task(req.task)
+    run: dict = {"batch_size": req.batch_size}
     if family == "generation":
+        run["max_new_tokens"] = max_new_tokens_for(name, req.max_new_tokens)
+    if family == "generation" and req.predictions is not None:
         rows = load_task_rows(name, req.data, req.split, req.limit)
-        if req.predictions is not None:
-            scores, records = score_outputs(name, rows, _read_predictions(req.predictions, len(rows)))
-        else:
-            model, tokenizer = load_for_eval(req, "causal_lm")
-            scores, records = run_generation(name, model, tokenizer, rows, req.batch_size, req.max_new_tokens)
+        scores, records = score_outputs(name, rows, _read_predictions(req.predictions, len(rows)))
+        run = {"predictions": str(req.predictions)}
     elif req.predictions is not None:
-        raise GpartError("--predictions scores generated text; it applies to gsm8k, math and mawps")
+        raise GpartError("--predictions scores generated text; it applies to gsm8k, math, math500 and mawps")
     else:
-        scores, records = _classification(req, family, name)
+        device, what = resolve_device(req.device), scored(req.adapter)
+        precision = eval_precision(device, what.recipe, req.dtype)
+        if family == "generation":
+            scores, records, model = _generation(req, name, what, device, precision)
+        else:
+            scores, records, model = _classification(req, family, name, what, device, precision)
+        run.update({"device": str(device), **precision.record(model)})
     output = req.output or Path(f"eval-{req.task.replace('/', '-')}.json")
     doc = {"task": req.task, "scores": scores, "adapter": str(req.adapter) if req.adapter else None,
-           "model": req.model, "data": req.data, "limit": req.limit,
+           "model": req.model, "data": req.data, "limit": req.limit, **run,
            "predictions_file": str(output.with_suffix(".predictions.jsonl"))}
     atomic.write_text(output, json.dumps(doc, indent=2))
     atomic.write_text(output.with_suffix(".predictions.jsonl"), "".join(json.dumps(r) + "\n" for r in records))

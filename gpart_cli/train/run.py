@@ -29,10 +29,10 @@ def summary_table(results: dict) -> Table:
 
 
 def run(recipe: Recipe, out: Path, *, resume: bool = False, overwrite: bool = False, dry_run: bool = False,
-        console: Console | None = None) -> dict | None:
-    """Train the recipe into `out` and return results.json's content (None for a dry run)."""
+        console: Console | None = None, device: str | None = None) -> dict | None:
+    """Train the recipe into `out` on `device` (default: cuda when available); returns results.json's content."""
     console = console or Console(stderr=True)
-    trainer = Trainer(recipe, out, console, resume=resume)
+    trainer = Trainer(recipe, out, console, resume=resume, device=device)
     if not dry_run and trainer.main:
         prepare_run_dir(out, recipe, resume, overwrite)
     distributed.barrier()
@@ -40,8 +40,8 @@ def run(recipe: Recipe, out: Path, *, resume: bool = False, overwrite: bool = Fa
     splits = trainer.s.splits
     console.print(f"[bold]{recipe.name}[/]: {recipe.method.name} on {trainer.s.task['name']} · "
                   f"{len(splits.train):,} train / {len(splits.dev) if splits.dev else 0:,} dev rows · "
-                  f"{trainer.total_steps:,} steps · device {trainer.device.type}"
-                  f"{' bf16' if trainer.autocast_dtype else ''} · output {out}")
+                  f"{trainer.total_steps:,} steps · device {trainer.device} · weights {recipe.model.dtype}"
+                  f"{' · bf16 autocast' if trainer.autocast_dtype else ''} · output {out}")
     if dry_run:
         return None
     try:

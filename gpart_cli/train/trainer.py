@@ -21,18 +21,24 @@ import yaml
 from rich.console import Console
 
 from .. import atomic
+from ..devices import autocast_dtype, resolve_device
 from ..errors import GpartError
 from ..evaluation import classify
 from ..methods import prepare, save_result, trainable_count
 from ..recipe import Recipe
 from . import distributed
 from .checkpoint import load_checkpoint, load_trainable_state, save_checkpoint
+from .dev_loss import mean_dev_loss
 from .progress import TrainProgress
 from .setup import Setup, build
 
 # Recipe fields that may change between a run and its --resume without changing the result.
 _RESUME_SAFE = {"source", "name", "train.log_every", "train.on_nan", "eval.batch_size", "eval.limit",
-                "eval.max_new_tokens"}
+                "eval.max_new_tokens", "eval.dev_batch_size"}
+# Fields newer than some recorded runs, and what a recipe without them meant: vision images were resized plainly
+# before augmentation existed. The transforms only matter for vision runs.
+_ADDED_FIELDS = {"data.train_transform": "resize", "data.eval_transform": "resize"}
+_VISION_ONLY = {"data.train_transform", "data.eval_transform"}
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -52,7 +58,9 @@ def prepare_run_dir(out: Path, recipe: Recipe, resume: bool, overwrite: bool) ->
         if not (out / "checkpoints" / "last").is_dir():
             raise GpartError(f"--resume: {out} holds no checkpoint to resume from; drop --resume to start a new run")
         old, new = _flatten(yaml.safe_load(saved.read_text())), _flatten(recipe.to_dict())
-        changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in _RESUME_SAFE)
+        old = {**{k: v for k, v in _ADDED_FIELDS.items() if k not in old}, **old}
+        ignored = _RESUME_SAFE | (_VISION_ONLY if recipe.data.family != "vision" else set())
+        changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in ignored)
         if changed:
             diffs = "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:5])
             raise GpartError(f"--resume: the recipe changed since {out} started ({diffs}). Resume with the "
@@ -70,22 +78,24 @@ def prepare_run_dir(out: Path, recipe: Recipe, resume: bool, overwrite: bool) ->
 class Trainer:
     """One training run of a recipe into an output directory."""
 
-    def __init__(self, recipe: Recipe, out: Path, console: Console | None = None, resume: bool = False) -> None:
+    def __init__(self, recipe: Recipe, out: Path, console: Console | None = None, resume: bool = False,
+                 device: str | None = None) -> None:
         self.recipe, self.out, self.resume = recipe, Path(out), resume
         self.console = console or Console(stderr=True)
         self.rank, self.world = distributed.world()
         self.main = self.rank == 0
-        self.device = distributed.local_device()
-        t = recipe.train
-        use_bf16 = t.precision == "bf16" or (t.precision == "auto" and self.device.type == "cuda"
-                                             and torch.cuda.is_bf16_supported())
-        self.autocast_dtype = torch.bfloat16 if use_bf16 else None
+        # Under torchrun each rank owns its local GPU; alone, --device decides (default: cuda when available).
+        self.device = distributed.local_device() if self.world > 1 else resolve_device(device)
+        if self.world > 1 and device not in (None, "auto") and resolve_device(device).type != self.device.type:
+            raise GpartError(f"--device {device}: under torchrun each process uses its local device "
+                             f"({self.device.type}); drop --device")
+        self.autocast_dtype = autocast_dtype(recipe.train.precision, self.device)
 
     # ---- setup ---------------------------------------------------------------------------------------
     def setup(self) -> None:
         r, t = self.recipe, self.recipe.train
         torch.manual_seed(t.seed)
-        self.s: Setup = build(r)
+        self.s: Setup = build(r, self.device)
         prepared = prepare(self.s.model, r.method, t, self.s.task_type)
         quantized = getattr(prepared.model, "hf_quantizer", None) is not None  # placed at load, cannot .to()
         self.model = prepared.model if quantized else prepared.model.to(self.device)
@@ -122,6 +132,8 @@ class Trainer:
         if self._perm is None or self._perm[0] != epoch:
             g = torch.Generator().manual_seed(t.seed * 1_000_003 + epoch)
             self._perm = (epoch, torch.randperm(len(data), generator=g))
+            if hasattr(data, "set_epoch"):  # augmentation draws are a function of (seed, epoch, row) too
+                data.set_epoch(epoch)
         idx = self._perm[1][k * t.batch_size:(k + 1) * t.batch_size]
         share = -(-len(idx) // self.world)  # this rank's contiguous share of the global micro-batch
         idx = idx[self.rank * share:(self.rank + 1) * share].tolist()
@@ -147,7 +159,7 @@ class Trainer:
 
             rows = load_task_rows(e.task, e.files, e.split, e.limit)
             return run_generation(e.task, self.model, self.s.tokenizer, rows, e.batch_size, e.max_new_tokens,
-                                  self.console)
+                                  self.console, self.autocast_dtype)
         if self.s.splits.eval is None:
             return None, []
         preds, refs = classify.predict(self.model, self.s.splits.eval, self.s.splits.collate, e.batch_size,
@@ -155,19 +167,13 @@ class Trainer:
         records = [{"idx": i, "prediction": p, "reference": r} for i, (p, r) in enumerate(zip(preds, refs))]
         return classify.score(self.recipe.data.family, self.recipe.data.task, preds, refs), records
 
-    @torch.no_grad()
     def _mean_loss(self, dataset) -> float:
-        self.model.eval()
-        total, tokens = 0.0, 0
-        for start in range(0, len(dataset), self.recipe.eval.batch_size):
-            rows = [dataset[i] for i in range(start, min(len(dataset), start + self.recipe.eval.batch_size))]
-            batch = {k: v.to(self.device) for k, v in self.s.splits.collate(rows).items()}
-            with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
-                loss = self.model(**batch).loss.float()
-            n = int((batch["labels"][:, 1:] != -100).sum())
-            total, tokens = total + float(loss) * n, tokens + n
-        self.model.train()
-        return total / max(tokens, 1)
+        """Token-mean dev loss, chunked over the vocabulary (`dev_loss`), eval.dev_batch_size rows per forward."""
+        size = self.recipe.eval.dev_batch_size or self.recipe.train.batch_size
+        batches = ({k: v.to(self.device) for k, v in self.s.splits.collate(
+            [dataset[i] for i in range(start, min(len(dataset), start + size))]).items()}
+            for start in range(0, len(dataset), size))
+        return mean_dev_loss(self.model, batches, self.autocast_dtype)
 
     def _dev_score(self, metrics: dict) -> float:
         """Higher is better: the task's main metric, or minus the dev loss for SFT."""

@@ -218,7 +218,7 @@ def _stub_hub(monkeypatch, columns: dict, features=None):
     rows = datasets.Dataset.from_dict(columns, features=features)
     calls = []
 
-    def fake_load_rows(files, path, config, split, max_samples=None, seed=0, what="data"):
+    def fake_load_rows(files, path, config, split, max_samples=None, seed=0, what="data", revision=None):
         calls.append((files, path, config, split, max_samples, seed))
         return rows
 

@@ -1,0 +1,219 @@
+"""A GPU smoke run of the user path: train, eval, merge of a tiny Qwen2-config model, in minutes, offline.
+
+    python benchmarks/gpu_check.py                  # on a CUDA machine: bf16 weights and autocast on the GPU
+    python benchmarks/gpu_check.py --device cpu     # the same path on the CPU, fp32 (what CI runs)
+
+Builds a 2-layer Qwen2 (rope_theta 1e6) and a byte-level BPE tokenizer in-process (nothing is downloaded), then runs
+what `gpart train` / `gpart eval` / `gpart merge` run, through the same functions:
+  1. train: a few GPart SFT steps (gradient checkpointing, dev loss, end-of-training GSM8K-format eval);
+  2. eval:  `gpart eval --task gsm8k --adapter RUN` (generation) in the run's precision;
+  3. merge: `gpart merge` on the device, then reload: config.json carries rope_theta/torch_dtype, logits match.
+Each stage reports where it ran, in which dtype, its wall time and (on CUDA) peak GPU memory. On a machine without
+CUDA the GPU-only checks are listed as skipped. Prints one JSON object on stdout (exit 1 if a check failed).
+
+Other GPU checks (Triton kernels against the reference path, vLLM loading of the merged dir, ...) plug in through
+`register_check` below: see "Hook: more GPU checks".
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+os.environ.setdefault("TQDM_DISABLE", "1")  # library progress bars would bury the report (read when tqdm is imported)
+
+# ---- Hook: more GPU checks ---------------------------------------------------------------------------------------
+# A check is `fn(ctx) -> dict` and runs after train/eval/merge with `ctx` = {"device": torch.device, "work": Path,
+# "model_dir": Path (base), "run_dir": Path, "merged_dir": Path, "cuda": bool}. Return {"ok": bool, ...details};
+# return {"skipped": "why"} when it cannot run here (e.g. no CUDA, vLLM not installed). Register it with
+# `@register_check("name")` in this file (or in a module imported before `main`).
+EXTRA_CHECKS: dict[str, Callable[[dict], dict]] = {}
+
+
+def register_check(name: str):
+    def add(fn: Callable[[dict], dict]) -> Callable[[dict], dict]:
+        EXTRA_CHECKS[name] = fn
+        return fn
+    return add
+# -------------------------------------------------------------------------------------------------------------------
+
+
+def _rows(n: int, seed: int) -> list[dict]:
+    """GSM8K-format arithmetic problems: {"question", "answer" ending in "#### N"}."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for a, b in torch.randint(2, 50, (n, 2), generator=g).tolist():
+        rows.append({"question": f"Tom has {a} apples and buys {b} more. How many apples does he have?",
+                     "answer": f"He has {a} + {b} = {a + b} apples.\n#### {a + b}"})
+    return rows
+
+
+def build_model(out: Path) -> Path:
+    """A 2-layer Qwen2 (rope_theta 1e6, as Qwen2.5) and its tokenizer, saved to `out`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    from gpart_cli.data.sft import format_prompt
+
+    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([format_prompt(r["question"], for_eval=True) + " " + r["answer"] for r in _rows(200, 1)],
+                            trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    fast.save_pretrained(out)
+    torch.manual_seed(0)
+    config = Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=len(fast), max_position_embeddings=512, rope_theta=1e6,
+                         eos_token_id=0, pad_token_id=0, bos_token_id=None, tie_word_embeddings=False)
+    Qwen2ForCausalLM(config).save_pretrained(out)
+    return out
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _timed(device: torch.device, fn):
+    """(result, seconds, peak CUDA MiB or None) of fn()."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    result = fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+    return result, time.perf_counter() - start, None if peak is None else round(peak, 1)
+
+
+def check_train(ctx: dict, steps: int) -> dict:
+    from gpart_cli.recipe import from_dict
+    from gpart_cli.train.run import run
+
+    cuda = ctx["cuda"]
+    recipe = from_dict({
+        "model": {"name_or_path": str(ctx["model_dir"]), "dtype": "bfloat16" if cuda else "float32"},
+        "method": {"name": "gpart", "d": 512, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]},
+        "data": {"family": "sft", "task": "gsm8k", "train_files": [str(ctx["train_file"])], "query_column": "question",
+                 "response_column": "answer", "dev_samples": 8, "max_length": 256},
+        "train": {"max_steps": steps, "batch_size": 4, "grad_accum": 2, "lr_theta": 1e-2, "eval_before": False,
+                  "gradient_checkpointing": True, "precision": "bf16" if cuda else "fp32", "log_every": 1},
+        "eval": {"task": "gsm8k", "files": [str(ctx["test_file"])], "limit": 8, "batch_size": 4, "max_new_tokens": 16},
+        "name": "gpu-check"})
+    results, seconds, peak = _timed(ctx["device"], lambda: run(recipe, ctx["run_dir"], overwrite=True,
+                                                              device=str(ctx["device"])))
+    logs = [json.loads(x) for x in (ctx["run_dir"] / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in logs if "loss" in r]
+    from gpart_cli.artifact import read_artifact
+
+    theta = read_artifact(ctx["run_dir"] / "adapter.gpart").theta
+    ok = len(losses) == steps and all(map(_finite, losses)) and bool(theta.abs().sum() > 0)
+    return {"ok": ok, "device": str(ctx["device"]), "weights": recipe.model.dtype,
+            "autocast": "bfloat16" if cuda else None, "steps": steps, "loss_first": losses[0], "loss_last": losses[-1],
+            "dev_loss": (results["best_dev"] or {}).get("loss"), "theta_dtype": str(theta.dtype).removeprefix("torch."),
+            "seconds": round(seconds, 2), "peak_gpu_mib": peak}
+
+
+def _finite(x) -> bool:
+    return isinstance(x, float) and x == x and abs(x) != float("inf")
+
+
+def check_eval(ctx: dict) -> dict:
+    from gpart_cli.evaluation.runner import EvalRequest, evaluate
+
+    req = EvalRequest(task="gsm8k", adapter=ctx["run_dir"], model=str(ctx["model_dir"]), data=[str(ctx["test_file"])],
+                      limit=8, batch_size=4, max_new_tokens=16, output=ctx["work"] / "eval-gsm8k.json",
+                      device=str(ctx["device"]))
+    doc, seconds, peak = _timed(ctx["device"], lambda: evaluate(req))
+    expected = "bfloat16" if ctx["cuda"] else "float32"
+    ok = doc["device"] == str(ctx["device"]) and doc["dtype"] == expected and doc["scores"]["n"] == 8
+    return {"ok": ok, "device": doc["device"], "weights": doc["dtype"], "autocast": doc["autocast"],
+            "max_new_tokens": doc["max_new_tokens"], "batch_size": doc["batch_size"], "scores": doc["scores"],
+            "seconds": round(seconds, 2), "peak_gpu_mib": peak}
+
+
+def check_merge(ctx: dict) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    from gpart_cli.export import load_adapted, merge_to_dir
+
+    adapter = ctx["run_dir"] / "adapter.gpart"
+    _, seconds, peak = _timed(ctx["device"], lambda: merge_to_dir(str(ctx["model_dir"]), adapter, ctx["merged_dir"],
+                                                                  device=ctx["device"]))
+    config = json.loads((ctx["merged_dir"] / "config.json").read_text())
+    merged = AutoModelForCausalLM.from_pretrained(ctx["merged_dir"]).to(ctx["device"]).eval()
+    adapted, _, _ = load_adapted(str(ctx["model_dir"]), adapter, str(config.get("torch_dtype")), device=ctx["device"])
+    ids = torch.arange(3, 40, device=ctx["device"])[None]
+    with torch.no_grad():
+        diff = float((merged(ids).logits.float() - adapted.eval()(ids).logits.float()).abs().max())
+    ok = config.get("rope_theta") == 1e6 and config.get("torch_dtype") is not None and diff < 1e-2
+    return {"ok": ok, "device": str(ctx["device"]), "dtype": config.get("torch_dtype"),
+            "rope_theta": config.get("rope_theta"), "max_logit_diff_vs_adapter": diff, "seconds": round(seconds, 2),
+            "peak_gpu_mib": peak}
+
+
+def environment(device: torch.device) -> dict:
+    import importlib.util
+
+    import transformers
+
+    info = {"torch": torch.__version__, "transformers": transformers.__version__, "cuda": torch.version.cuda,
+            "device": str(device), "triton": importlib.util.find_spec("triton") is not None}
+    if device.type == "cuda":
+        info.update(gpu=torch.cuda.get_device_name(device), bf16=torch.cuda.is_bf16_supported(),
+                    memory_gib=round(torch.cuda.get_device_properties(device).total_memory / 2**30, 1))
+    return info
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="auto", help="auto | cuda | cuda:N | cpu (default auto)")
+    parser.add_argument("--steps", type=int, default=4, help="optimizer steps of the training check")
+    parser.add_argument("--work", type=Path, default=None, help="work dir (default: a temporary one)")
+    args = parser.parse_args(argv)
+
+    from gpart_cli.devices import resolve_device
+
+    device = resolve_device(args.device)
+    cuda = device.type == "cuda"
+    with tempfile.TemporaryDirectory(prefix="gpart-gpu-check-") as tmp:
+        work = args.work or Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        ctx = {"device": device, "cuda": cuda, "work": work, "model_dir": build_model(work / "qwen2-tiny"),
+               "run_dir": work / "run", "merged_dir": work / "merged",
+               "train_file": _write_jsonl(work / "train.jsonl", _rows(64, 2)),
+               "test_file": _write_jsonl(work / "test.jsonl", _rows(8, 3))}
+        report = {"environment": environment(device), "checks": {}, "skipped": []}
+        if not cuda:
+            report["skipped"] += ["bf16 weights and autocast on a GPU (ran fp32 on the CPU instead)",
+                                  "peak GPU memory", "Triton kernels on CUDA (GPART_TRITON)"]
+        stages = [("train", lambda c: check_train(c, args.steps)), ("eval", check_eval), ("merge", check_merge),
+                  *EXTRA_CHECKS.items()]
+        for name, fn in stages:
+            result = fn(ctx)
+            report["checks"][name] = result
+            if "skipped" in result:
+                report["skipped"].append(f"{name}: {result['skipped']}")
+            print(f"{name:>6}: {'ok' if result.get('ok') else ('skipped' if 'skipped' in result else 'FAILED')} "
+                  f"{json.dumps({k: v for k, v in result.items() if k != 'ok'})}", file=sys.stderr)
+    for line in report["skipped"]:
+        print(f"skipped: {line}", file=sys.stderr)
+    report["ok"] = all(r.get("ok", "skipped" in r) for r in report["checks"].values())
+    print(json.dumps(report, indent=2))
+    return 0 if report["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
