@@ -23,7 +23,6 @@ from .evaluation import classify
 from .recipe import Recipe, load_recipe
 
 D_METHODS = ("gpart", "unilora")  # methods whose size is set by d; the others are one point per seed
-GENERATION_METRIC = {"gsm8k": "metamath", "math": "is_equiv", "mawps": "metamath"}
 TIE = "tie"  # --lr-head tie: the head trains at the run's θ learning rate
 
 
@@ -121,7 +120,10 @@ def plan(methods: list[str], ds: list[int], seeds: list[int], lrs: dict[str, lis
 
 def main_metric(recipe: Recipe) -> str:
     if recipe.data.family == "sft":
-        return GENERATION_METRIC.get(recipe.eval.task or "", "loss")
+        from .evaluation.tasks import GENERATION_TASKS
+
+        task = GENERATION_TASKS.get(recipe.eval.task or "")
+        return next(iter(task.scorers)) if task else "loss"  # a task's first scorer is its headline rule
     return classify.main_metric(recipe.data.family, recipe.data.task)
 
 

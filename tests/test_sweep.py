@@ -148,3 +148,13 @@ def test_lr_grid_without_a_dev_split_is_refused(tiny_bert_dir, sst2_files, tmp_p
     recipe.write_text(yaml.safe_dump(glue_recipe(tiny_bert_dir, sst2_files, data__dev_fraction=0.0).to_dict()))
     res = runner.invoke(app, ["sweep-d", str(recipe), "--d", "64", "--lr", "1e-3,1e-2", "--output", str(tmp_path / "s")])
     assert res.exit_code == 2 and "needs a dev split: set data.dev_fraction > 0" in " ".join(res.output.split())
+
+
+@pytest.mark.parametrize("task,metric", [("gsm8k", "metamath"), ("math", "is_equiv"), ("math500", "is_equiv"),
+                                         ("mawps", "metamath"), (None, "loss")])
+def test_sft_sweeps_report_the_task_headline_rule(task, metric):
+    from gpart_cli.recipe import from_dict
+    from gpart_cli.sweep import main_metric
+
+    recipe = from_dict({"model": {"name_or_path": "x"}, "data": {"family": "sft"}, "eval": {"task": task}})
+    assert main_metric(recipe) == metric
