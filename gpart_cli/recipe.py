@@ -21,6 +21,7 @@ METHODS = ("gpart", "unilora", "lora", "full", "linear_probe")
 FAMILIES = ("glue", "vision", "sft")
 SCHEDULES = ("linear", "cosine", "constant")
 PRECISIONS = ("auto", "fp32", "bf16")
+DISTRIBUTED = ("ddp", "fsdp")
 
 
 @dataclass(frozen=True)
@@ -92,6 +93,7 @@ class TrainSection:
     log_every: int = 10
     eval_before: bool = True                 # score the untrained model first (before vs after)
     on_nan: str = "stop"                     # stop | skip
+    distributed: str = "ddp"                 # under torchrun: ddp (model replicated) | fsdp (base weights sharded)
 
 
 @dataclass(frozen=True)
@@ -119,7 +121,7 @@ class Recipe:
 
 
 _CHOICES = {"method.name": METHODS, "data.family": FAMILIES, "train.schedule": SCHEDULES,
-            "train.precision": PRECISIONS, "train.on_nan": ("stop", "skip"),
+            "train.precision": PRECISIONS, "train.on_nan": ("stop", "skip"), "train.distributed": DISTRIBUTED,
             "model.dtype": ("float32", "bfloat16", "float16"), "model.quantization": ("nf4", "int8", None)}
 _POSITIVE = {"method.d", "method.rank", "train.batch_size", "train.grad_accum", "data.max_length",
              "train.log_every", "eval.batch_size", "eval.max_new_tokens", "train.max_steps", "train.eval_every",

@@ -38,10 +38,12 @@ def run(recipe: Recipe, out: Path, *, resume: bool = False, overwrite: bool = Fa
     distributed.barrier()
     trainer.setup()
     splits = trainer.s.splits
-    console.print(f"[bold]{recipe.name}[/]: {recipe.method.name} on {trainer.s.task['name']} · "
-                  f"{len(splits.train):,} train / {len(splits.dev) if splits.dev else 0:,} dev rows · "
-                  f"{trainer.total_steps:,} steps · device {trainer.device.type}"
-                  f"{' bf16' if trainer.autocast_dtype else ''} · output {out}")
+    parallel = f" × {trainer.world} processes ({recipe.train.distributed})" if trainer.world > 1 else ""
+    if trainer.main:
+        console.print(f"[bold]{recipe.name}[/]: {recipe.method.name} on {trainer.s.task['name']} · "
+                      f"{len(splits.train):,} train / {len(splits.dev) if splits.dev else 0:,} dev rows · "
+                      f"{trainer.total_steps:,} steps · device {trainer.device.type}{parallel}"
+                      f"{' bf16' if trainer.autocast_dtype else ''} · output {out}")
     if dry_run:
         return None
     try:
@@ -51,11 +53,13 @@ def run(recipe: Recipe, out: Path, *, resume: bool = False, overwrite: bool = Fa
         console.print(f"\n[yellow]interrupted[/]: checkpoint saved. Resume with:\n  gpart train "
                       f"{out / 'recipe.yaml'} --output {out} --resume")
         raise
-    if not trainer.main:
+    if not trainer.main and not trainer.fsdp:  # under FSDP every rank takes part in finishing
         distributed.shutdown()
         return None
     results = trainer.finish()
     distributed.shutdown()
+    if not trainer.main:
+        return None
     console.print(summary_table(results))
     console.print(f"result: [bold]{results['result']}[/] · metrics {out / 'metrics.jsonl'} · "
                   f"scores {out / 'results.json'}")
