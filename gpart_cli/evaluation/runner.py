@@ -14,7 +14,7 @@ from .. import atomic
 from ..errors import GpartError
 from ..loading import ModelSource, load_model, load_tokenizer, recorded_source
 from ..methods import RUN_INFO
-from . import classify
+from . import classify, vllm_backend
 from .tasks import GENERATION_TASKS, load_task_rows, run_generation, score_outputs
 
 FAMILY_TASK_TYPE = {"glue": "sequence_classification", "vision": "image_classification"}
@@ -34,6 +34,8 @@ class EvalRequest:
     output: Path | None = None
     trust_remote_code: bool = False
     gguf_file: str | None = None     # a GGUF base given with --model
+    backend: str = "hf"              # generation tasks: hf (transformers generate) | vllm (see vllm_backend)
+    tensor_parallel_size: int = 1    # vllm: GPUs one model is split over
 
 
 def parse_task(task: str) -> tuple[str, str]:
@@ -172,10 +174,13 @@ def evaluate(req: EvalRequest) -> dict:
         raise GpartError("--gguf-file takes a file name inside the --model dir, for a base scored without --adapter "
                          "(an adapter's run records its own GGUF file)")
     family, name = parse_task(req.task)
+    vllm_backend.check(req, family)
     if family == "generation":
         rows = load_task_rows(name, req.data, req.split, req.limit)
         if req.predictions is not None:
             scores, records = score_outputs(name, rows, _read_predictions(req.predictions, len(rows)))
+        elif req.backend == "vllm":
+            scores, records = vllm_backend.run_generation(req, name, rows)
         else:
             model, tokenizer = load_for_eval(req, "causal_lm")
             scores, records = run_generation(name, model, tokenizer, rows, req.batch_size, req.max_new_tokens)
@@ -185,7 +190,7 @@ def evaluate(req: EvalRequest) -> dict:
         scores, records = _classification(req, family, name)
     output = req.output or Path(f"eval-{req.task.replace('/', '-')}.json")
     doc = {"task": req.task, "scores": scores, "adapter": str(req.adapter) if req.adapter else None,
-           "model": req.model, "data": req.data, "limit": req.limit,
+           "model": req.model, "data": req.data, "limit": req.limit, "backend": req.backend,
            "predictions_file": str(output.with_suffix(".predictions.jsonl"))}
     atomic.write_text(output, json.dumps(doc, indent=2))
     atomic.write_text(output.with_suffix(".predictions.jsonl"), "".join(json.dumps(r) + "\n" for r in records))
