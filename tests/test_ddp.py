@@ -49,8 +49,8 @@ def torchrun(nproc: int, recipe, out, *extra: str) -> str:
     return err
 
 
-def single(recipe, out) -> None:
-    res = subprocess.run([sys.executable, "-m", "gpart_cli", "train", str(recipe), "--output", str(out)],
+def single(recipe, out, *extra: str) -> None:
+    res = subprocess.run([sys.executable, "-m", "gpart_cli", "train", str(recipe), "--output", str(out), *extra],
                          capture_output=True, text=True, timeout=300, env=ENV)
     assert res.returncode == 0, res.stderr[-3000:]
 
@@ -190,6 +190,14 @@ def test_fsdp_three_processes_with_uneven_and_empty_shares_and_checkpointing(sft
     recipe, one = sft
     torchrun(3, recipe, tmp_path / "three", "--set", "train.gradient_checkpointing=true")
     assert_same_adapter(tmp_path / "three", one, overridden=("distributed", "gradient_checkpointing"))
+
+
+def test_fsdp_on_an_int8_base_keeps_the_quantized_weights_whole_and_matches_single_process(sft, tmp_path):
+    recipe, _ = sft
+    int8 = ("--set", "model.quantization=int8")  # bitsandbytes' CPU backend; nf4 takes the same path on GPUs
+    single(recipe, tmp_path / "one", *int8)
+    torchrun(2, recipe, tmp_path / "two", *int8)
+    assert_same_adapter(tmp_path / "two", tmp_path / "one")
 
 
 def test_two_node_fsdp_resumes_a_run_without_a_shared_run_dir(sft, tmp_path, monkeypatch):

@@ -84,3 +84,20 @@ def test_a_model_without_repeated_blocks_is_refused(group):
     model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
     with pytest.raises(GpartError, match="found no transformer blocks in Sequential"):
         fsdp.shard(model, torch.device("cpu"), "gpart")
+
+
+def test_quantized_base_weights_stay_whole_the_rest_is_sharded(group, tmp_path, tokens):
+    from gpart_cli.loading import ModelSource, load_model
+
+    tiny_llama().save_pretrained(tmp_path)
+    model = load_model(ModelSource(str(tmp_path), quantization="int8"), "causal_lm")
+    model = gpart.apply(model, gpart.GPartConfig(d=64, target_modules=("q_proj", "v_proj")))
+    with torch.no_grad():
+        want = model(input_ids=tokens).logits
+    fsdp.shard(model, torch.device("cpu"))
+    kinds = {name: type(p).__name__ for name, p in model.named_parameters()}
+    assert kinds["model.layers.0.self_attn.q_proj.base_layer.weight"] == "Int8Params"  # bitsandbytes, whole
+    assert kinds["model.layers.0.self_attn.k_proj.weight"] == "Int8Params"
+    assert kinds["model.layers.0.input_layernorm.weight"] == "DTensor" and kinds["lm_head.weight"] == "DTensor"
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=tokens).logits, want)
