@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -25,6 +26,7 @@ pytestmark = pytest.mark.slow
 runner = CliRunner()
 
 
+ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "COLUMNS": "400"}  # Rich wraps console lines at 80 columns without a terminal
 
 
@@ -220,3 +222,36 @@ def test_two_node_fsdp_resumes_a_run_without_a_shared_run_dir(sft, tmp_path, mon
         assert node.returncode == 0, err[-3000:]
     assert_same_adapter(tmp_path / "cut", one)
     assert not (tmp_path / "elsewhere").exists()
+
+
+RANK0_FILES = """
+import os
+import torch.distributed as dist
+from gpart_cli.errors import GpartError
+from gpart_cli.train import distributed
+
+distributed.world()
+def unreadable():
+    raise GpartError("checkpoint X is unreadable")
+try:
+    distributed.from_rank0(unreadable)
+except GpartError as e:
+    os.write(1, f"{dist.get_rank()} error: {e}\\n".encode())  # one write: the ranks share stdout
+files = distributed.from_rank0(lambda: {"a": b"hello", "empty": b"", "bytes": bytes(range(256))})
+assert files == {"a": b"hello", "empty": b"", "bytes": bytes(range(256))}, files
+assert distributed.from_rank0(dict) == {}
+os.write(1, f"{dist.get_rank()} ok\\n".encode())
+distributed.shutdown()
+"""
+
+
+def test_files_read_on_rank_0_reach_every_rank_and_so_do_its_errors(tmp_path):
+    script = tmp_path / "rank0_files.py"
+    script.write_text(RANK0_FILES)
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                          "127.0.0.1", "--master_port", str(_free_port()), str(script)],
+                         capture_output=True, text=True, timeout=300, env={**ENV, "PYTHONPATH": str(ROOT)})
+    assert res.returncode == 0, res.stderr[-3000:]
+    lines = sorted(res.stdout.splitlines())
+    assert lines == ["0 error: checkpoint X is unreadable", "0 ok",
+                     "1 error: rank 0 could not read the checkpoint; see its error message above", "1 ok"]

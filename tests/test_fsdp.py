@@ -101,3 +101,13 @@ def test_quantized_base_weights_stay_whole_the_rest_is_sharded(group, tmp_path, 
     assert kinds["model.layers.0.input_layernorm.weight"] == "DTensor" and kinds["lm_head.weight"] == "DTensor"
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=tokens).logits, want)
+
+
+def test_the_recipe_field_is_validated():
+    from gpart_cli.recipe import from_dict
+
+    base = {"model": {"name_or_path": "m"}}
+    assert from_dict({**base, "train": {"distributed": "fsdp"}}).train.distributed == "fsdp"
+    assert from_dict(base).train.distributed == "ddp"
+    with pytest.raises(GpartError, match="train.distributed = 'fsd' is not one of ddp, fsdp.*did you mean 'fsdp'"):
+        from_dict({**base, "train": {"distributed": "fsd"}})

@@ -30,9 +30,17 @@ def summary_table(results: dict) -> Table:
 
 def run(recipe: Recipe, out: Path, *, resume: bool = False, overwrite: bool = False, dry_run: bool = False,
         console: Console | None = None) -> dict | None:
-    """Train the recipe into `out` and return results.json's content (None for a dry run)."""
+    """Train the recipe into `out` and return results.json's content (None for a dry run and off rank 0)."""
     console = console or Console(stderr=True)
     trainer = Trainer(recipe, out, console, resume=resume)
+    try:
+        return _run(trainer, recipe, out, resume, overwrite, dry_run, console)
+    finally:
+        distributed.shutdown()  # on errors too: a process that exits with its process group open aborts
+
+
+def _run(trainer: Trainer, recipe: Recipe, out: Path, resume: bool, overwrite: bool, dry_run: bool,
+         console: Console) -> dict | None:
     if not dry_run and trainer.main:
         prepare_run_dir(out, recipe, resume, overwrite)
     distributed.barrier()
@@ -53,11 +61,9 @@ def run(recipe: Recipe, out: Path, *, resume: bool = False, overwrite: bool = Fa
         console.print(f"\n[yellow]interrupted[/]: checkpoint saved. Resume with:\n  gpart train "
                       f"{out / 'recipe.yaml'} --output {out} --resume")
         raise
-    if not trainer.main and not trainer.fsdp:  # under FSDP every rank takes part in finishing
-        distributed.shutdown()
+    if not trainer.main and not trainer.fsdp:  # under DDP rank 0 finishes alone; under FSDP every rank takes part
         return None
     results = trainer.finish()
-    distributed.shutdown()
     if not trainer.main:
         return None
     console.print(summary_table(results))
