@@ -2,7 +2,8 @@
 
 `checkpoints/last` and `checkpoints/best` are symlinks to `last-<step>` / `best-<step>` directories. A new
 checkpoint is written to a fresh directory, then the link is swapped with one atomic rename, so a kill at
-any moment leaves a complete checkpoint behind the link: the previous one or the new one.
+any moment leaves a complete checkpoint behind the link: the previous one or the new one. Reading (the raw
+files) and restoring are separate steps so that in a multi-process run rank 0 reads and every rank restores.
 
 Layout of a checkpoint dir:
   trainable.safetensors   the parameters that train (theta + head for gpart), by name
@@ -112,7 +113,7 @@ def _unreadable(path: Path, e: Exception) -> GpartError:
 
 
 def read_checkpoint(path: Path) -> dict[str, bytes]:
-    """The raw files of a checkpoint dir (a few MB: theta, head and optimizer moments), by name."""
+    """The raw files of a checkpoint dir (the trainable tensors and their optimizer moments: MB for GPart), by name."""
     try:
         return {name: (path / name).read_bytes() for name in _FILES}
     except OSError as e:
