@@ -23,6 +23,7 @@ SCHEDULES = ("linear", "cosine", "constant")
 PRECISIONS = ("auto", "fp32", "bf16")
 TRAIN_TRANSFORMS = ("random_resized_crop", "resize")   # vision: the authors' augmentation, or a plain resize
 EVAL_TRANSFORMS = ("center_crop", "resize")            # vision: resize the short side + center crop, or a plain resize
+DISTRIBUTED = ("ddp", "fsdp")
 
 
 @dataclass(frozen=True)
@@ -98,6 +99,7 @@ class TrainSection:
     log_every: int = 10
     eval_before: bool = True                 # score the untrained model first (before vs after)
     on_nan: str = "stop"                     # stop | skip
+    distributed: str = "ddp"                 # under torchrun: ddp (model replicated) | fsdp (base weights sharded)
 
 
 @dataclass(frozen=True)
@@ -126,7 +128,7 @@ class Recipe:
 
 
 _CHOICES = {"method.name": METHODS, "data.family": FAMILIES, "train.schedule": SCHEDULES,
-            "train.precision": PRECISIONS, "train.on_nan": ("stop", "skip"),
+            "train.precision": PRECISIONS, "train.on_nan": ("stop", "skip"), "train.distributed": DISTRIBUTED,
             "model.dtype": ("float32", "bfloat16", "float16"), "model.quantization": ("nf4", "int8", None),
             "model.pooling": ("cls", "mean"), "data.train_transform": TRAIN_TRANSFORMS,
             "data.eval_transform": EVAL_TRANSFORMS}

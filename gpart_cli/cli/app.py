@@ -9,6 +9,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from ..errors import GpartError
@@ -27,7 +28,8 @@ def user_errors(fn):
         try:
             return fn(*args, **kwargs)
         except GpartError as e:
-            err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            # escape: messages quote install commands like pip install 'gpart[vllm]', which Rich reads as markup
+            err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
 
     return wrapper
@@ -126,13 +128,18 @@ def evaluate(task: Annotated[str, typer.Option(help="glue/<task>, vision/<datase
              dtype: Annotated[Optional[str], typer.Option(help="Load the weights in float32 | bfloat16 | float16 "
                                                                "(default: the precision the run trained in; a plain "
                                                                "model: its own dtype on a GPU, float32 on CPU).")]
-             = None):
+             = None,
+             backend: Annotated[str, typer.Option(help="Generation tasks: hf (transformers generate) or vllm (pip "
+                                                       "install 'gpart[vllm]'; adapters are merged first).")] = "hf",
+             tensor_parallel_size: Annotated[int, typer.Option(min=1, help="--backend vllm: GPUs to split the "
+                                                                         "model over.")] = 1):
     """Score a model, an adapter, or given predictions on a task."""
     from ..evaluation.runner import EvalRequest, evaluate as run_eval
 
     req = EvalRequest(task=task, adapter=adapter, model=model, data=data, split=split, limit=limit,
                       batch_size=batch_size, max_new_tokens=max_new_tokens, predictions=predictions, output=output,
-                      trust_remote_code=trust_remote_code, gguf_file=gguf_file, device=device, dtype=dtype)
+                      trust_remote_code=trust_remote_code, gguf_file=gguf_file, device=device, dtype=dtype,
+                      backend=backend, tensor_parallel_size=tensor_parallel_size)
     err_console.print(f"evaluating {task} …")  # generation tasks show their own progress bar
     doc = run_eval(req)
     table = Table(title=f"{task}" + (f" · {limit} examples" if limit else ""))

@@ -59,7 +59,7 @@ def scored(adapter: Path | None) -> Scored:
     return Scored(kind, path, _run_info(path).get("recipe"))
 
 
-def _recorded_base(recorded: str | None, adapter: Path) -> str:
+def recorded_base(recorded: str | None, adapter: Path) -> str:
     """The base an adapter file names, used without --model only when it is a hub id or pkg: model.
 
     A local path written inside an adapter is not followed on its own: an adapter must not make gpart read
@@ -88,7 +88,7 @@ def load_scored(req, what: Scored, task_type: str, device: torch.device, precisi
         from ..artifact import read_artifact
 
         art = read_artifact(what.path)
-        base = req.model or _recorded_base((art.meta.get("base_model") or {}).get("name_or_path"), what.path)
+        base = req.model or recorded_base((art.meta.get("base_model") or {}).get("name_or_path"), what.path)
         model, _, source = load_adapted(base, what.path, precision.weights, req.trust_remote_code, device)
         return model, source
     if what.kind == "merged":
@@ -98,7 +98,7 @@ def load_scored(req, what: Scored, task_type: str, device: torch.device, precisi
 
     recorded = ((what.recipe or {}).get("model") or {}).get("name_or_path") or \
         json.loads((what.path / "adapter_config.json").read_text()).get("base_model_name_or_path")
-    base = req.model or _recorded_base(recorded, what.path)
+    base = req.model or recorded_base(recorded, what.path)
     source = recorded_source(base, what.recipe, precision.weights, req.trust_remote_code)
     task = _run_info(what.path).get("task") or {}
     model = load_model(source, task_type, task.get("num_labels"), task.get("labels"), device)

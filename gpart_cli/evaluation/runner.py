@@ -17,7 +17,7 @@ from .. import atomic
 from ..devices import eval_precision, resolve_device
 from ..errors import GpartError
 from ..loading import load_tokenizer
-from . import classify
+from . import classify, vllm_backend
 from .models import Scored, image_processor_for, load_scored, scored
 from .tasks import GENERATION_TASKS, load_task_rows, max_new_tokens_for, run_generation, score_outputs
 
@@ -40,6 +40,8 @@ class EvalRequest:
     gguf_file: str | None = None     # a GGUF base given with --model
     device: str | None = None        # None: cuda when available, else cpu
     dtype: str | None = None         # None: the precision the run trained in
+    backend: str = "hf"              # generation tasks: hf (transformers generate) | vllm (see vllm_backend)
+    tensor_parallel_size: int = 1    # vllm: GPUs one model is split over
 
 
 def parse_task(task: str) -> tuple[str, str]:
@@ -131,7 +133,8 @@ def evaluate(req: EvalRequest) -> dict:
         raise GpartError("--gguf-file takes a file name inside the --model dir, for a base scored without --adapter "
                          "(an adapter's run records its own GGUF file)")
     family, name = parse_task(req.task)
-    run: dict = {"batch_size": req.batch_size}
+    vllm_backend.check(req, family)
+    run: dict = {"batch_size": req.batch_size, "backend": req.backend}
     if family == "generation":
         run["max_new_tokens"] = max_new_tokens_for(name, req.max_new_tokens)
     if family == "generation" and req.predictions is not None:
@@ -143,11 +146,17 @@ def evaluate(req: EvalRequest) -> dict:
     else:
         device, what = resolve_device(req.device), scored(req.adapter)
         precision = eval_precision(device, what.recipe, req.dtype)
-        if family == "generation":
-            scores, records, model = _generation(req, name, what, device, precision)
+        if family == "generation" and req.backend == "vllm":
+            rows = load_task_rows(name, req.data, req.split, req.limit)
+            scores, records = vllm_backend.run_generation(req, name, rows, what, precision)
+            run.update({"device": f"cuda (vLLM, tensor_parallel_size {req.tensor_parallel_size})",
+                        "dtype": vllm_backend.vllm_dtype(precision), "autocast": None})
         else:
-            scores, records, model = _classification(req, family, name, what, device, precision)
-        run.update({"device": str(device), **precision.record(model)})
+            if family == "generation":
+                scores, records, model = _generation(req, name, what, device, precision)
+            else:
+                scores, records, model = _classification(req, family, name, what, device, precision)
+            run.update({"device": str(device), **precision.record(model)})
     output = req.output or Path(f"eval-{req.task.replace('/', '-')}.json")
     doc = {"task": req.task, "scores": scores, "adapter": str(req.adapter) if req.adapter else None,
            "model": req.model, "data": req.data, "limit": req.limit, **run,

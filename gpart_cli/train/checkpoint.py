@@ -2,7 +2,8 @@
 
 `checkpoints/last` and `checkpoints/best` are symlinks to `last-<step>` / `best-<step>` directories. A new
 checkpoint is written to a fresh directory, then the link is swapped with one atomic rename, so a kill at
-any moment leaves a complete checkpoint behind the link: the previous one or the new one.
+any moment leaves a complete checkpoint behind the link: the previous one or the new one. Reading (the raw
+files) and restoring are separate steps so that in a multi-process run rank 0 reads and every rank restores.
 
 Layout of a checkpoint dir:
   trainable.safetensors   the parameters that train (theta + head for gpart), by name
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, save_file
 from torch import nn
 
 from .. import atomic
@@ -104,15 +105,29 @@ def save_checkpoint(path: Path, model: nn.Module, optimizer, scheduler, step: in
             shutil.rmtree(old, ignore_errors=True)
 
 
-def load_checkpoint(path: Path, model: nn.Module, optimizer, scheduler) -> dict:
-    """Restore a checkpoint written by `save_checkpoint`; returns its state (step, extra)."""
+_FILES = ("state.json", "trainable.safetensors", "optimizer.safetensors")
+
+
+def _unreadable(path: Path, e: Exception) -> GpartError:
+    return GpartError(f"checkpoint {path} is unreadable ({e}); delete it to restart from the previous one")
+
+
+def read_checkpoint(path: Path) -> dict[str, bytes]:
+    """The raw files of a checkpoint dir (the trainable tensors and their optimizer moments: MB for GPart), by name."""
     try:
-        state = json.loads((path / "state.json").read_text())
-        trainable = load_file(str(path / "trainable.safetensors"))
-        tensors = load_file(str(path / "optimizer.safetensors"))
-    except (OSError, ValueError) as e:
-        raise GpartError(f"checkpoint {path} is unreadable ({e}); delete it to restart from the previous one") \
-            from None
+        return {name: (path / name).read_bytes() for name in _FILES}
+    except OSError as e:
+        raise _unreadable(path, e) from None
+
+
+def restore_checkpoint(files: dict[str, bytes], path: Path, model: nn.Module, optimizer, scheduler) -> dict:
+    """Restore the checkpoint read from `path` by `read_checkpoint`; returns its state (step, extra)."""
+    try:
+        state = json.loads(files["state.json"])
+        trainable = load(files["trainable.safetensors"])
+        tensors = load(files["optimizer.safetensors"])
+    except Exception as e:  # safetensors raises several types for corrupted input
+        raise _unreadable(path, e) from None
     load_trainable_state(model, trainable)
     optimizer.load_state_dict(_join_optimizer(tensors, state["optimizer"]))
     scheduler.load_state_dict(state["scheduler"])

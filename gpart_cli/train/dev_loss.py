@@ -43,6 +43,15 @@ def _post_process(config, logits: torch.Tensor) -> torch.Tensor:
     return logits
 
 
+def _sharded(model: torch.nn.Module) -> bool:
+    """Whether `model` is an FSDP2 (`fully_shard`) module."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch builds without distributed support
+        return False
+    return isinstance(model, FSDPModule)
+
+
 class ChunkedLoss:
     """Summed token cross-entropy of a causal LM at labelled positions, head applied `chunk` rows at a time."""
 
@@ -52,7 +61,9 @@ class ChunkedLoss:
         self.config = getattr(base, "config", None)
         self.head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
         self.body = base.get_decoder() if hasattr(base, "get_decoder") else None
-        self.chunked: bool | None = None  # decided by the probe on first use
+        # Decided by the probe on first use. Under FSDP2 calling the body and the head apart would skip the root
+        # unit's all-gather (its final norm stays sharded): score one sequence per forward of the whole model.
+        self.chunked: bool | None = False if _sharded(model) else None
 
     def _hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         out = self.body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)

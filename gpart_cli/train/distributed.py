@@ -1,15 +1,20 @@
-"""Data-parallel training under `torchrun` / `accelerate launch` (DDP): θ is all-reduced like any gradient.
+"""Data-parallel training under `torchrun` / `accelerate launch`: DDP, or FSDP2 with `train.distributed: fsdp`.
 
-Each rank takes its contiguous share of every global micro-batch, so the world together sees exactly the
-single-process batch; only rank 0 reads/writes the run dir and evaluates.
+Each rank runs its pieces of every step (see `sharding`), so the world together computes exactly the
+single-process step for any world size; only rank 0 writes the run dir. Under DDP only rank 0 evaluates;
+under FSDP every forward is collective, so all ranks evaluate together (see `fsdp`).
 """
 
 from __future__ import annotations
 
+import json
 import os
+from typing import Callable
 
 import torch
 import torch.distributed as dist
+
+from ..errors import GpartError
 
 
 def world() -> tuple[int, int]:
@@ -35,6 +40,11 @@ def barrier() -> None:
         dist.barrier()
 
 
+def _comm_device() -> torch.device:
+    """Where collective tensors must live: the current GPU under NCCL, the CPU under gloo."""
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
 def mean(value: float, device: torch.device) -> float:
     """The mean of `value` over ranks (the value itself without a process group)."""
     if not dist.is_initialized():
@@ -44,10 +54,64 @@ def mean(value: float, device: torch.device) -> float:
     return float(t) / dist.get_world_size()
 
 
-def wrap(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    """DDP around `model` when there is a process group; the model itself otherwise."""
+def average_gradients(params: list[torch.Tensor]) -> None:
+    """Average the gradients of replicated parameters over ranks in one fp32 all-reduce (what DDP does to them)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not dist.is_initialized() or not grads:
+        return
+    flat = torch.cat([g.reshape(-1).float() for g in grads])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def from_rank0(read: Callable[[], dict[str, bytes]]) -> dict[str, bytes]:
+    """Files that rank 0 reads, handed to every rank: nodes need not share the run dir's filesystem.
+
+    `read()` runs on rank 0 only; a `GpartError` it raises is raised on every rank.
+    """
+    if not dist.is_initialized():
+        return read()
+    device = _comm_device()
+    sizes = torch.full((2,), -1, dtype=torch.int64, device=device)  # (header bytes, payload bytes); -1: failed
+    files, error = {}, None
+    if dist.get_rank() == 0:
+        try:
+            files = read()
+        except GpartError as e:
+            error = e
+        if error is None:
+            header = json.dumps({name: len(data) for name, data in files.items()}).encode()
+            payload = header + b"".join(files.values())
+            sizes[0], sizes[1] = len(header), len(payload)
+    dist.broadcast(sizes, 0)
+    if int(sizes[0]) < 0:
+        raise error or GpartError("rank 0 could not read the checkpoint; see its error message above")
+    buffer = torch.empty(int(sizes[1]), dtype=torch.uint8, device=device)
+    if dist.get_rank() == 0 and len(payload):
+        buffer.copy_(torch.frombuffer(bytearray(payload), dtype=torch.uint8))
+    dist.broadcast(buffer, 0)
+    if dist.get_rank() == 0:
+        return files
+    data = buffer.cpu().numpy().tobytes()
+    lengths, offset = json.loads(data[:int(sizes[0])]), int(sizes[0])
+    out = {}
+    for name, n in lengths.items():
+        out[name], offset = data[offset:offset + n], offset + n
+    return out
+
+
+def wrap(model: torch.nn.Module, device: torch.device, mode: str = "ddp", method: str = "gpart") -> torch.nn.Module:
+    """The module to call for training: DDP around `model`, `model` sharded in place (FSDP), or `model` itself."""
     if not dist.is_initialized():
         return model
+    if mode == "fsdp":
+        from .fsdp import shard
+
+        return shard(model, device, method)
     from torch.nn.parallel import DistributedDataParallel
 
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)

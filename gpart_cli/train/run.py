@@ -30,18 +30,29 @@ def summary_table(results: dict) -> Table:
 
 def run(recipe: Recipe, out: Path, *, resume: bool = False, overwrite: bool = False, dry_run: bool = False,
         console: Console | None = None, device: str | None = None) -> dict | None:
-    """Train the recipe into `out` on `device` (default: cuda when available); returns results.json's content."""
+    """Train the recipe into `out` on `device` (default: cuda when available); returns results.json's content
+    (None for a dry run and off rank 0)."""
     console = console or Console(stderr=True)
     trainer = Trainer(recipe, out, console, resume=resume, device=device)
+    try:
+        return _run(trainer, recipe, out, resume, overwrite, dry_run, console)
+    finally:
+        distributed.shutdown()  # on errors too: a process that exits with its process group open aborts
+
+
+def _run(trainer: Trainer, recipe: Recipe, out: Path, resume: bool, overwrite: bool, dry_run: bool,
+         console: Console) -> dict | None:
     if not dry_run and trainer.main:
         prepare_run_dir(out, recipe, resume, overwrite)
     distributed.barrier()
     trainer.setup()
     splits = trainer.s.splits
-    console.print(f"[bold]{recipe.name}[/]: {recipe.method.name} on {trainer.s.task['name']} · "
-                  f"{len(splits.train):,} train / {len(splits.dev) if splits.dev else 0:,} dev rows · "
-                  f"{trainer.total_steps:,} steps · device {trainer.device} · weights {recipe.model.dtype}"
-                  f"{' · bf16 autocast' if trainer.autocast_dtype else ''} · output {out}")
+    parallel = f" × {trainer.world} processes ({recipe.train.distributed})" if trainer.world > 1 else ""
+    if trainer.main:
+        console.print(f"[bold]{recipe.name}[/]: {recipe.method.name} on {trainer.s.task['name']} · "
+                      f"{len(splits.train):,} train / {len(splits.dev) if splits.dev else 0:,} dev rows · "
+                      f"{trainer.total_steps:,} steps · device {trainer.device}{parallel} · weights "
+                      f"{recipe.model.dtype}{' · bf16 autocast' if trainer.autocast_dtype else ''} · output {out}")
     if dry_run:
         return None
     try:
@@ -51,11 +62,11 @@ def run(recipe: Recipe, out: Path, *, resume: bool = False, overwrite: bool = Fa
         console.print(f"\n[yellow]interrupted[/]: checkpoint saved. Resume with:\n  gpart train "
                       f"{out / 'recipe.yaml'} --output {out} --resume")
         raise
-    if not trainer.main:
-        distributed.shutdown()
+    if not trainer.main and not trainer.fsdp:  # under DDP rank 0 finishes alone; under FSDP every rank takes part
         return None
     results = trainer.finish()
-    distributed.shutdown()
+    if not trainer.main:
+        return None
     console.print(summary_table(results))
     console.print(f"result: [bold]{results['result']}[/] · metrics {out / 'metrics.jsonl'} · "
                   f"scores {out / 'results.json'}")

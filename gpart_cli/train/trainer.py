@@ -26,15 +26,15 @@ from ..errors import GpartError
 from ..evaluation import classify
 from ..methods import prepare, save_result, trainable_count
 from ..recipe import Recipe
-from . import distributed
-from .checkpoint import load_checkpoint, load_trainable_state, save_checkpoint
+from . import distributed, sharding
+from .checkpoint import load_trainable_state, read_checkpoint, restore_checkpoint, save_checkpoint
 from .dev_loss import mean_dev_loss
 from .progress import TrainProgress
 from .setup import Setup, build
 
 # Recipe fields that may change between a run and its --resume without changing the result.
 _RESUME_SAFE = {"source", "name", "train.log_every", "train.on_nan", "eval.batch_size", "eval.limit",
-                "eval.max_new_tokens", "eval.dev_batch_size"}
+                "eval.max_new_tokens", "eval.dev_batch_size", "train.distributed"}
 # Fields newer than some recorded runs, and what a recipe without them meant: vision images were resized plainly
 # before augmentation existed. The transforms only matter for vision runs.
 _ADDED_FIELDS = {"data.train_transform": "resize", "data.eval_transform": "resize"}
@@ -84,6 +84,7 @@ class Trainer:
         self.console = console or Console(stderr=True)
         self.rank, self.world = distributed.world()
         self.main = self.rank == 0
+        self.fsdp = self.world > 1 and recipe.train.distributed == "fsdp"  # every forward is collective
         # Under torchrun each rank owns its local GPU; alone, --device decides (default: cuda when available).
         self.device = distributed.local_device() if self.world > 1 else resolve_device(device)
         if self.world > 1 and device not in (None, "auto") and resolve_device(device).type != self.device.type:
@@ -98,12 +99,12 @@ class Trainer:
         self.s: Setup = build(r, self.device)
         prepared = prepare(self.s.model, r.method, t, self.s.task_type)
         quantized = getattr(prepared.model, "hf_quantizer", None) is not None  # placed at load, cannot .to()
-        self.model = prepared.model if quantized else prepared.model.to(self.device)
+        # FSDP moves the model to the GPU one shard at a time.
+        self.model = prepared.model if quantized or self.fsdp else prepared.model.to(self.device)
         if t.gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if t.batch_size % self.world:
-            raise GpartError(f"train.batch_size = {t.batch_size} must be divisible by the {self.world} processes")
-        self.forward_model = distributed.wrap(self.model, self.device)  # DDP under torchrun; evals use self.model
+        # DDP under torchrun (evals use self.model); FSDP shards self.model in place.
+        self.forward_model = distributed.wrap(self.model, self.device, t.distributed, r.method.name)
         self.params = [p for g in prepared.groups for p in g["params"]]
         self.optimizer = torch.optim.AdamW(prepared.groups, betas=(0.9, 0.999), eps=1e-8)
         n = len(self.s.splits.train)
@@ -125,8 +126,8 @@ class Trainer:
         return make(self.optimizer, warmup, self.total_steps)
 
     # ---- data ----------------------------------------------------------------------------------------
-    def micro_batch(self, m: int) -> dict:
-        """Micro-batch number `m` of the run: deterministic in (seed, epoch), independent of history."""
+    def micro_batch_rows(self, m: int) -> list[int]:
+        """The rows of micro-batch `m` of the run: deterministic in (seed, epoch), independent of history."""
         t, data = self.recipe.train, self.s.splits.train
         epoch, k = divmod(m, self.batches_per_epoch)
         if self._perm is None or self._perm[0] != epoch:
@@ -134,11 +135,17 @@ class Trainer:
             self._perm = (epoch, torch.randperm(len(data), generator=g))
             if hasattr(data, "set_epoch"):  # augmentation draws are a function of (seed, epoch, row) too
                 data.set_epoch(epoch)
-        idx = self._perm[1][k * t.batch_size:(k + 1) * t.batch_size]
-        share = -(-len(idx) // self.world)  # this rank's contiguous share of the global micro-batch
-        idx = idx[self.rank * share:(self.rank + 1) * share].tolist()
-        batch = self.s.splits.collate([data[i] for i in idx])
-        return {key: v.to(self.device) for key, v in batch.items()}
+        return self._perm[1][k * t.batch_size:(k + 1) * t.batch_size].tolist()
+
+    def step_batches(self, step: int):
+        """This rank's batches of `step`, each with the weight of its mean loss (1.0 in a single process)."""
+        t, data = self.recipe.train, self.s.splits.train
+        units = lambda i: sharding.loss_units(data[i], self.recipe.data.family)  # noqa: E731
+        for piece in sharding.step_plan(self.rank, self.world, t.grad_accum):
+            rows, weight = sharding.share(self.micro_batch_rows(step * t.grad_accum + piece.micro), piece,
+                                          self.world, units)
+            batch = self.s.splits.collate([data[i] for i in rows])
+            yield {key: v.to(self.device) for key, v in batch.items()}, weight
 
     # ---- evaluation ----------------------------------------------------------------------------------
     def evaluate_split(self, dataset) -> dict:
@@ -154,6 +161,11 @@ class Trainer:
         e = self.recipe.eval
         if self.recipe.data.family == "sft":
             if not e.task:
+                return None, []
+            if self.fsdp:  # decoding a sharded model all-gathers every weight for every token
+                if self.main:
+                    self.console.print(f"generation eval is not run inside an FSDP job; score the result with: "
+                                       f"gpart eval --task {e.task} --adapter {self.out} --backend vllm")
                 return None, []
             from ..evaluation.tasks import load_task_rows, run_generation
 
@@ -206,13 +218,14 @@ class Trainer:
     def _train_step(self, step: int) -> tuple[float, float]:
         t = self.recipe.train
         total = 0.0
-        for micro in range(t.grad_accum):
-            batch = self.micro_batch(step * t.grad_accum + micro)
+        for batch, weight in self.step_batches(step):
             with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
-                loss = self.forward_model(**batch).loss / t.grad_accum
+                loss = self.forward_model(**batch).loss * weight / t.grad_accum
             loss.backward()
             total += float(loss.detach())
         total = distributed.mean(total, self.device)  # same value on every rank: they stop or skip together
+        if self.fsdp:
+            distributed.average_gradients(self.params)  # θ and heads are replicated, outside FSDP
         if not math.isfinite(total):
             self.optimizer.zero_grad(set_to_none=True)
             if t.on_nan == "stop":
@@ -238,7 +251,7 @@ class Trainer:
     def _maybe_eval(self, step: int) -> None:
         t = self.recipe.train
         every = t.eval_every or self.steps_per_epoch
-        if not self.main:  # rank 0 evaluates and writes; the others carry on (DDP waits for it)
+        if not self.main and not self.fsdp:  # rank 0 evaluates and writes; the others carry on (DDP waits for it)
             return
         if self.s.splits.dev is None or (step % every and step != self.total_steps):
             if t.save_every and step % t.save_every == 0:
@@ -249,8 +262,9 @@ class Trainer:
         self._log({"step": step, "dev": metrics})
         if self.state["best_score"] is None or score > self.state["best_score"]:
             self.state.update(best_score=score, best_step=step, best_dev=metrics)
-            save_checkpoint(self.out / "checkpoints" / "best", self.model, self.optimizer, self.scheduler, step,
-                            self.state)
+            if self.main:
+                save_checkpoint(self.out / "checkpoints" / "best", self.model, self.optimizer, self.scheduler, step,
+                                self.state)
         self._checkpoint(step)
 
     def train(self) -> None:
@@ -258,12 +272,14 @@ class Trainer:
         start = 0
         self.state = {"best_score": None, "best_step": None, "best_dev": None, "before": None}
         if self.resume:
-            saved = load_checkpoint(self.out / "checkpoints" / "last", self.model, self.optimizer, self.scheduler)
+            last = self.out / "checkpoints" / "last"
+            saved = restore_checkpoint(distributed.from_rank0(lambda: read_checkpoint(last)), last, self.model,
+                                       self.optimizer, self.scheduler)
             start, self.state = saved["step"], saved["extra"]
             if self.main:
                 self._truncate_log(start)
-            self.console.print(f"resuming {self.out} at step {start}/{self.total_steps}")
-        elif t.eval_before and self.main:
+                self.console.print(f"resuming {self.out} at step {start}/{self.total_steps}")
+        elif t.eval_before and (self.main or self.fsdp):
             self.state["before"], _ = self.evaluate_report()
         self.model.train()
         samples = t.batch_size * t.grad_accum
@@ -287,15 +303,22 @@ class Trainer:
 
     # ---- finishing -----------------------------------------------------------------------------------
     def finish(self) -> dict:
-        """Restore the best dev checkpoint, save the result, score the eval split; returns results.json."""
-        best = self.out / "checkpoints" / "best" / "trainable.safetensors"
-        if best.is_file():
-            from safetensors.torch import load_file
+        """Restore the best dev checkpoint, save the result, score the eval split; returns results.json.
 
-            load_trainable_state(self.model, load_file(str(best)))
+        Under FSDP every rank calls it (forwards are collective); only rank 0 writes, and the others get {}.
+        """
+        best = self.out / "checkpoints" / "best" / "trainable.safetensors"
+        read = lambda: {"best": best.read_bytes()} if best.is_file() else {}  # noqa: E731
+        files = distributed.from_rank0(read) if self.fsdp else read()  # under FSDP every rank finishes
+        if files:
+            from safetensors.torch import load
+
+            load_trainable_state(self.model, load(files["best"]))
         path = save_result(self.model, self.recipe.method.name, self.out, task=self.s.task,
-                           recipe=self.recipe.to_dict(), tokenizer=self.s.tokenizer)
+                           recipe=self.recipe.to_dict(), tokenizer=self.s.tokenizer) if self.main else None
         after, records = self.evaluate_report()
+        if not self.main:
+            return {}
         atomic.write_text(self.out / "predictions.jsonl", "".join(json.dumps(r) + "\n" for r in records))
         results = {"method": self.recipe.method.name, "task": self.s.task["name"], "result": str(path),
                    "trainable_params": trainable_count(self.model), "steps": self.total_steps,
