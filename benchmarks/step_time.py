@@ -1,7 +1,8 @@
 """Step time and peak memory of GPart against its physical floor, PEFT LoRA, PEFT Uni-LoRA and full fine-tuning.
 
-    python benchmarks/step_time.py                      # CPU defaults: Llama 512x8, q/k/v/o, d=65,536, 4x256
-    python benchmarks/step_time.py --model tiny --steps 3
+    python benchmarks/step_time.py                      # preset medium: Llama 512x8, q/k/v/o, d=65,536, 4x256
+    python benchmarks/step_time.py --preset small       # Llama 384x8, q/k/v/o, d=65,536, 2x384 (few tokens/step)
+    python benchmarks/step_time.py --model tiny --d 4096 --steps 3
     python benchmarks/step_time.py --device cuda --dtype bf16 --model 1b --seq 2048 --batch 1
 
 Floor: the same model with only the target weights requiring grad, forward + backward, no optimizer step: the
@@ -29,9 +30,18 @@ METHODS = ("gpart", "floor", "lora", "unilora", "full")
 MODELS = {  # Llama configs built from scratch (random weights are fine for timing)
     "tiny": dict(hidden_size=64, intermediate_size=172, num_hidden_layers=2, num_attention_heads=4),
     "small": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4),
+    "w384": dict(hidden_size=384, intermediate_size=1024, num_hidden_layers=8, num_attention_heads=6),
     "medium": dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8),
     "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                num_key_value_heads=8),
+}
+
+
+# Named CPU configurations: `medium` is the README's table; `small` has fewer tokens per step, so the per-weight
+# work (building W_eff, reducing ∂L/∂W into ∂L/∂θ) weighs more against the GEMMs.
+PRESETS = {
+    "medium": dict(model="medium", batch=4, seq=256, d=65_536),
+    "small": dict(model="w384", batch=2, seq=384, d=65_536),
 }
 
 
@@ -161,8 +171,8 @@ def report(args, timed: dict, memory: dict) -> dict:
                     "threads": torch.get_num_threads(), "device": args.device,
                     "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None,
                     "torch": torch.__version__},
-        "config": {"model": args.model, "targets": args.targets, "d": args.d, "batch": args.batch, "seq": args.seq,
-                   "dtype": args.dtype, "steps": args.steps, "warmup": args.warmup},
+        "config": {"preset": args.preset, "model": args.model, "targets": args.targets, "d": args.d,
+                   "batch": args.batch, "seq": args.seq, "dtype": args.dtype, "steps": args.steps, "warmup": args.warmup},
         "n_adapted": timed["n_adapted"],
         "median_step_s": {m: statistics.median(t) for m, t in times.items()},
         "ratios": {"gpart/floor": ratios(times, "gpart", "floor"), "gpart/lora": ratios(times, "gpart", "lora"),
@@ -192,11 +202,13 @@ def print_table(result: dict) -> None:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", default="medium", help=f"{', '.join(MODELS)} or a local model dir")
+    p.add_argument("--preset", choices=list(PRESETS), default="medium",
+                   help="named configuration (model, batch, seq, d); the flags below override its values")
+    p.add_argument("--model", help=f"{', '.join(MODELS)} or a local model dir")
     p.add_argument("--targets", nargs="+", default=["q_proj", "k_proj", "v_proj", "o_proj"])
-    p.add_argument("--d", type=int, default=65_536)
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--d", type=int)
+    p.add_argument("--batch", type=int)
+    p.add_argument("--seq", type=int)
     p.add_argument("--vocab", type=int, default=8192)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=list(DTYPES), default="fp32")
@@ -205,7 +217,11 @@ def parse_args(argv=None):
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--no-memory", action="store_true", help="skip the per-method child processes")
     p.add_argument("--child", choices=METHODS, help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    for key, value in PRESETS[args.preset].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    return args
 
 
 def main() -> None:

@@ -7,6 +7,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from ..model import compute_path
 from ..recipe import Recipe
 from . import distributed
 from .trainer import Trainer, prepare_run_dir
@@ -57,6 +58,9 @@ def run(recipe: Recipe, out: Path, *, resume: bool = False, overwrite: bool = Fa
     results = trainer.finish()
     distributed.shutdown()
     console.print(summary_table(results))
+    path = compute_path(trainer.model)
+    if path:
+        console.print(f"GPart compute path: {path}")
     console.print(f"result: [bold]{results['result']}[/] · metrics {out / 'metrics.jsonl'} · "
                   f"scores {out / 'results.json'}")
     return results

@@ -21,9 +21,11 @@ import yaml
 from rich.console import Console
 
 from .. import atomic
+from ..determinism import configure as configure_determinism
 from ..errors import GpartError
 from ..evaluation import classify
 from ..methods import prepare, save_result, trainable_count
+from ..model import set_dropout_key
 from ..recipe import Recipe
 from . import distributed
 from .checkpoint import load_checkpoint, load_trainable_state, save_checkpoint
@@ -84,6 +86,7 @@ class Trainer:
     # ---- setup ---------------------------------------------------------------------------------------
     def setup(self) -> None:
         r, t = self.recipe, self.recipe.train
+        configure_determinism(t.deterministic)  # before the model is built: cuBLAS reads its setting once
         torch.manual_seed(t.seed)
         self.s: Setup = build(r)
         prepared = prepare(self.s.model, r.method, t, self.s.task_type)
@@ -202,6 +205,7 @@ class Trainer:
         total = 0.0
         for micro in range(t.grad_accum):
             batch = self.micro_batch(step * t.grad_accum + micro)
+            set_dropout_key(self.model, t.seed, step * t.grad_accum + micro)  # ΔW dropout masks: same on resume
             with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
                 loss = self.forward_model(**batch).loss / t.grad_accum
             loss.backward()
