@@ -149,6 +149,21 @@ def test_reference_path_is_recorded_in_the_artifact_and_inspect(tmp_path, tokens
     assert summary["compute_path"] == "reference path (CPU) on cpu float32"
 
 
+@pytest.mark.slow
+def test_train_prints_the_compute_path(tiny_bert_dir, sst2_files, tmp_path):
+    from io import StringIO
+
+    from rich.console import Console
+
+    from gpart_cli.train.run import run
+    from tests.test_train_e2e import glue_recipe
+
+    out = StringIO()
+    run(glue_recipe(tiny_bert_dir, sst2_files, train__max_steps=2, train__eval_before=False), tmp_path / "r",
+        console=Console(file=out, width=200))
+    assert "GPart compute path: reference path (CPU) on cpu float32" in out.getvalue()
+
+
 def test_device_guard_picks_the_tensor_device():
     guard = dispatch.device_guard(torch.device("cuda:1"))
     assert isinstance(guard, torch.cuda.device) and guard.idx == 1  # entered only at launch time
