@@ -19,7 +19,6 @@ from gpart_cli.model import gpart_layers, set_dropout_key, state_of
 from gpart_cli.partition import group_ids, group_sizes
 from gpart_cli.recipe import MethodSection, TrainSection, from_dict, load_recipe
 from gpart_cli.train.run import run
-from gpart_cli.train.trainer import Trainer
 from tests.conftest import tiny_llama
 from tests.test_train_e2e import glue_recipe
 
@@ -163,17 +162,19 @@ def test_dropout_is_validated():
 def test_dropout_run_resumes_to_the_same_theta(tiny_bert_dir, sst2_files, tmp_path, monkeypatch):
     recipe = glue_recipe(tiny_bert_dir, sst2_files, train__eval_before=False, method__dropout=0.1)
     run(recipe, tmp_path / "whole")
-    original = Trainer._train_step
+    keyed = []
 
-    def interrupt_at_7(self, step):
-        if step == 7:
+    def stop_at_micro_batch_7(model, seed, micro_batch):  # Ctrl-C as step 8 starts (batch 1 per step)
+        if micro_batch == 7 and not keyed:
+            keyed.append(micro_batch)
             raise KeyboardInterrupt
-        return original(self, step)
+        set_dropout_key(model, seed, micro_batch)
 
-    monkeypatch.setattr(Trainer, "_train_step", interrupt_at_7)
-    with pytest.raises(KeyboardInterrupt):
-        run(recipe, tmp_path / "cut")
-    monkeypatch.setattr(Trainer, "_train_step", original)
+    with monkeypatch.context() as patch:
+        patch.setattr("gpart_cli.train.trainer.set_dropout_key", stop_at_micro_batch_7)
+        with pytest.raises(KeyboardInterrupt):
+            run(recipe, tmp_path / "cut")
+    assert json.loads((tmp_path / "cut" / "checkpoints" / "last" / "state.json").read_text())["step"] == 7
     run(recipe, tmp_path / "cut", resume=True)
     whole, cut = (gpart.read_artifact(tmp_path / d / "adapter.gpart") for d in ("whole", "cut"))
     assert torch.equal(whole.theta, cut.theta)
