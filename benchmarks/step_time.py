@@ -123,13 +123,16 @@ def time_methods(args) -> dict:
         for _ in range(args.warmup):
             step(*runs[m], batch, args)
     times = {m: [] for m in args.methods}
-    for _ in range(args.steps):  # interleaved: every round times each method once, back to back
-        for m in args.methods:
-            tick = time.perf_counter()
+    cpu = {m: [] for m in args.methods}
+    for r in range(args.steps):  # interleaved: each round times every method once; the order rotates
+        order = args.methods[r % len(args.methods):] + args.methods[:r % len(args.methods)]
+        for m in order:
+            tick, cpu_tick = time.perf_counter(), time.process_time()
             step(*runs[m], batch, args)
             times[m].append(time.perf_counter() - tick)
+            cpu[m].append(time.process_time() - cpu_tick)
     state = {m: partition_state_bytes(runs[m][0], m, n_adapted) for m in args.methods}
-    return {"times": times, "n_adapted": n_adapted, "state_bytes_per_param": state}
+    return {"times": times, "cpu_times": cpu, "n_adapted": n_adapted, "state_bytes_per_param": state}
 
 
 def peak_memory(method: str, args) -> float:
@@ -164,6 +167,14 @@ def ratios(times: dict, a: str, b: str) -> float | None:
     return statistics.median(x / y for x, y in zip(times[a], times[b]))
 
 
+def spread(times: dict, a: str, b: str) -> list[float] | None:
+    """Quartiles of the round-by-round ratio a/b: how noisy the machine was."""
+    if a not in times or b not in times or len(times[a]) < 4:
+        return None
+    q = statistics.quantiles([x / y for x, y in zip(times[a], times[b])], n=4)
+    return [q[0], q[2]]
+
+
 def report(args, timed: dict, memory: dict) -> dict:
     times = timed["times"]
     result = {
@@ -177,6 +188,10 @@ def report(args, timed: dict, memory: dict) -> dict:
         "median_step_s": {m: statistics.median(t) for m, t in times.items()},
         "ratios": {"gpart/floor": ratios(times, "gpart", "floor"), "gpart/lora": ratios(times, "gpart", "lora"),
                    "gpart/unilora": ratios(times, "gpart", "unilora"), "gpart/full": ratios(times, "gpart", "full")},
+        "gpart/floor_quartiles": spread(times, "gpart", "floor"),
+        "median_cpu_s": {m: statistics.median(t) for m, t in timed["cpu_times"].items()},
+        "cpu_ratio_gpart/floor": ratios(timed["cpu_times"], "gpart", "floor"),
+        "times": times,
         "peak_mib": memory,
         "partition_state_bytes_per_param": timed["state_bytes_per_param"],
     }
@@ -215,12 +230,15 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=7)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
     p.add_argument("--no-memory", action="store_true", help="skip the per-method child processes")
     p.add_argument("--child", choices=METHODS, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     for key, value in PRESETS[args.preset].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     return args
 
 

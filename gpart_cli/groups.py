@@ -108,10 +108,20 @@ class LayerGroups:
         gw = _weight_grad(gy, x, transposed).reshape(-1)  # in W's storage order, fp32
         if dropout is not None:
             gw.masked_fill_(rng.drop_mask(self.offset, self.n_weight, dropout[1], dropout[0], device), 0.0)
-        grad_theta.index_add_(0, self.ids(device)[: self.n_weight], gw)
+        _grouped_sum(grad_theta, self.ids(device)[: self.n_weight], gw)
 
     def add_bias_grad(self, grad_theta: torch.Tensor, gb: torch.Tensor) -> None:
         grad_theta.index_add_(0, self._bias_ids(gb.device), gb.float())
+
+
+def _grouped_sum(out: torch.Tensor, ids: torch.Tensor, values: torch.Tensor) -> None:
+    """out[ids[i]] += values[i]. On the CPU scatter_add_ with int64 ids runs about twice as fast as index_add_
+    with int32 ones, conversion included; both add in index order (deterministic). CUDA keeps index_add_,
+    which torch's deterministic mode makes deterministic."""
+    if out.device.type == "cpu":
+        out.scatter_add_(0, ids.long(), values)
+    else:
+        out.index_add_(0, ids, values)
 
 
 def _weight_grad(gy: torch.Tensor, x: torch.Tensor, transposed: bool) -> torch.Tensor:

@@ -41,7 +41,9 @@ def _compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
 
 
 def _no_autocast(x: torch.Tensor):
-    return torch.autocast(x.device.type, enabled=False) if _autocast_device(x) else contextlib.nullcontext()
+    if _autocast_device(x) and torch.is_autocast_enabled(x.device.type):
+        return torch.autocast(x.device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, transposed: bool) -> torch.Tensor:

@@ -136,18 +136,19 @@ class ComputeLog:
     """Which path each GPart op took in one model: `gpart train` prints it and the artifact stores it."""
 
     def __init__(self) -> None:
-        self.entries: dict[tuple[str, str, str], str] = {}  # (op, device, dtype) -> "triton" | "reference: why"
+        self.entries: dict[tuple, str | None] = {}  # (op, device, dtype) -> None (triton) or why the reference ran
         self.deterministic = False
 
     def record(self, call, reason: str | None) -> None:
-        dtype = str(call.dtype).removeprefix("torch.")
-        self.entries[(call.op, str(call.device), dtype)] = "triton" if reason is None else f"reference: {reason}"
-        self.deterministic |= bool(getattr(call, "deterministic", False))
+        self.entries[(call.op, call.device, call.dtype)] = reason  # called per op: keep it a dict store
+        if not self.deterministic and getattr(call, "deterministic", False):
+            self.deterministic = True
 
     def summary(self) -> dict:
         """JSON-ready: every (op, device, dtype) with its path, and whether ∂L/∂θ was reduced deterministically."""
-        paths = [{"op": op, "device": dev, "dtype": dt, "path": path}
-                 for (op, dev, dt), path in sorted(self.entries.items())]
+        rows = sorted((op, str(dev), str(dt).removeprefix("torch."), "triton" if why is None else f"reference: {why}")
+                      for (op, dev, dt), why in self.entries.items())
+        paths = [{"op": op, "device": dev, "dtype": dt, "path": path} for op, dev, dt, path in rows]
         return {"paths": paths, "deterministic": self.deterministic, "triton": triton_version()}
 
     def describe(self) -> str:
