@@ -218,3 +218,21 @@ def test_layer_on_the_kernel_path_matches_the_reference_path(make, targets, monk
     # The kernel path never built the int32 id cache: zero bytes of partition state.
     assert all(layer.groups.state_bytes() == 0 for _, layer in gpart_layers(fused))
     assert compute_path(fused).startswith("Triton kernels on")
+
+
+def test_kernel_check_script_runs_here():
+    """benchmarks/kernel_check.py: the GPU checks on a GPU; here it says what it skipped and exits 0."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "kernel_check.py"
+    res = subprocess.run([sys.executable, str(script), "--quick"], capture_output=True, text=True, timeout=1800)
+    report = json.loads(res.stdout)
+    assert res.returncode == 0, res.stderr
+    if GPU:
+        assert report["ok"] is True and set(report["checks"]) >= {"selfcheck", "kernels", "layer", "determinism"}
+    else:
+        assert report["device"] == "cpu" and report["checks"] == {}
+        assert set(report["skipped"]) == {"selfcheck", "kernels", "layer", "determinism", "multi_gpu", "timings"}
