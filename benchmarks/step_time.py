@@ -72,7 +72,7 @@ def prepare(method: str, base, args, copy_base: bool = True):
     for p in model.parameters():
         p.requires_grad_(False)
     if method == "gpart":
-        model = gpart.apply(model, gpart.GPartConfig(d=args.d, target_modules=args.targets))
+        model = gpart.apply(model, gpart.GPartConfig(d=args.d, target_modules=args.targets, dropout=args.dropout))
     elif method in ("lora", "unilora"):
         from peft import LoraConfig, UniLoraConfig, get_peft_model
 
@@ -183,6 +183,7 @@ def report(args, timed: dict, memory: dict) -> dict:
                     "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None,
                     "torch": torch.__version__},
         "config": {"preset": args.preset, "model": args.model, "targets": args.targets, "d": args.d,
+                   "dropout": args.dropout,
                    "batch": args.batch, "seq": args.seq, "dtype": args.dtype, "steps": args.steps, "warmup": args.warmup},
         "n_adapted": timed["n_adapted"],
         "median_step_s": {m: statistics.median(t) for m, t in times.items()},
@@ -231,6 +232,7 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
+    p.add_argument("--dropout", type=float, default=0.0, help="GPart's ΔW dropout (its CPU cost: the mask hash)")
     p.add_argument("--no-memory", action="store_true", help="skip the per-method child processes")
     p.add_argument("--child", choices=METHODS, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
