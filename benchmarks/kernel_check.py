@@ -307,8 +307,8 @@ def main() -> int:
     failed = [name for name, res in report["checks"].items() if not res.get("ok")]
     report["ok"] = not failed
     print(json.dumps(report, indent=2, default=str))
-    print(f"kernel_check on {report['device']}: {'all checks passed' if not failed else 'FAILED: ' + ', '.join(failed)}",
-          file=sys.stderr)
+    verdict = "all checks passed" if not failed else "FAILED: " + ", ".join(failed)
+    print(f"kernel_check on {report['device']}: {verdict}", file=sys.stderr)
     return 0 if not failed else 1
 
 

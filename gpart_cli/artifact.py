@@ -174,7 +174,8 @@ def _check_meta(path: Path, meta: dict, tensors: dict[str, torch.Tensor]) -> Non
     for key, upper in (("dropout", 1.0), ("init_bound", float("inf"))):
         if isinstance(meta[key], bool) or not isinstance(meta[key], (int, float)) or not 0 <= meta[key] < upper:
             raise _corrupt(path, f"metadata field {key!r} = {meta[key]!r} is not a number in [0, {upper})")
-    if meta["init_seed"] is not None and (isinstance(meta["init_seed"], bool) or not isinstance(meta["init_seed"], int)):
+    seed = meta["init_seed"]
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise _corrupt(path, f"metadata field 'init_seed' = {meta['init_seed']!r} is not an integer")
     if meta["compute"] is not None and not isinstance(meta["compute"], dict):
         raise _corrupt(path, "metadata field 'compute' must be an object")

@@ -43,11 +43,12 @@ class LayerGroups:
 
     # ---- the reference path's id cache ---------------------------------------------------------------
     def ids(self, device: torch.device) -> torch.Tensor:
-        """Cached int32 group ids of weight then bias, on `device` (built on the CPU, then moved)."""
+        """Cached int32 group ids of weight then bias on `device`: built there on a GPU, else with NumPy."""
         if self._ids is None or self._ids.device != device:
-            ids = self._ids if self._ids is not None else group_ids(self.n, self.d, self.seed, self.offset,
-                                                                    self.n_weight + self.n_bias)
-            self._ids = ids.to(device)
+            gpu = device.type == "cuda"
+            ids = group_ids(self.n, self.d, self.seed, self.offset, self.n_weight + self.n_bias,
+                            device=device if gpu else None)
+            self._ids = ids if gpu else ids.to(device)
         return self._ids
 
     def release(self) -> None:

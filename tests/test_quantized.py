@@ -88,7 +88,7 @@ def test_a_base_repacked_before_apply_is_refused(base_dir):
     base = load_model(ModelSource(str(base_dir), quantization="nf4"), "causal_lm")
     # What an eval pass leaves behind on an AVX512-BF16 CPU (set directly, so any CPU runs this test).
     base.model.layers[1].mlp.up_proj.weight.quant_state.packing_format_for_cpu = True
-    with pytest.raises(GpartError, match="'model.layers.1.mlp.up_proj' was repacked by bitsandbytes .* Load the base again"):
+    with pytest.raises(GpartError, match="'model.layers.1.mlp.up_proj' was repacked by bitsandbytes .* Load the base"):
         gpart.apply(base, gpart.GPartConfig(d=40, target_modules=["q_proj"]))
 
 

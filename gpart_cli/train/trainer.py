@@ -205,7 +205,7 @@ class Trainer:
         total = 0.0
         for micro in range(t.grad_accum):
             batch = self.micro_batch(step * t.grad_accum + micro)
-            set_dropout_key(self.model, t.seed, step * t.grad_accum + micro)  # ΔW dropout masks: same on resume
+            set_dropout_key(self.model, t.seed, step * t.grad_accum + micro)  # ΔW dropout: same masks on resume
             with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
                 loss = self.forward_model(**batch).loss / t.grad_accum
             loss.backward()
