@@ -17,6 +17,8 @@ import torch  # noqa: E402  (importing torch does not import triton)
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 GPU = torch.cuda.is_available()
+# Where the kernel tests run: compiled on the GPU when there is one, else CPU tensors under the interpreter.
+DEVICE = torch.device("cuda:0") if GPU else torch.device("cpu")
 gpu_only = pytest.mark.skipif(not GPU, reason="needs a CUDA GPU (its CPU twin runs everywhere)")
 
 ASSETS = Path(__file__).resolve().parents[1].parent / "shared" / "assets"

@@ -10,7 +10,7 @@ import torch
 import gpart_cli as gpart
 from gpart_cli.model import compute_path
 from gpart_cli.train.run import run
-from tests.conftest import tiny_llama
+from tests.conftest import DEVICE, tiny_llama
 from tests.test_train_e2e import glue_recipe
 
 
@@ -32,7 +32,8 @@ def _theta_grad(model, tokens):
 
 def test_kernels_use_the_fixed_point_reduction_under_deterministic_algorithms(tokens, monkeypatch,
                                                                               restore_determinism):
-    model = gpart.apply(tiny_llama(), gpart.GPartConfig(d=24, target_modules=["q_proj", "v_proj"]))
+    model = gpart.apply(tiny_llama().to(DEVICE), gpart.GPartConfig(d=24, target_modules=["q_proj", "v_proj"]))
+    tokens = tokens.to(DEVICE)
     with torch.no_grad():
         gpart.theta(model).copy_(torch.randn(24, generator=torch.Generator().manual_seed(0)))
     monkeypatch.setenv("GPART_TRITON", "0")

@@ -19,7 +19,7 @@ from gpart_cli.model import gpart_layers, set_dropout_key, state_of
 from gpart_cli.partition import group_ids, group_sizes
 from gpart_cli.recipe import MethodSection, TrainSection, from_dict, load_recipe
 from gpart_cli.train.run import run
-from tests.conftest import tiny_llama
+from tests.conftest import DEVICE, tiny_llama
 from tests.test_train_e2e import glue_recipe
 
 P = 0.2
@@ -141,7 +141,7 @@ def test_checkpoint_recompute_sees_the_same_mask(keyed):
 
 
 def test_kernel_path_applies_the_same_mask(tokens, monkeypatch):
-    model = _model().train()
+    model, tokens = _model().to(DEVICE).train(), tokens.to(DEVICE)
     set_dropout_key(model, 2, 7)
     monkeypatch.setenv("GPART_TRITON", "0")
     ref_out, ref_grad = _grad(model, tokens)

@@ -6,6 +6,7 @@ Triton's interpreter, and failing or wrong kernels are injected into `triton_gpa
 
 import copy
 import json
+import os
 
 import pytest
 import torch
@@ -17,7 +18,7 @@ from gpart_cli.cli.app import app
 from gpart_cli.errors import GpartError
 from gpart_cli.kernels import dispatch, selfcheck, triton_gpart
 from gpart_cli.model import compute_path, gpart_layers
-from tests.conftest import tiny_llama
+from tests.conftest import DEVICE, GPU, tiny_llama
 
 
 @pytest.fixture(autouse=True)
@@ -30,20 +31,21 @@ def fresh_verdicts(monkeypatch):
 
 @pytest.fixture
 def kernels_on_cpu(monkeypatch):
-    """Treat CPU tensors as CUDA ones are treated in auto mode (kernels run under the interpreter)."""
-    real = dispatch._why_not
-    monkeypatch.setattr(dispatch, "_why_not", lambda device: real(device) if dispatch.mode() == "0" else None)
+    """Without a GPU, treat CPU tensors as auto mode treats CUDA ones (kernels run under the interpreter)."""
+    if not GPU:
+        real = dispatch._why_not
+        monkeypatch.setattr(dispatch, "_why_not", lambda device: real(device) if dispatch.mode() == "0" else None)
 
 
-def _pair(d=24):
-    ref = gpart.apply(tiny_llama(), gpart.GPartConfig(d=d, target_modules=["q_proj", "v_proj"]))
+def _pair(d=24, device=DEVICE):
+    ref = gpart.apply(tiny_llama().to(device), gpart.GPartConfig(d=d, target_modules=["q_proj", "v_proj"]))
     with torch.no_grad():
         gpart.theta(ref).copy_(torch.randn(d, generator=torch.Generator().manual_seed(0)))
     return ref, copy.deepcopy(ref)
 
 
 def _step(model, tokens):
-    out = model(tokens).logits
+    out = model(tokens.to(gpart.theta(model).device)).logits
     out.square().mean().backward()
     return out.detach(), gpart.theta(model).grad.clone()
 
@@ -68,12 +70,12 @@ def test_a_failing_kernel_warns_once_and_the_run_continues_on_the_reference_path
         _step(model, tokens)  # a second step: no second warning
     assert len(caught) == 1
     message = str(caught[0].message)
-    for part in ("'grad'", "cpu (Triton interpreter)", "float32", f"Triton {triton.__version__}",
+    for part in ("'grad'", dispatch.device_name(DEVICE), "float32", f"Triton {triton.__version__}",
                  "simulated compile error", "reference path"):
         assert part in message
     assert torch.equal(out, want_out) and torch.equal(grad, want_grad)  # kernel build + reference reduction
-    assert "grad on cpu float32: reference: self-check failed: RuntimeError" in compute_path(model)
-    assert "build on cpu float32: triton" in compute_path(model)
+    assert f"grad on {DEVICE} float32: reference: self-check failed: RuntimeError" in compute_path(model)
+    assert f"build on {DEVICE} float32: triton" in compute_path(model)
 
 
 def test_a_wrong_kernel_is_caught_by_the_comparison(kernels_on_cpu, monkeypatch, tokens):
@@ -89,15 +91,15 @@ def test_a_wrong_kernel_is_caught_by_the_comparison(kernels_on_cpu, monkeypatch,
         out, grad = _step(model, tokens)
     assert torch.equal(out, want_out)
     torch.testing.assert_close(grad, want_grad, rtol=1e-5, atol=1e-8)  # kernel reduction: fp32, another order
-    assert "build on cpu float32: reference: self-check failed" in compute_path(model)
+    assert f"build on {DEVICE} float32: reference: self-check failed" in compute_path(model)
 
 
 def test_gpart_triton_1_turns_a_failed_check_into_an_error(monkeypatch, tokens):
-    monkeypatch.setenv("GPART_TRITON", "1")  # kernels on CPU tensors under the interpreter
+    monkeypatch.setenv("GPART_TRITON", "1")  # kernels on CUDA, or on CPU tensors under the interpreter
     monkeypatch.setattr(triton_gpart, "build_weight", lambda *a, **k: torch.zeros(1))
     _, model = _pair()
     with pytest.raises(GpartError, match="'build' failed its self-check .* Unset GPART_TRITON"):
-        model(tokens)
+        model(tokens.to(DEVICE))
 
 
 def test_each_kernel_class_is_checked_once(kernels_on_cpu, monkeypatch, tokens):
@@ -112,7 +114,7 @@ def test_each_kernel_class_is_checked_once(kernels_on_cpu, monkeypatch, tokens):
     _step(model, tokens)
     _step(copy.deepcopy(model), tokens)  # another model, same classes: the verdicts are per process
     assert len(calls) == first
-    model.to(torch.bfloat16)(tokens).logits.float().sum().backward()  # a new dtype is a new class
+    model.to(torch.bfloat16)(tokens.to(DEVICE)).logits.float().sum().backward()  # a new dtype is a new class
     assert len(calls) > first and all(k[2] == torch.bfloat16 for k in calls[first:])
 
 
@@ -122,8 +124,8 @@ def test_modes(monkeypatch):
     assert dispatch._why_not(cuda) == "GPART_TRITON=0"
     monkeypatch.delenv("GPART_TRITON")
     assert dispatch._why_not(cuda) is None and dispatch._why_not(cpu) == "CPU"  # auto: CUDA only
-    monkeypatch.setenv("GPART_TRITON", "1")
-    assert dispatch._why_not(cpu) is None  # the interpreter runs them (TRITON_INTERPRET=1 here)
+    monkeypatch.setenv("GPART_TRITON", "1")  # CPU tensors only under the interpreter (set by conftest without a GPU)
+    assert dispatch._why_not(cpu) == (None if os.environ.get("TRITON_INTERPRET") == "1" else "CPU")
     monkeypatch.setattr(dispatch, "triton_installed", lambda: False)
     with pytest.raises(GpartError, match="GPART_TRITON=1 .* Triton is not installed: pip install triton"):
         dispatch._why_not(cuda)
@@ -135,7 +137,7 @@ def test_modes(monkeypatch):
 
 
 def test_reference_path_is_recorded_in_the_artifact_and_inspect(tmp_path, tokens):
-    _, model = _pair()
+    _, model = _pair(device="cpu")
     _step(model, tokens)
     assert compute_path(model) == "reference path (CPU) on cpu float32"
     path = gpart.save(model, tmp_path / "a.gpart")

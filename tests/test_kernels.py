@@ -16,9 +16,7 @@ from gpart_cli import rng
 from gpart_cli.kernels import dispatch
 from gpart_cli.kernels.triton_gpart import (build_weight, fixed_point_scale, grad_from_gemm, group_ids_triton)
 from gpart_cli.model import compute_path, gpart_layers
-from tests.conftest import GPU, gpu_only, tiny_gpt2, tiny_llama
-
-DEVICE = "cuda" if GPU else "cpu"
+from tests.conftest import DEVICE, GPU, gpu_only, tiny_gpt2, tiny_llama
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 N, D, SEED, START = 50_000, 321, 3, 100
 DROP = (rng.drop_threshold(0.3), 0xABCDEF0123)
