@@ -72,7 +72,8 @@ def prepare(method: str, base, args, copy_base: bool = True):
     for p in model.parameters():
         p.requires_grad_(False)
     if method == "gpart":
-        model = gpart.apply(model, gpart.GPartConfig(d=args.d, target_modules=args.targets, dropout=args.dropout))
+        extra = {"dropout": args.dropout} if args.dropout else {}  # older gpart versions lack the field
+        model = gpart.apply(model, gpart.GPartConfig(d=args.d, target_modules=args.targets, **extra))
     elif method in ("lora", "unilora"):
         from peft import LoraConfig, UniLoraConfig, get_peft_model
 

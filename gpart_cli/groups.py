@@ -63,9 +63,10 @@ class LayerGroups:
               dropout: Dropout = None) -> torch.Tensor:
         """W0 + ΔW in the base dtype (summed in fp32, rounded once), or ΔW alone (`weight` None) in `dtype`."""
         device = theta_s.device
-        call = BuildCall(device, dtype if weight is None else weight.dtype, weight is not None, dropout is not None,
-                         self.offset, self.n_weight, self.n, self.d, self.seed)
-        if use_kernel(call, self.log):
+        out_dtype = dtype if weight is None else weight.dtype
+        if use_kernel("build", device, out_dtype, self.log, lambda: BuildCall(
+                device, out_dtype, weight is not None, dropout is not None, self.offset, self.n_weight, self.n,
+                self.d, self.seed)):
             with device_guard(device):
                 return _kernels().build_weight(weight, theta_s, self.offset, self.n, self.d, self.seed,
                                                shape=shape, dtype=dtype, dropout=dropout)
@@ -84,10 +85,11 @@ class LayerGroups:
 
     def _bias_ids(self, device: torch.device) -> torch.Tensor:
         # A bias is small: on the kernel path its ids are recomputed rather than cached.
-        call = IdsCall(device, self.offset + self.n_weight, self.n_bias, self.n, self.d, self.seed)
-        if use_kernel(call, self.log):
+        start = self.offset + self.n_weight
+        if use_kernel("ids", device, torch.int32, self.log,
+                      lambda: IdsCall(device, start, self.n_bias, self.n, self.d, self.seed)):
             with device_guard(device):
-                return _kernels().group_ids_triton(self.n, self.d, self.seed, call.start, call.count, device)
+                return _kernels().group_ids_triton(self.n, self.d, self.seed, start, self.n_bias, device)
         return self.ids(device)[self.n_weight:]
 
     # ---- ∂L/∂θ ---------------------------------------------------------------------------------------
@@ -96,11 +98,10 @@ class LayerGroups:
         """grad_theta[g(i)] += ∂L/∂W_i for gy (T, out) and x (T, in), without keeping ∂L/∂W afterwards."""
         device = gy.device
         deterministic = torch.are_deterministic_algorithms_enabled()
-        T, M = gy.shape
-        precision = dot_precision(gy.dtype, device)[0]
-        call = GradCall(device, gy.dtype, transposed, dropout is not None, deterministic, precision, T, M,
-                        x.shape[1], self.offset, self.n, self.d, self.seed)
-        if use_kernel(call, self.log):
+        if use_kernel("grad", device, gy.dtype, self.log, lambda: GradCall(
+                device, gy.dtype, transposed, dropout is not None, deterministic,
+                dot_precision(gy.dtype, device)[0], *gy.shape, x.shape[1], self.offset, self.n, self.d, self.seed),
+                deterministic):
             with device_guard(device):
                 _kernels().grad_from_gemm(grad_theta, gy.contiguous(), x.contiguous(), self.offset, self.n, self.d,
                                           self.seed, transposed, dropout=dropout, deterministic=deterministic,

@@ -107,10 +107,16 @@ def _reject(call, reason: str) -> None:
                       f"weight). GPART_TRITON=0 skips the kernels", KernelFallbackWarning, stacklevel=3)
 
 
-def use_kernel(call, log: "ComputeLog | None") -> bool:
-    """Whether `call` runs on its Triton kernel; the first call of its class self-checks the kernel."""
-    reason = _why_not(call.device)
+def use_kernel(op: str, device: torch.device, dtype: torch.dtype, log: "ComputeLog | None", make_call,
+               deterministic: bool = False) -> bool:
+    """Whether this op runs on its Triton kernel; the first call of its class self-checks the kernel.
+
+    `make_call()` describes the call (see `selfcheck`); it is only built where kernels could run, so the
+    reference path pays a dictionary store per op and nothing more.
+    """
+    reason = _why_not(device)
     if reason is None:
+        call = make_call()
         key = call.key()
         if key not in _verdicts:
             from . import triton_gpart
@@ -122,7 +128,7 @@ def use_kernel(call, log: "ComputeLog | None") -> bool:
             _reject(call, reason)
             reason = f"self-check failed: {reason}"
     if log is not None:
-        log.record(call, reason)
+        log.record(op, device, dtype, reason, deterministic)
     return reason is None
 
 
@@ -139,10 +145,10 @@ class ComputeLog:
         self.entries: dict[tuple, str | None] = {}  # (op, device, dtype) -> None (triton) or why the reference ran
         self.deterministic = False
 
-    def record(self, call, reason: str | None) -> None:
-        self.entries[(call.op, call.device, call.dtype)] = reason  # called per op: keep it a dict store
-        if not self.deterministic and getattr(call, "deterministic", False):
-            self.deterministic = True
+    def record(self, op: str, device: torch.device, dtype: torch.dtype, reason: str | None,
+               deterministic: bool = False) -> None:
+        self.entries[(op, device, dtype)] = reason  # called per op: keep it a dict store
+        self.deterministic = self.deterministic or deterministic
 
     def summary(self) -> dict:
         """JSON-ready: every (op, device, dtype) with its path, and whether ∂L/∂θ was reduced deterministically."""
