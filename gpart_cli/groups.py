@@ -117,13 +117,21 @@ class LayerGroups:
 
 
 def _grouped_sum(out: torch.Tensor, ids: torch.Tensor, values: torch.Tensor) -> None:
-    """out[ids[i]] += values[i]. On the CPU scatter_add_ with int64 ids runs about twice as fast as index_add_
-    with int32 ones, conversion included; both add in index order (deterministic). CUDA keeps index_add_,
-    which torch's deterministic mode makes deterministic."""
-    if out.device.type == "cpu":
+    """out[ids[i]] += values[i], in a fixed order (deterministic).
+
+    On the CPU the two halves are summed into two rows by one scatter_add_, which torch runs on two threads
+    (the 1-D reductions are serial), then the rows are added: about 1.5x faster on the cold data it meets in a
+    training step. Always two rows, whatever the thread count, so the bits do not depend on it. CUDA keeps
+    index_add_, which torch's deterministic mode makes deterministic.
+    """
+    if out.device.type != "cpu":
+        out.index_add_(0, ids, values)
+    elif values.numel() % 2:
         out.scatter_add_(0, ids.long(), values)
     else:
-        out.index_add_(0, ids, values)
+        rows = torch.zeros(2, out.numel(), dtype=out.dtype)
+        rows.scatter_add_(1, ids.long().view(2, -1), values.view(2, -1))
+        out += rows[0] + rows[1]
 
 
 def _weight_grad(gy: torch.Tensor, x: torch.Tensor, transposed: bool) -> torch.Tensor:

@@ -7,6 +7,7 @@ Triton's interpreter, and failing or wrong kernels are injected into `triton_gpa
 import copy
 import json
 import os
+import sys
 
 import pytest
 import torch
@@ -92,6 +93,19 @@ def test_a_wrong_kernel_is_caught_by_the_comparison(kernels_on_cpu, monkeypatch,
     assert torch.equal(out, want_out)
     torch.testing.assert_close(grad, want_grad, rtol=1e-5, atol=1e-8)  # kernel reduction: fp32, another order
     assert f"build on {DEVICE} float32: reference: self-check failed" in compute_path(model)
+
+
+def test_a_triton_that_does_not_import_falls_back_too(kernels_on_cpu, monkeypatch, tokens):
+    """Triton installed but broken (a driver or CUDA mismatch): the import fails inside the check, not the run."""
+    import gpart_cli.kernels as kernels_package
+
+    ref, model = _pair()
+    want_out, want_grad = _reference(ref, tokens, monkeypatch)
+    monkeypatch.delattr(kernels_package, "triton_gpart")
+    monkeypatch.setitem(sys.modules, "gpart_cli.kernels.triton_gpart", None)  # import now raises ImportError
+    with pytest.warns(dispatch.KernelFallbackWarning, match="Triton does not import: ModuleNotFoundError"):
+        out, grad = _step(model, tokens)
+    assert torch.equal(out, want_out) and torch.equal(grad, want_grad)
 
 
 def test_gpart_triton_1_turns_a_failed_check_into_an_error(monkeypatch, tokens):

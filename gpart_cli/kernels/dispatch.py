@@ -107,6 +107,15 @@ def _reject(call, reason: str) -> None:
                       f"weight). GPART_TRITON=0 skips the kernels", KernelFallbackWarning, stacklevel=3)
 
 
+def _check(call) -> str | None:
+    try:  # an installed Triton that does not import (a driver or CUDA mismatch) is a failed check too
+        from . import triton_gpart
+    except Exception as e:
+        return f"Triton does not import: {type(e).__name__}: {e}"
+    with device_guard(call.device):
+        return run_check(call, triton_gpart)
+
+
 def use_kernel(op: str, device: torch.device, dtype: torch.dtype, log: "ComputeLog | None", make_call,
                deterministic: bool = False) -> bool:
     """Whether this op runs on its Triton kernel; the first call of its class self-checks the kernel.
@@ -119,10 +128,7 @@ def use_kernel(op: str, device: torch.device, dtype: torch.dtype, log: "ComputeL
         call = make_call()
         key = call.key()
         if key not in _verdicts:
-            from . import triton_gpart
-
-            with device_guard(call.device):
-                _verdicts[key] = run_check(call, triton_gpart)
+            _verdicts[key] = _check(call)
         reason = _verdicts[key]
         if reason is not None:
             _reject(call, reason)
