@@ -40,7 +40,6 @@ class LayerGroups:
         self.n, self.d, self.seed = n, d, seed
         self.log = log
         self._ids: torch.Tensor | None = None
-        self._spare: list[torch.Tensor] = []  # W_eff buffers handed back by backward (CPU training)
 
     # ---- the reference path's id cache ---------------------------------------------------------------
     def ids(self, device: torch.device) -> torch.Tensor:
@@ -53,38 +52,16 @@ class LayerGroups:
         return self._ids
 
     def release(self) -> None:
-        """Free the id cache and spare buffers (merge does this layer by layer); rebuilt if used again."""
+        """Free the id cache (merge does this layer by layer); it is rebuilt if the layer is used again."""
         self._ids = None
-        self._spare.clear()
-
-    # ---- W_eff buffers of CPU training: reused across steps, so no step pays for fresh pages ---------------
-    def spare_buffer(self, weight: torch.Tensor) -> torch.Tensor | None:
-        """A buffer for this layer's fp32 W_eff on the CPU, or None (GPU, other dtypes)."""
-        if weight.device.type != "cpu" or weight.dtype != torch.float32:
-            return None
-        return self._spare.pop() if self._spare else torch.empty_like(weight)
-
-    def recycle(self, w_eff: torch.Tensor, weight: torch.Tensor) -> None:
-        """Take back a W_eff whose backward is done (a second backward through it would fail torch's version
-        check, not read stale values). Only CPU fp32 tensors of this layer's shape; at most two kept."""
-        if (w_eff.device.type == "cpu" and w_eff.dtype == torch.float32 and w_eff.shape == weight.shape
-                and w_eff.is_contiguous() and len(self._spare) < 2):
-            self._spare.append(w_eff)
-
-    def drop_buffers(self) -> None:
-        """Free the spare W_eff buffers (eval mode: inference keeps one weight copy at a time)."""
-        self._spare.clear()
 
     def state_bytes(self) -> int:
         return 0 if self._ids is None else self._ids.numel() * self._ids.element_size()
 
     # ---- ΔW ------------------------------------------------------------------------------------------
     def build(self, weight: torch.Tensor | None, theta_s: torch.Tensor, *, shape=None, dtype=None,
-              dropout: Dropout = None, out: torch.Tensor | None = None) -> torch.Tensor:
-        """W0 + ΔW in the base dtype (summed in fp32, rounded once), or ΔW alone (`weight` None) in `dtype`.
-
-        `out`: an fp32 buffer shaped like an fp32 `weight` that the reference path writes W_eff into.
-        """
+              dropout: Dropout = None) -> torch.Tensor:
+        """W0 + ΔW in the base dtype (summed in fp32, rounded once), or ΔW alone (`weight` None) in `dtype`."""
         device = theta_s.device
         out_dtype = dtype if weight is None else weight.dtype
         if use_kernel("build", device, out_dtype, self.log, lambda: BuildCall(
@@ -93,8 +70,7 @@ class LayerGroups:
             with device_guard(device):
                 return _kernels().build_weight(weight, theta_s, self.offset, self.n, self.d, self.seed,
                                                shape=shape, dtype=dtype, dropout=dropout)
-        use_out = out is not None and weight is not None and weight.dtype == torch.float32
-        delta = _gather(theta_s, self.ids(device)[: self.n_weight], out.view(-1) if use_out else None)
+        delta = _gather(theta_s, self.ids(device)[: self.n_weight])  # one W-sized buffer, reused below
         if dropout is not None:
             delta.masked_fill_(rng.drop_mask(self.offset, self.n_weight, dropout[1], dropout[0], device), 0.0)
         if weight is None:
@@ -140,18 +116,14 @@ class LayerGroups:
         grad_theta.index_add_(0, self._bias_ids(gb.device), gb.float())
 
 
-def _gather(table: torch.Tensor, ids: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+def _gather(table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """table[ids], 1-D. On the CPU as four (or two) rows of one `torch.gather`, which torch splits over its
     threads, where `index_select` on a 1-D table is serial: about 1.3x faster on the cold data of a training
     step. A copy, so the rows change no bits."""
     rows = 4 if ids.numel() % 4 == 0 else 2 if ids.numel() % 2 == 0 else 1
     if table.device.type != "cpu" or rows == 1:
-        return torch.index_select(table, 0, ids, out=out) if out is not None else table.index_select(0, ids)
-    index = ids.long().view(rows, -1)
-    source = table.expand(rows, table.numel())
-    gathered = torch.gather(source, 1, index, out=out.view(rows, -1)) if out is not None \
-        else torch.gather(source, 1, index)
-    return gathered.view(-1)
+        return table.index_select(0, ids)
+    return torch.gather(table.expand(rows, table.numel()), 1, ids.long().view(rows, -1)).view(-1)
 
 
 def _grouped_sum(out: torch.Tensor, ids: torch.Tensor, values: torch.Tensor) -> None:

@@ -63,8 +63,7 @@ class GPartLinearFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, theta_scaled, groups, adapt_bias, transposed, dropout):
         dtype = _compute_dtype(x, weight)
         keep = _keeps_weight(weight.device)
-        w = groups.build(weight, theta_scaled, dropout=dropout,
-                         out=groups.spare_buffer(weight) if keep else None).to(dtype)
+        w = groups.build(weight, theta_scaled, dropout=dropout).to(dtype)
         b = groups.effective_bias(bias, theta_scaled) if adapt_bias else bias
         kept = w if keep else None
         ctx.save_for_backward(x, weight, bias, theta_scaled, kept)
@@ -84,8 +83,6 @@ class GPartLinearFunction(torch.autograd.Function):
             if w is None:
                 w = groups.build(weight, theta_scaled, dropout=ctx.dropout).to(dtype)
             grad_x = (gy @ (w.t() if transposed else w)).view(*x.shape[:-1], -1).to(x.dtype)
-        if w is not None:
-            groups.recycle(w, weight)  # the next step's forward writes its W_eff there
         del w
         if ctx.needs_input_grad[1]:  # only when the user unfroze the base weight
             gw = gy.t() @ x2
@@ -145,11 +142,6 @@ class GPartLinear(nn.Module):
         self.adapt_bias = adapt_bias
         self.transposed = not isinstance(base_layer, nn.Linear)  # Conv1D keeps W as (in, out)
         self.quantized = is_quantized(base_layer)
-
-    def train(self, mode: bool = True):
-        if not mode:
-            self.groups.drop_buffers()
-        return super().train(mode)
 
     @property
     def device(self) -> torch.device:

@@ -230,28 +230,6 @@ def test_merge_frees_the_id_caches_layer_by_layer(monkeypatch):
     assert cached_at_merge == list(range(8, 0, -1)) and all(layer.groups.state_bytes() == 0 for layer in layers)
 
 
-def test_cpu_training_reuses_its_w_eff_buffers_safely():
-    _, model = _adapted("llama", d=16)
-    layer = gpart_layers(model)[0][1]
-    model.train()
-    with torch.no_grad():
-        gpart.theta(model).normal_()
-    inputs = _inputs("llama")
-
-    def grad_of(*runs):
-        gpart.theta(model).grad = None
-        outs = [_out(model, inputs) for _ in runs]  # several forwards before one backward
-        sum(o.square().mean() for o in outs).backward()
-        return gpart.theta(model).grad.clone()
-
-    single = grad_of(1)
-    ptr = layer.groups._spare[0].data_ptr()
-    assert torch.equal(grad_of(1), single) and layer.groups._spare[0].data_ptr() == ptr  # reused, same result
-    torch.testing.assert_close(grad_of(1, 2), 2 * single)  # two graphs alive at once: two buffers, no sharing
-    model.eval()
-    assert all(not l.groups._spare for _, l in gpart_layers(model))  # inference holds no spare copies
-
-
 def test_head_modules_train_with_theta():
     _, model = _adapted("roberta", head_modules=["classifier"])
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
