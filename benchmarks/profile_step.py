@@ -1,7 +1,8 @@
 """Where the time of one GPart training step goes: torch.profiler's top operators, as JSON and a table.
 
-    python benchmarks/profile_step.py                 # Llama 512x8, q/k/v/o, d=65,536, batch 4x256, CPU
+    python benchmarks/profile_step.py                 # preset medium: Llama 512x8, q/k/v/o, d=65,536, 4x256, CPU
     python benchmarks/profile_step.py --method floor  # the same for the floor, to compare
+    python benchmarks/profile_step.py --preset small  # any step_time.py flag works (--threads, --dropout, ...)
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Step time and peak memory of GPart against its physical floor, PEFT LoRA, PEFT Uni-LoRA and full fine-tuning.
 
-    python benchmarks/step_time.py                      # CPU defaults: Llama 512x8, q/k/v/o, d=65,536, 4x256
-    python benchmarks/step_time.py --model tiny --steps 3
+    python benchmarks/step_time.py                      # preset medium: Llama 512x8, q/k/v/o, d=65,536, 4x256
+    python benchmarks/step_time.py --preset small       # Llama 384x8, q/k/v/o, d=65,536, 2x384 (few tokens/step)
+    python benchmarks/step_time.py --model tiny --d 4096 --steps 3
     python benchmarks/step_time.py --device cuda --dtype bf16 --model 1b --seq 2048 --batch 1
 
 Floor: the same model with only the target weights requiring grad, forward + backward, no optimizer step: the
@@ -29,9 +30,18 @@ METHODS = ("gpart", "floor", "lora", "unilora", "full")
 MODELS = {  # Llama configs built from scratch (random weights are fine for timing)
     "tiny": dict(hidden_size=64, intermediate_size=172, num_hidden_layers=2, num_attention_heads=4),
     "small": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4),
+    "w384": dict(hidden_size=384, intermediate_size=1024, num_hidden_layers=8, num_attention_heads=6),
     "medium": dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8),
     "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                num_key_value_heads=8),
+}
+
+
+# Named CPU configurations: `medium` is the README's table; `small` has fewer tokens per step, so the per-weight
+# work (building W_eff, reducing ∂L/∂W into ∂L/∂θ) weighs more against the GEMMs.
+PRESETS = {
+    "medium": dict(model="medium", batch=4, seq=256, d=65_536),
+    "small": dict(model="w384", batch=2, seq=384, d=65_536),
 }
 
 
@@ -62,7 +72,8 @@ def prepare(method: str, base, args, copy_base: bool = True):
     for p in model.parameters():
         p.requires_grad_(False)
     if method == "gpart":
-        model = gpart.apply(model, gpart.GPartConfig(d=args.d, target_modules=args.targets))
+        extra = {"dropout": args.dropout} if args.dropout else {}  # older gpart versions lack the field
+        model = gpart.apply(model, gpart.GPartConfig(d=args.d, target_modules=args.targets, **extra))
     elif method in ("lora", "unilora"):
         from peft import LoraConfig, UniLoraConfig, get_peft_model
 
@@ -113,13 +124,16 @@ def time_methods(args) -> dict:
         for _ in range(args.warmup):
             step(*runs[m], batch, args)
     times = {m: [] for m in args.methods}
-    for _ in range(args.steps):  # interleaved: every round times each method once, back to back
-        for m in args.methods:
-            tick = time.perf_counter()
+    cpu = {m: [] for m in args.methods}
+    for r in range(args.steps):  # interleaved: each round times every method once; the order rotates
+        order = args.methods[r % len(args.methods):] + args.methods[:r % len(args.methods)]
+        for m in order:
+            tick, cpu_tick = time.perf_counter(), time.process_time()
             step(*runs[m], batch, args)
             times[m].append(time.perf_counter() - tick)
+            cpu[m].append(time.process_time() - cpu_tick)
     state = {m: partition_state_bytes(runs[m][0], m, n_adapted) for m in args.methods}
-    return {"times": times, "n_adapted": n_adapted, "state_bytes_per_param": state}
+    return {"times": times, "cpu_times": cpu, "n_adapted": n_adapted, "state_bytes_per_param": state}
 
 
 def peak_memory(method: str, args) -> float:
@@ -154,6 +168,14 @@ def ratios(times: dict, a: str, b: str) -> float | None:
     return statistics.median(x / y for x, y in zip(times[a], times[b]))
 
 
+def spread(times: dict, a: str, b: str) -> list[float] | None:
+    """Quartiles of the round-by-round ratio a/b: how noisy the machine was."""
+    if a not in times or b not in times or len(times[a]) < 4:
+        return None
+    q = statistics.quantiles([x / y for x, y in zip(times[a], times[b])], n=4)
+    return [q[0], q[2]]
+
+
 def report(args, timed: dict, memory: dict) -> dict:
     times = timed["times"]
     result = {
@@ -161,12 +183,18 @@ def report(args, timed: dict, memory: dict) -> dict:
                     "threads": torch.get_num_threads(), "device": args.device,
                     "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None,
                     "torch": torch.__version__},
-        "config": {"model": args.model, "targets": args.targets, "d": args.d, "batch": args.batch, "seq": args.seq,
-                   "dtype": args.dtype, "steps": args.steps, "warmup": args.warmup},
+        "config": {"preset": args.preset, "model": args.model, "targets": args.targets, "d": args.d,
+                   "dropout": args.dropout,
+                   "batch": args.batch, "seq": args.seq, "dtype": args.dtype, "steps": args.steps,
+                   "warmup": args.warmup},
         "n_adapted": timed["n_adapted"],
         "median_step_s": {m: statistics.median(t) for m, t in times.items()},
         "ratios": {"gpart/floor": ratios(times, "gpart", "floor"), "gpart/lora": ratios(times, "gpart", "lora"),
                    "gpart/unilora": ratios(times, "gpart", "unilora"), "gpart/full": ratios(times, "gpart", "full")},
+        "gpart/floor_quartiles": spread(times, "gpart", "floor"),
+        "median_cpu_s": {m: statistics.median(t) for m, t in timed["cpu_times"].items()},
+        "cpu_ratio_gpart/floor": ratios(timed["cpu_times"], "gpart", "floor"),
+        "times": times,
         "peak_mib": memory,
         "partition_state_bytes_per_param": timed["state_bytes_per_param"],
     }
@@ -192,20 +220,30 @@ def print_table(result: dict) -> None:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", default="medium", help=f"{', '.join(MODELS)} or a local model dir")
+    p.add_argument("--preset", choices=list(PRESETS), default="medium",
+                   help="named configuration (model, batch, seq, d); the flags below override its values")
+    p.add_argument("--model", help=f"{', '.join(MODELS)} or a local model dir")
     p.add_argument("--targets", nargs="+", default=["q_proj", "k_proj", "v_proj", "o_proj"])
-    p.add_argument("--d", type=int, default=65_536)
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--d", type=int)
+    p.add_argument("--batch", type=int)
+    p.add_argument("--seq", type=int)
     p.add_argument("--vocab", type=int, default=8192)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=list(DTYPES), default="fp32")
     p.add_argument("--steps", type=int, default=7)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
+    p.add_argument("--dropout", type=float, default=0.0, help="GPart's ΔW dropout (its CPU cost: the mask hash)")
     p.add_argument("--no-memory", action="store_true", help="skip the per-method child processes")
     p.add_argument("--child", choices=METHODS, help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    for key, value in PRESETS[args.preset].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return args
 
 
 def main() -> None:

@@ -19,7 +19,7 @@ from torch import nn
 from . import atomic
 from .config import GPartConfig
 from .errors import GpartError
-from .model import apply, fingerprint, gpart_layers, state_of
+from .model import apply, fingerprint, state_of
 from .partition import ALGORITHM
 
 FORMAT = "gpart/1"
@@ -28,6 +28,9 @@ HEAD_PREFIX = "head."
 _MAX_HEADER = 64 << 20
 _META_KEYS = ("format", "d", "seed", "partition", "isometric", "targets", "n_params", "base_model", "task",
               "recipe", "versions")
+# Written since gpart 0.1 too, but optional on read (adapters from before they existed): the training-time knobs
+# and the compute path record. Their defaults are what those older adapters were trained with.
+_OPTIONAL = {"dropout": 0.0, "init_bound": 0.0, "init_seed": None, "compute": None}
 
 
 @dataclass
@@ -47,7 +50,8 @@ class Artifact:
                            target_modules=tuple(t["name"] for t in targets),
                            bias=any(t["bias"] for t in targets), isometric=self.meta["isometric"],
                            head_modules=tuple((self.meta.get("task") or {}).get("head_modules") or ()),
-                           partition=self.meta["partition"])
+                           partition=self.meta["partition"], dropout=self.meta["dropout"],
+                           init_bound=self.meta["init_bound"], init_seed=self.meta["init_seed"])
 
     @property
     def size_bytes(self) -> int:
@@ -94,7 +98,9 @@ def save(model: nn.Module, path: str | os.PathLike, *, task: dict | None = None,
         "format": FORMAT, "d": state.config.d, "seed": state.config.seed, "partition": state.config.partition,
         "isometric": state.config.isometric, "targets": state.targets, "n_params": state.n_params,
         "base_model": base_model or base_model_info(model, state.targets), "task": task,
-        "recipe": recipe or {}, "versions": _versions(),
+        "recipe": recipe or {}, "versions": _versions(), "dropout": state.config.dropout,
+        "init_bound": state.config.init_bound, "init_seed": state.config.init_seed,
+        "compute": state.compute.summary(),
     }
     data = st_save(tensors, metadata={k: json.dumps(v) for k, v in meta.items()})
     atomic.write_bytes(path, data)
@@ -163,6 +169,16 @@ def _check_meta(path: Path, meta: dict, tensors: dict[str, torch.Tensor]) -> Non
         raise _corrupt(path, f"unexpected tensors {stray}")
     if not isinstance(meta["task"], dict) or not isinstance(meta["base_model"], dict):
         raise _corrupt(path, "metadata fields 'task' and 'base_model' must be objects")
+    for key, default in _OPTIONAL.items():
+        meta.setdefault(key, default)
+    for key, upper in (("dropout", 1.0), ("init_bound", float("inf"))):
+        if isinstance(meta[key], bool) or not isinstance(meta[key], (int, float)) or not 0 <= meta[key] < upper:
+            raise _corrupt(path, f"metadata field {key!r} = {meta[key]!r} is not a number in [0, {upper})")
+    seed = meta["init_seed"]
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise _corrupt(path, f"metadata field 'init_seed' = {meta['init_seed']!r} is not an integer")
+    if meta["compute"] is not None and not isinstance(meta["compute"], dict):
+        raise _corrupt(path, "metadata field 'compute' must be an object")
 
 
 def read_artifact(path: str | os.PathLike) -> Artifact:
@@ -215,6 +231,4 @@ def load(base_model: nn.Module, path: str | os.PathLike) -> nn.Module:
                 raise GpartError(f"{art.path}: head tensor {name!r} {tuple(value.shape)} does not fit the model "
                                  f"({have}); load the base with num_labels={value.shape[0]}")
             params[name].copy_(value.to(params[name].device, params[name].dtype))
-    for _, layer in gpart_layers(model):
-        layer._cache = None
     return model

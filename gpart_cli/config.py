@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+from typing import Optional
 
 from .errors import GpartError
 from .partition import ALGORITHM
@@ -21,6 +23,10 @@ class GPartConfig:
         isometric: scale group j by 1/sqrt(n_j) so that P^T P = I (False is the paper's ablation).
         head_modules: modules trained densely and stored beside theta (e.g. a classifier head).
         partition: the partition algorithm id.
+        dropout: probability p of dropping each weight of ΔW in training (the authors' `nn.Dropout` on ΔW;
+            kept values scaled by 1/(1-p)); off in eval mode and in merge. 0 <= p < 1.
+        init_bound: theta starts uniform in [-init_bound, init_bound]; 0 (default) starts at exactly 0.
+        init_seed: seed of that uniform start (default: `seed`).
     """
 
     d: int
@@ -30,6 +36,9 @@ class GPartConfig:
     isometric: bool = True
     head_modules: tuple[str, ...] = field(default_factory=tuple)
     partition: str = ALGORITHM
+    dropout: float = 0.0
+    init_bound: float = 0.0
+    init_seed: Optional[int] = None
 
     def __post_init__(self) -> None:
         if isinstance(self.target_modules, list):
@@ -43,5 +52,18 @@ class GPartConfig:
             raise GpartError(f"seed = {self.seed!r} is invalid: it must be a non-negative integer")
         if not self.target_modules:
             raise GpartError("target_modules is empty: name the modules to adapt, e.g. [q_proj, v_proj]")
+        if not _number(self.dropout) or not 0 <= self.dropout < 1:
+            raise GpartError(f"dropout = {self.dropout!r} is invalid: it must be a probability in [0, 1), e.g. 0.1")
+        if not _number(self.init_bound) or not 0 <= self.init_bound < math.inf:
+            raise GpartError(f"init_bound = {self.init_bound!r} is invalid: it must be a finite number >= 0 "
+                             f"(0 starts theta at exactly zero)")
+        if self.init_seed is None:
+            object.__setattr__(self, "init_seed", self.seed)
+        elif isinstance(self.init_seed, bool) or not isinstance(self.init_seed, int) or self.init_seed < 0:
+            raise GpartError(f"init_seed = {self.init_seed!r} is invalid: it must be a non-negative integer")
         if self.partition != ALGORITHM:
             raise GpartError(f"unknown partition algorithm {self.partition!r}; this gpart knows {ALGORITHM!r}")
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)

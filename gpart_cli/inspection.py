@@ -8,6 +8,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .artifact import Artifact
+from .kernels.dispatch import describe
 
 LORA_RANK = 8  # the comparison point users know: LoRA r=8 on the same target modules
 
@@ -26,6 +27,8 @@ def summarize(art: Artifact) -> dict:
     return {
         "file": str(art.path), "size_bytes": art.size_bytes, "format": meta["format"],
         "partition": meta["partition"], "d": meta["d"], "seed": meta["seed"], "isometric": meta["isometric"],
+        "dropout": meta["dropout"], "init_bound": meta["init_bound"], "init_seed": meta["init_seed"],
+        "compute": meta["compute"], "compute_path": describe(meta["compute"]),
         "n_params": meta["n_params"], "compression": meta["n_params"] / meta["d"],
         "targets": meta["targets"], "base_model": meta["base_model"], "task": meta["task"],
         "head": {name: list(t.shape) for name, t in art.head.items()}, "head_params": head_params,
@@ -66,6 +69,9 @@ def render(summary: dict, console: Console) -> None:
     rows = [
         ("format", f"{s['format']} · partition {s['partition']} · isometric {s['isometric']}"),
         ("d · seed", f"{s['d']:,} · {s['seed']}"),
+        ("training", f"ΔW dropout {s['dropout']:g} · θ init "
+                     + (f"uniform ±{s['init_bound']:g} (seed {s['init_seed']})" if s["init_bound"] else "zeros")),
+        ("compute path", s["compute_path"]),
         ("adapted params N", f"{s['n_params']:,} ({s['compression']:,.1f} weights per theta entry)"),
         ("targets", _targets_line(s["targets"])),
         ("base model", f"{base.get('name_or_path') or '?'} (revision {base.get('revision') or 'default'}, "

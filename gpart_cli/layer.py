@@ -3,13 +3,21 @@
 ΔW_i = theta_g(i) / sqrt(n_g(i)). The 1/sqrt(n_j) factor depends only on the group, so the layer
 scales theta once (d values) and gathers: ΔW = theta_scaled[g]. In backward the grouped reduction runs on
 the unscaled sum and autograd applies the scale to d values, never to N. `LayerGroups` decides how g is
-found: cached int32 ids on CPU, on-the-fly Triton kernels on CUDA.
+found: on-the-fly Triton kernels on CUDA, cached int32 ids on the reference path.
 
-A custom autograd Function keeps nothing of the size of W between forward and backward: it saves x and
-the (tiny) scaled theta, and rebuilds W_eff in backward for ∂L/∂x.
+A custom autograd Function saves x and the (tiny) scaled theta. On the GPU it keeps nothing of the size of W
+between forward and backward and rebuilds W_eff for ∂L/∂x. On the CPU reference path it keeps the W_eff it
+built (one copy of the adapted weights, less than the ∂L/∂W a dense method holds): a second gather costs
+more there than the memory. Gradient checkpointing drops it like any saved tensor.
+
+Dropout on ΔW (method.dropout, as the authors apply `nn.Dropout` to ΔW) scales theta by 1/(1-p) and zeroes
+the dropped weights of ΔW with a mask recomputed from a key (see `gpart_cli.rng`); it is off in eval mode.
+Outside training no layer caches anything: each call builds its W_eff and drops it.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import torch.nn.functional as F
@@ -17,13 +25,25 @@ from torch import nn
 
 from .errors import GpartError
 from .groups import LayerGroups
+from .quantized import is_quantized, weight_shape
+
+
+def _autocast_device(x: torch.Tensor) -> bool:
+    """Whether autocast exists for x's device type: every real one, not `meta` (shape-only tensors)."""
+    return x.device.type != "meta"
 
 
 def _compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     """The dtype the GEMMs run in: autocast's when it is on, else the weight's."""
-    if torch.is_autocast_enabled(x.device.type):
+    if _autocast_device(x) and torch.is_autocast_enabled(x.device.type):
         return torch.get_autocast_dtype(x.device.type)
     return weight.dtype
+
+
+def _no_autocast(x: torch.Tensor):
+    if _autocast_device(x) and torch.is_autocast_enabled(x.device.type):
+        return torch.autocast(x.device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, transposed: bool) -> torch.Tensor:
@@ -31,42 +51,51 @@ def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, transposed
     return F.linear(x, w.t() if transposed else w, b)
 
 
+def _keeps_weight(device: torch.device) -> bool:
+    """Whether forward saves W_eff for backward (CPU) instead of rebuilding it (GPU: memory is scarcer)."""
+    return device.type == "cpu"
+
+
 class GPartLinearFunction(torch.autograd.Function):
     """y = x W_eff^T + b_eff, with ∂L/∂theta_scaled = the grouped sum of ∂L/∂W (and ∂L/∂b)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, theta_scaled, groups, adapt_bias, transposed):
+    def forward(ctx, x, weight, bias, theta_scaled, groups, adapt_bias, transposed, dropout):
         dtype = _compute_dtype(x, weight)
-        w = groups.effective_weight(weight, theta_scaled).to(dtype)
+        keep = _keeps_weight(weight.device)
+        w = groups.build(weight, theta_scaled, dropout=dropout).to(dtype)
         b = groups.effective_bias(bias, theta_scaled) if adapt_bias else bias
-        ctx.save_for_backward(x, weight, bias, theta_scaled)
-        ctx.groups, ctx.adapt_bias, ctx.dtype, ctx.transposed = groups, adapt_bias, dtype, transposed
-        with torch.autocast(x.device.type, enabled=False):
+        kept = w if keep else None
+        ctx.save_for_backward(x, weight, bias, theta_scaled, kept)
+        ctx.groups, ctx.adapt_bias, ctx.dtype, ctx.transposed, ctx.dropout = (groups, adapt_bias, dtype, transposed,
+                                                                               dropout)
+        with _no_autocast(x):
             return _linear(x.to(dtype), w, None if b is None else b.to(dtype), transposed)
 
     @staticmethod
     def backward(ctx, grad_y):
-        x, weight, bias, theta_scaled = ctx.saved_tensors
+        x, weight, bias, theta_scaled, w = ctx.saved_tensors
         groups, dtype, transposed = ctx.groups, ctx.dtype, ctx.transposed
         gy = grad_y.to(dtype).reshape(-1, grad_y.shape[-1])  # (B*T, out)
         x2 = x.to(dtype).reshape(-1, x.shape[-1])             # (B*T, in)
         grad_x = grad_w = grad_b = grad_theta = None
         if ctx.needs_input_grad[0]:
-            w = groups.effective_weight(weight, theta_scaled).to(dtype)
+            if w is None:
+                w = groups.build(weight, theta_scaled, dropout=ctx.dropout).to(dtype)
             grad_x = (gy @ (w.t() if transposed else w)).view(*x.shape[:-1], -1).to(x.dtype)
-            del w
+        del w
         if ctx.needs_input_grad[1]:  # only when the user unfroze the base weight
             gw = gy.t() @ x2
             grad_w = (gw.t() if transposed else gw).to(weight.dtype)
         if ctx.needs_input_grad[3]:
             grad_theta = torch.zeros_like(theta_scaled)
-            groups.add_weight_grad(grad_theta, gy, x2, transposed)
+            groups.add_weight_grad(grad_theta, gy, x2, transposed, ctx.dropout)
         if bias is not None and (ctx.needs_input_grad[2] or (ctx.adapt_bias and grad_theta is not None)):
             gb = gy.sum(0)
             grad_b = gb.to(bias.dtype) if ctx.needs_input_grad[2] else None
             if ctx.adapt_bias and grad_theta is not None:
                 groups.add_bias_grad(grad_theta, gb)
-        return grad_x, grad_w, grad_b, grad_theta, None, None, None
+        return grad_x, grad_w, grad_b, grad_theta, None, None, None, None
 
 
 class GPartDeltaFunction(torch.autograd.Function):
@@ -76,11 +105,11 @@ class GPartDeltaFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, theta_scaled, groups, shape, dtype):
+    def forward(ctx, x, theta_scaled, groups, shape, dtype, dropout):
         ctx.save_for_backward(x, theta_scaled)
-        ctx.groups, ctx.shape, ctx.dtype = groups, shape, dtype
-        with torch.autocast(x.device.type, enabled=False):
-            return F.linear(x.to(dtype), groups.delta_weight(theta_scaled, shape).to(dtype))
+        ctx.groups, ctx.shape, ctx.dtype, ctx.dropout = groups, shape, dtype, dropout
+        with _no_autocast(x):
+            return F.linear(x.to(dtype), groups.build(None, theta_scaled, shape=shape, dtype=dtype, dropout=dropout))
 
     @staticmethod
     def backward(ctx, grad_y):
@@ -88,24 +117,12 @@ class GPartDeltaFunction(torch.autograd.Function):
         gy = grad_y.to(ctx.dtype).reshape(-1, grad_y.shape[-1])
         grad_x = grad_theta = None
         if ctx.needs_input_grad[0]:
-            delta = ctx.groups.delta_weight(theta_scaled, ctx.shape).to(ctx.dtype)
+            delta = ctx.groups.build(None, theta_scaled, shape=ctx.shape, dtype=ctx.dtype, dropout=ctx.dropout)
             grad_x = (gy @ delta).view(*x.shape[:-1], -1).to(x.dtype)
         if ctx.needs_input_grad[1]:
             grad_theta = torch.zeros_like(theta_scaled)
-            ctx.groups.add_weight_grad(grad_theta, gy, x.to(ctx.dtype).reshape(-1, x.shape[-1]), False)
-        return grad_x, grad_theta, None, None, None
-
-
-def is_quantized(module: nn.Module) -> bool:
-    """A bitsandbytes 4/8-bit linear, whose packed weight cannot take W0 + ΔW directly."""
-    return type(module).__name__ in ("Linear4bit", "Linear8bitLt")
-
-
-def weight_shape(module: nn.Module) -> tuple[int, ...]:
-    """The logical (out, in) shape of a target's weight, also for packed quantized weights."""
-    if is_quantized(module):
-        return (module.out_features, module.in_features)
-    return tuple(module.weight.shape)
+            ctx.groups.add_weight_grad(grad_theta, gy, x.to(ctx.dtype).reshape(-1, x.shape[-1]), False, ctx.dropout)
+        return grad_x, grad_theta, None, None, None, None
 
 
 class GPartLinear(nn.Module):
@@ -113,7 +130,8 @@ class GPartLinear(nn.Module):
 
     The layer owns no trainable state: theta lives in the shared `GPartState`, reached through `state`;
     `groups` says where its weights (then bias) sit in the partition. A quantized base is kept as it is and
-    the update is added to its output.
+    the update is added to its output. theta is moved to the layer's device (a model split over GPUs), and
+    its gradient flows back to theta's own device through that move.
     """
 
     def __init__(self, base_layer: nn.Module, state: nn.Module, groups: LayerGroups, adapt_bias: bool) -> None:
@@ -124,38 +142,37 @@ class GPartLinear(nn.Module):
         self.adapt_bias = adapt_bias
         self.transposed = not isinstance(base_layer, nn.Linear)  # Conv1D keeps W as (in, out)
         self.quantized = is_quantized(base_layer)
-        self._cache: tuple[tuple, torch.Tensor, torch.Tensor | None] | None = None
+
+    @property
+    def device(self) -> torch.device:
+        """Where the layer computes: its base weight's device (θ is brought here)."""
+        return self.base_layer.weight.device
 
     def delta_weight(self) -> torch.Tensor:
-        """ΔW in fp32, shaped like the base weight (differentiable in theta)."""
-        return self.groups.delta_weight(self.state.scaled_theta(), weight_shape(self.base_layer))
+        """ΔW in fp32, shaped like the base weight (differentiable in theta; no dropout)."""
+        theta_s = self.state.scaled_theta(self.device)
+        return self.groups.build(None, theta_s, shape=weight_shape(self.base_layer), dtype=torch.float32)
 
     def merged_weights(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(W0 + ΔW, b0 + Δb) in the base dtype: what merging writes into the base layer."""
+        """(W0 + ΔW, b0 + Δb) in the base dtype: what merging writes into the base layer (no dropout)."""
         if self.quantized:
             raise GpartError("merging into a 4/8-bit quantized base would re-quantize W0 + ΔW and lose the update; "
                              "merge into an unquantized copy instead: gpart merge BASE ADAPTER -o DIR --dtype bfloat16")
-        theta_s = self.state.scaled_theta().detach()
+        theta_s = self.state.scaled_theta(self.device).detach()
         weight, bias = self.base_layer.weight, self.base_layer.bias
-        w = self.groups.effective_weight(weight.detach(), theta_s)
+        w = self.groups.build(weight.detach(), theta_s)
         b = self.groups.effective_bias(bias.detach(), theta_s) if self.adapt_bias else bias
         return w, b
 
-    def _cached_weights(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        # Inference with a frozen theta: build W_eff once, rebuild only when theta changes.
-        theta = self.state.theta
-        key = (theta._version, theta.data_ptr(), theta.device, self.base_layer.weight.dtype)
-        if self._cache is None or self._cache[0] != key:
-            self._cache = (key, *self.merged_weights())
-        return self._cache[1], self._cache[2]
+    def _theta(self, training_grad: bool) -> torch.Tensor:
+        theta_s = self.state.scaled_theta(self.device, dropout=self.training)
+        return theta_s if training_grad else theta_s.detach()
 
     def _forward_quantized(self, x: torch.Tensor) -> torch.Tensor:
         dtype = _compute_dtype(x, x)  # the activations' dtype, or autocast's
-        theta_s = self.state.scaled_theta()
-        if not torch.is_grad_enabled() or not self.state.theta.requires_grad:
-            theta_s = theta_s.detach()
+        theta_s = self._theta(torch.is_grad_enabled() and self.state.theta.requires_grad)
         shape = weight_shape(self.base_layer)
-        delta = GPartDeltaFunction.apply(x, theta_s, self.groups, shape, dtype)
+        delta = GPartDeltaFunction.apply(x, theta_s, self.groups, shape, dtype, self.state.dropout(self.training))
         return self.base_layer(x) + delta.to(x.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -163,12 +180,14 @@ class GPartLinear(nn.Module):
             return self._forward_quantized(x)
         weight, bias = self.base_layer.weight, self.base_layer.bias
         if torch.is_grad_enabled() and (self.state.theta.requires_grad or weight.requires_grad):
-            self._cache = None
-            return GPartLinearFunction.apply(x, weight, bias, self.state.scaled_theta(), self.groups,
-                                             self.adapt_bias, self.transposed)
-        w, b = self._cached_weights() if not self.training else self.merged_weights()
+            return GPartLinearFunction.apply(x, weight, bias, self._theta(True), self.groups, self.adapt_bias,
+                                             self.transposed, self.state.dropout(self.training))
+        # No gradient: build W_eff for this call only (at most one extra weight copy alive at a time).
+        theta_s = self._theta(False)
         dtype = _compute_dtype(x, weight)
-        return _linear(x.to(dtype), w.to(dtype), None if b is None else b.to(dtype), self.transposed)
+        w = self.groups.build(weight, theta_s, dropout=self.state.dropout(self.training)).to(dtype)
+        b = self.groups.effective_bias(bias, theta_s) if self.adapt_bias else bias
+        return _linear(x.to(dtype), w, None if b is None else b.to(dtype), self.transposed)
 
 
 def supported(module: nn.Module) -> bool:

@@ -60,7 +60,8 @@ def prepare(model: nn.Module, method, train, task_type: str) -> Prepared:
     heads = list(method.head_modules) if method.head_modules is not None else default_head_modules(model, task_type)
     if method.name == "gpart":
         model = apply(model, GPartConfig(d=method.d, seed=method.seed, target_modules=tuple(method.target_modules),
-                                         bias=method.bias, isometric=method.isometric, head_modules=tuple(heads)))
+                                         bias=method.bias, isometric=method.isometric, head_modules=tuple(heads),
+                                         dropout=method.dropout, init_bound=method.init_bound, init_seed=train.seed))
     elif method.name in ("lora", "unilora"):
         from peft import get_peft_model
 

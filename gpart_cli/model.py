@@ -9,31 +9,49 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+
 import torch
 from torch import nn
 
+from . import rng
 from .config import GPartConfig
 from .errors import GpartError
-from .layer import GPartLinear, check_supported, is_quantized, weight_shape
 from .groups import LayerGroups
+from .kernels.dispatch import ComputeLog
+from .layer import GPartLinear, check_supported
 from .partition import group_sizes
+from .quantized import is_quantized, keep_autograd_layout, weight_shape
 
 STATE_NAME = "gpart_state"
 
 
+def initial_theta(config: GPartConfig) -> torch.Tensor:
+    """theta at the start: exactly 0, or uniform in [-init_bound, init_bound] from the counter hash of init_seed."""
+    if config.init_bound == 0:
+        return torch.zeros(config.d, dtype=torch.float32)
+    u = rng.uniform(config.d, rng.init_key(config.init_seed))
+    return ((2.0 * u - 1.0) * config.init_bound).float()
+
+
 class GPartState(nn.Module):
-    """The one trainable vector theta (fp32, [d], zeros at start) and the partition's bookkeeping."""
+    """The one trainable vector theta (fp32, [d]) and the partition's bookkeeping.
+
+    `dropout_key` is the key of the current micro-batch's ΔW dropout mask (the trainer sets it); `compute`
+    records which path (Triton kernels or reference) each op ran on.
+    """
 
     def __init__(self, config: GPartConfig, targets: list[dict], n_params: int) -> None:
         super().__init__()
         self.config = config
         self.targets = targets  # module spec: [{"name", "shape", "bias"}] in canonical order
         self.n_params = n_params
-        self.theta = nn.Parameter(torch.zeros(config.d, dtype=torch.float32))
+        self.theta = nn.Parameter(initial_theta(config))
         scale = group_sizes(n_params, config.d).double().rsqrt().float() if config.isometric \
             else torch.ones(config.d)
         self.register_buffer("inv_sqrt_sizes", scale, persistent=False)
         self.head_names: list[str] = []
+        self.dropout_key: int | None = None
+        self.compute = ComputeLog()
 
     def _apply(self, fn, recurse=True):
         # model.to(torch.bfloat16) must move theta but not round it: theta stays fp32 (DESIGN §1).
@@ -45,9 +63,27 @@ class GPartState(nn.Module):
             self.inv_sqrt_sizes = scale.to(self.inv_sqrt_sizes.device)
         return self
 
-    def scaled_theta(self) -> torch.Tensor:
-        """theta_j / sqrt(n_j) (or theta itself when not isometric): what each weight of group j gets."""
-        return self.theta * self.inv_sqrt_sizes
+    def scaled_theta(self, device: torch.device | None = None, dropout: bool = False) -> torch.Tensor:
+        """theta_j / sqrt(n_j) (theta itself when not isometric): what each weight of group j gets, on `device`.
+
+        With `dropout` (a layer in training mode) and method dropout p > 0 it is also scaled by 1/(1-p), as
+        `nn.Dropout` scales the values it keeps. The move to `device` is differentiable.
+        """
+        theta_s = self.theta * self.inv_sqrt_sizes
+        if dropout and self.config.dropout > 0:
+            theta_s = theta_s * (1.0 / (1.0 - self.config.dropout))
+        return theta_s if device is None or theta_s.device == device else theta_s.to(device)
+
+    def dropout(self, training: bool) -> tuple[int, int] | None:
+        """(threshold, key) of ΔW dropout for a layer in this mode, or None (eval mode, or p = 0)."""
+        if not training or self.config.dropout == 0:
+            return None
+        key = self.dropout_key
+        if key is None:
+            # No trainer set a key: draw one from torch's CPU RNG, so torch.manual_seed reproduces the masks and
+            # torch.utils.checkpoint (which restores the RNG state) recomputes the same ones.
+            key = int(torch.randint(0, 2**62, (1,)))
+        return rng.drop_threshold(self.config.dropout), key
 
 
 def _matches(name: str, target_modules) -> bool:
@@ -129,13 +165,15 @@ def apply(model: nn.Module, config: GPartConfig) -> nn.Module:
                          f"parameters and d must satisfy 1 <= d <= N. Choose a smaller d or adapt more modules")
     for p in model.parameters():
         p.requires_grad_(False)
+    if any(is_quantized(m) for _, m in found):
+        keep_autograd_layout(model)
     device = next((m.weight.device for _, m in found), torch.device("cpu"))
     state = GPartState(config, spec, n_params).to(device)
     model.add_module(STATE_NAME, state)
     offset = 0
     for entry, count, (name, module) in zip(spec, sizes, found):
         n_bias = module.bias.numel() if entry["bias"] else 0
-        groups = LayerGroups(offset, count - n_bias, n_bias, n_params, config.d, config.seed)
+        groups = LayerGroups(offset, count - n_bias, n_bias, n_params, config.d, config.seed, state.compute)
         _set_module(model, name, GPartLinear(module, state, groups, entry["bias"]))
         offset += count
     state.head_names = _unfreeze_heads(model, config.head_modules)
@@ -171,11 +209,28 @@ def gpart_layers(model: nn.Module) -> list[tuple[str, GPartLinear]]:
     return [(name, m) for name, m in model.named_modules() if isinstance(m, GPartLinear)]
 
 
+def compute_path(model: nn.Module) -> str | None:
+    """Which path (Triton kernels or reference) the model's GPart layers ran on, or None without GPart."""
+    state = getattr(model, STATE_NAME, None)
+    return state.compute.describe() if isinstance(state, GPartState) else None
+
+
+def set_dropout_key(model: nn.Module, seed: int, micro_batch: int) -> None:
+    """Key ΔW dropout to (train seed, micro-batch index): the same masks on resume and on recompute.
+
+    A no-op for models without GPart (the trainer calls it for every method).
+    """
+    state = getattr(model, STATE_NAME, None)
+    if isinstance(state, GPartState):
+        state.dropout_key = rng.micro_batch_key(seed, micro_batch)
+
+
 @torch.no_grad()
 def merge(model: nn.Module) -> nn.Module:
     """Fold ΔW into the base weights (fp32 sum, one rounding) and remove every GPart module.
 
-    Returns the same model object, now a plain transformers/torch model. Head modules stay trained.
+    Layer by layer: one W_eff and one layer's group-id cache alive at a time. Returns the same model object,
+    now a plain transformers/torch model. Head modules stay trained.
     """
     state_of(model)
     layers = gpart_layers(model)
@@ -188,6 +243,8 @@ def merge(model: nn.Module) -> nn.Module:
         base.weight.data.copy_(w)
         if layer.adapt_bias:
             base.bias.data.copy_(b)
+        del w, b
+        layer.groups.release()
         _set_module(model, name, base)
     delattr(model, STATE_NAME)
     return model

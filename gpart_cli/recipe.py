@@ -46,6 +46,8 @@ class MethodSection:
     target_modules: list = field(default_factory=lambda: ["query", "value"])
     bias: bool = False
     isometric: bool = True
+    dropout: float = 0.0                     # gpart: dropout on ΔW in training (the authors: GLUE 0.1, math 0.05)
+    init_bound: float = 0.0                  # gpart: theta starts uniform in [-b, b] (seeded); 0 = exactly zeros
     rank: int = 8                            # LoRA / Uni-LoRA rank
     alpha: float = 16.0                      # LoRA alpha
     head_modules: Optional[list] = None      # default: the task head the model class has
@@ -100,6 +102,7 @@ class TrainSection:
     eval_before: bool = True                 # score the untrained model first (before vs after)
     on_nan: str = "stop"                     # stop | skip
     distributed: str = "ddp"                 # under torchrun: ddp (model replicated) | fsdp (base weights sharded)
+    deterministic: bool = False              # bit-reproducible GPU runs (deterministic algorithms; slower)
 
 
 @dataclass(frozen=True)
@@ -137,7 +140,7 @@ _POSITIVE = {"method.d", "method.rank", "train.batch_size", "train.grad_accum", 
              "train.save_every", "data.max_train_samples", "data.max_eval_samples", "eval.limit",
              "data.image_size", "data.dev_samples", "eval.dev_batch_size"}
 _NON_NEGATIVE = {"method.seed", "train.seed", "train.weight_decay", "train.lr_theta", "train.lr_head",
-                 "train.epochs", "train.max_grad_norm"}
+                 "train.epochs", "train.max_grad_norm", "method.init_bound"}
 
 
 def _coerce(path: str, value: Any, hint) -> Any:
@@ -191,7 +194,7 @@ def _check_range(path: str, value: Any) -> None:
         raise GpartError(f"recipe field {path} = {value!r} must be >= 1")
     if path in _NON_NEGATIVE and value is not None and value < 0:
         raise GpartError(f"recipe field {path} = {value!r} must be >= 0")
-    if path == "data.dev_fraction" and not 0 <= value < 1:
+    if path in ("data.dev_fraction", "method.dropout") and not 0 <= value < 1:
         raise GpartError(f"recipe field {path} = {value!r} must be in [0, 1)")
 
 

@@ -8,11 +8,18 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-# Without a GPU the Triton kernels run in Triton's interpreter on CPU tensors (set before triton is imported).
-os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
+import torch  # noqa: E402  (importing torch does not import triton)
+
+# Without a GPU the Triton kernels run in Triton's interpreter on CPU tensors (set before triton is imported).
+# With one they are compiled, so the kernel tests check what users run.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+GPU = torch.cuda.is_available()
+# Where the kernel tests run: compiled on the GPU when there is one, else CPU tensors under the interpreter.
+DEVICE = torch.device("cuda:0") if GPU else torch.device("cpu")
+gpu_only = pytest.mark.skipif(not GPU, reason="needs a CUDA GPU (its CPU twin runs everywhere)")
 
 ASSETS = Path(__file__).resolve().parents[1].parent / "shared" / "assets"
 

@@ -93,10 +93,14 @@ def _without_dropout(model_dir, out):
 
 @pytest.fixture(scope="module")
 def glue(tiny_bert_dir, sst2_files, tmp_path_factory):
-    """(recipe file, single-process run dir): 72 train rows in micro-batches of 8, 2 per step, 6 steps."""
+    """(recipe file, single-process run dir): 72 train rows in micro-batches of 8, 2 per step, 6 steps.
+
+    ΔW dropout is on: its masks are keyed by the global micro-batch, so every world size must draw the same ones.
+    """
     tmp = tmp_path_factory.mktemp("glue")
     model_dir = _without_dropout(tiny_bert_dir, tmp / "model")
-    cfg = glue_recipe(model_dir, sst2_files, train__max_steps=6, train__eval_before=False, train__grad_accum=2)
+    cfg = glue_recipe(model_dir, sst2_files, train__max_steps=6, train__eval_before=False, train__grad_accum=2,
+                      method__dropout=0.1)
     recipe = tmp / "r.yaml"
     recipe.write_text(yaml.safe_dump(cfg.to_dict()))
     single(recipe, tmp / "one")

@@ -1,6 +1,7 @@
 """GPart layer and injection properties (DESIGN §1, §3) on tiny Llama, RoBERTa, ViT and GPT-2 models."""
 
 import copy
+import weakref
 
 import pytest
 import torch
@@ -8,6 +9,8 @@ from torch.utils.checkpoint import checkpoint
 
 import gpart_cli as gpart
 from gpart_cli.errors import GpartError
+from gpart_cli.groups import LayerGroups
+from gpart_cli.layer import GPartLinear
 from gpart_cli.model import gpart_layers, state_of
 from gpart_cli.partition import group_ids, group_sizes
 from tests.conftest import tiny_gpt2, tiny_llama, tiny_roberta, tiny_vit
@@ -176,7 +179,7 @@ def test_gradient_checkpointing_non_reentrant_gives_the_same_gradient():
     assert torch.equal(gpart.theta(model).grad, plain)
 
 
-def test_inference_cache_follows_theta():
+def test_inference_follows_theta():
     _, model = _adapted("llama", d=16)
     inputs = _inputs("llama")
     with torch.no_grad():
@@ -186,6 +189,45 @@ def test_inference_cache_follows_theta():
     assert not torch.equal(first, second)
     with torch.no_grad():
         assert torch.equal(second, _out(gpart.merge(copy.deepcopy(model)), inputs))
+
+
+def test_eval_holds_one_extra_weight_copy_at_a_time(monkeypatch):
+    """Unmerged inference builds each W_eff for its own call and drops it: never a second copy of the model."""
+    _, model = _adapted("llama", d=16)
+    with torch.no_grad():
+        gpart.theta(model).normal_()
+    built, alive_at_build = [], []
+    real = LayerGroups.build
+
+    def tracked(self, *args, **kwargs):
+        alive_at_build.append(sum(ref() is not None for ref in built))
+        out = real(self, *args, **kwargs)
+        built.append(weakref.ref(out))
+        return out
+
+    monkeypatch.setattr(LayerGroups, "build", tracked)
+    with torch.no_grad():
+        _out(model.eval(), _inputs("llama"))
+    assert len(built) == 8 and alive_at_build == [0] * 8
+    assert not any(hasattr(layer, "_cache") for _, layer in gpart_layers(model))
+
+
+def test_merge_frees_the_id_caches_layer_by_layer(monkeypatch):
+    _, model = _adapted("llama", d=16)
+    model.train()
+    _out(model, _inputs("llama")).sum().backward()  # the CPU path caches every layer's ids (4 B/param)
+    layers = [layer for _, layer in gpart_layers(model)]
+    assert all(layer.groups.state_bytes() > 0 for layer in layers)
+    cached_at_merge = []
+    real = GPartLinear.merged_weights
+
+    def tracked(self):
+        cached_at_merge.append(sum(layer.groups.state_bytes() > 0 for layer in layers))
+        return real(self)
+
+    monkeypatch.setattr(GPartLinear, "merged_weights", tracked)
+    gpart.merge(model)
+    assert cached_at_merge == list(range(8, 0, -1)) and all(layer.groups.state_bytes() == 0 for layer in layers)
 
 
 def test_head_modules_train_with_theta():

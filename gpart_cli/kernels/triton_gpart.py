@@ -1,12 +1,20 @@
 """Triton kernels for the GPU path (DESIGN §3): group ids computed on the fly, zero bytes of partition state.
 
-- `effective_weight`: W_eff = W0 + theta_scaled[g(i)] for every weight, g(i) from (global index, seed, d, N)
-  with the same feistel-v1 integer arithmetic as `gpart_cli.partition` (bit-identical ids).
-- `grad_theta_from_gemm`: dL/dW = gy^T x computed tile by tile in registers and reduced straight into
-  dL/dtheta with atomics, so dL/dW is never written to memory.
-- `group_ids_triton`: the ids themselves (for tests and for checking against the CPU path).
+- `build_weight`: W0 + ΔW (or ΔW alone, for a quantized base) with ΔW_i = theta_scaled[g(i)], g(i) from
+  (global index, seed, d, N) with the feistel-v1 arithmetic of `gpart_cli.partition` (bit-identical ids),
+  and the ΔW dropout mask of `gpart_cli.rng` when training with dropout.
+- `grad_from_gemm`: dL/dW = gy^T x computed tile by tile in registers and reduced straight into dL/dθ, so
+  dL/dW is never written to memory. The reduction is either fp32 atomics (fast, order-dependent) or, when
+  torch's deterministic algorithms are on, int64 fixed-point atomics: integer addition is associative, so
+  the result is the same bits whatever order the tiles land in.
+- `group_ids_triton`: the ids themselves (for tests, bias gradients and the self-check).
 
-All kernels run on CPU tensors under `TRITON_INTERPRET=1`, which is how CI tests them.
+Numerics: tl.dot runs on fp32 operands. bf16/fp16 inputs are upcast first: their values are exact in tf32,
+so the tf32 tensor-core path multiplies them exactly and accumulates in fp32 (no bf16 tl.dot, which needs
+sm80+ and which Triton's interpreter cannot check). fp32 inputs use input_precision "ieee" unless
+`torch.backends.cuda.matmul.allow_tf32` is set, as torch's own matmuls do. All address arithmetic is int64.
+
+Every kernel runs on CPU tensors under `TRITON_INTERPRET=1`, which is how CI tests them.
 """
 
 from __future__ import annotations
@@ -16,6 +24,11 @@ import triton
 import triton.language as tl
 
 from ..partition import _MASK32, _MUELLER, half_bits, round_keys
+from ..rng import LOWBIAS_A, LOWBIAS_B
+from .dispatch import dot_precision
+
+# The jitted constants below mirror partition.py and rng.py.
+assert _MASK32 == 0xFFFFFFFF and _MUELLER == 0x45D9F3B and LOWBIAS_A == 0x7FEB352D and LOWBIAS_B == 0x846CA68B
 
 
 @triton.jit
@@ -42,7 +55,7 @@ def _feistel(x, half, hmask, k0, k1, k2, k3):
 
 @triton.jit
 def _group(idx, n, d, half, hmask, k0, k1, k2, k3):
-    """g(idx) for an int64 block of global indices (masked-out lanes must hold a valid index, e.g. 0)."""
+    """g(idx) for a 1-D int64 block of global indices (masked-out lanes must hold a valid index, e.g. 0)."""
     x = _feistel(idx, half, hmask, k0, k1, k2, k3)
     outside = x >= n
     while tl.max(outside.to(tl.int32), axis=0) > 0:  # cycle-walking: few lanes, few passes
@@ -52,79 +65,148 @@ def _group(idx, n, d, half, hmask, k0, k1, k2, k3):
 
 
 @triton.jit
+def _lowbias32(x):
+    # x holds 32-bit values in int64 lanes: products stay below 2**64 and wrap harmlessly; masks keep 32 bits.
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & 0xFFFFFFFF
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & 0xFFFFFFFF
+    return x ^ (x >> 16)
+
+
+@triton.jit
+def _dropped(idx, drop_thr, dk0, dk1):
+    """True where weight idx (int64) is dropped: rng.hash-v1 u(idx) < drop_thr."""
+    salt = _lowbias32((idx >> 32) ^ dk1) ^ dk0
+    return _lowbias32((idx & 0xFFFFFFFF) ^ salt) < drop_thr
+
+
+@triton.jit
 def _ids_kernel(out_ptr, start, count, n, d, half, hmask, k0, k1, k2, k3, BLOCK: tl.constexpr):
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < count
-    idx = tl.where(mask, start + offs.to(tl.int64), 0)
+    idx = tl.where(mask, start + offs, 0)
     g = _group(idx, n, d, half, hmask, k0, k1, k2, k3)
     tl.store(out_ptr + offs, g.to(tl.int32), mask=mask)
 
 
 @triton.jit
-def _effective_kernel(w_ptr, theta_ptr, out_ptr, start, count, n, d, half, hmask, k0, k1, k2, k3,
-                      BLOCK: tl.constexpr):
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < count
-    idx = tl.where(mask, start + offs.to(tl.int64), 0)
-    g = _group(idx, n, d, half, hmask, k0, k1, k2, k3)
-    w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    t = tl.load(theta_ptr + g, mask=mask, other=0.0)
-    tl.store(out_ptr + offs, (w + t).to(out_ptr.dtype.element_ty), mask=mask)
+def _to_bf16_rne(v):
+    """fp32 -> bf16 rounded to nearest even with integer ops, as torch rounds (Triton's interpreter truncates)."""
+    bits = v.to(tl.uint32, bitcast=True)
+    bits = bits + (((bits >> 16) & 1) + 0x7FFF)
+    return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
 
 
 @triton.jit
-def _grad_gemm_kernel(gy_ptr, x_ptr, grad_ptr, T, M, N, stride_gt, stride_gm, stride_xt, stride_xn,
-                      start, idx_sm, idx_sn, n, d, half, hmask, k0, k1, k2, k3,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _build_kernel(w_ptr, theta_ptr, out_ptr, start, count, n, d, half, hmask, k0, k1, k2, k3, drop_thr, dk0, dk1,
+                  HAS_BASE: tl.constexpr, DROPOUT: tl.constexpr, OUT_BF16: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < count
+    idx = tl.where(mask, start + offs, 0)
+    g = _group(idx, n, d, half, hmask, k0, k1, k2, k3)
+    t = tl.load(theta_ptr + g, mask=mask, other=0.0)
+    if DROPOUT:
+        t = tl.where(_dropped(idx, drop_thr, dk0, dk1), 0.0, t)
+    if HAS_BASE:
+        t = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32) + t
+    if OUT_BF16:
+        tl.store(out_ptr + offs, _to_bf16_rne(t), mask=mask)
+    else:
+        tl.store(out_ptr + offs, t.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _grad_kernel(gy_ptr, x_ptr, grad_ptr, fixed_ptr, T, M, N, stride_gt, stride_gm, stride_xt, stride_xn,
+                 start, idx_sm, idx_sn, n, d, half, hmask, k0, k1, k2, k3, drop_thr, dk0, dk1,
+                 PRECISION: tl.constexpr, UPCAST: tl.constexpr, DROPOUT: tl.constexpr, FIXED: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """One (BLOCK_M x BLOCK_N) tile of dL/dW = gy^T x, reduced into grad[g(i)] with atomics."""
-    pid_m, pid_n = tl.program_id(0), tl.program_id(1)
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rk = tl.arange(0, BLOCK_K)
+    rm = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K).to(tl.int64)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0_ in range(0, T, BLOCK_K):
-        kk = k0_ + rk
+    for kb in range(0, T, BLOCK_K):
+        kk = kb + rk                                                               # int64: kk * stride never wraps
         a = tl.load(gy_ptr + kk[None, :] * stride_gt + rm[:, None] * stride_gm,
-                    mask=(rm[:, None] < M) & (kk[None, :] < T), other=0.0)       # (BM, BK) = gy^T tile
+                    mask=(rm[:, None] < M) & (kk[None, :] < T), other=0.0)        # (BM, BK) = gy^T tile
         b = tl.load(x_ptr + kk[:, None] * stride_xt + rn[None, :] * stride_xn,
-                    mask=(kk[:, None] < T) & (rn[None, :] < N), other=0.0)       # (BK, BN) = x tile
-        acc += tl.dot(a, b)
+                    mask=(kk[:, None] < T) & (rn[None, :] < N), other=0.0)        # (BK, BN) = x tile
+        if UPCAST:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
     mask = (rm[:, None] < M) & (rn[None, :] < N)
-    idx = tl.where(mask, start + rm[:, None].to(tl.int64) * idx_sm + rn[None, :].to(tl.int64) * idx_sn, 0)
+    idx = tl.where(mask, start + rm[:, None] * idx_sm + rn[None, :] * idx_sn, 0)
     # _group's cycle-walking loop reduces over one axis: run it on the flattened tile.
     flat = tl.reshape(idx, (BLOCK_M * BLOCK_N,))
     g = tl.reshape(_group(flat, n, d, half, hmask, k0, k1, k2, k3), (BLOCK_M, BLOCK_N))
-    tl.atomic_add(grad_ptr + g, acc, mask=mask)
+    if DROPOUT:
+        acc = tl.where(_dropped(idx, drop_thr, dk0, dk1), 0.0, acc)
+    if FIXED:
+        # Fixed point: round(acc * 2**e) as int64; the host chose e so no group sum can overflow.
+        v = acc.to(tl.float64) * tl.load(fixed_ptr)
+        q = tl.where(v >= 0, v + 0.5, v - 0.5).to(tl.int64)
+        tl.atomic_add(grad_ptr + g, q, mask=mask)
+    else:
+        tl.atomic_add(grad_ptr + g, acc, mask=mask)
 
 
-def _params(n: int, seed: int) -> tuple[int, ...]:
+# ---------------------------------------------------------------------------------------------------
+# Launchers. Callers pass tensors on one device and hold the device guard (see `dispatch.device_guard`).
+# ---------------------------------------------------------------------------------------------------
+
+_BLOCK = 1024
+GRAD_BLOCKS = (64, 64, 32)
+
+
+def partition_args(n: int, seed: int) -> tuple[int, ...]:
     half = half_bits(n)
     return (half, (1 << half) - 1, *round_keys(seed))
 
 
-_BLOCK = 1024
+def dropout_args(dropout: tuple[int, int] | None) -> tuple[int, int, int]:
+    """(threshold, k0, k1) for a (threshold, key) pair, or a no-op triple."""
+    if dropout is None:
+        return 0, 0, 0
+    threshold, key = dropout
+    return threshold, key & _MASK32, key >> 32
 
 
 def group_ids_triton(n: int, d: int, seed: int, start: int, count: int, device) -> torch.Tensor:
     out = torch.empty(count, dtype=torch.int32, device=device)
-    grid = (triton.cdiv(count, _BLOCK),)
-    _ids_kernel[grid](out, start, count, n, d, *_params(n, seed), BLOCK=_BLOCK)
+    _ids_kernel[(triton.cdiv(count, _BLOCK),)](out, start, count, n, d, *partition_args(n, seed), BLOCK=_BLOCK)
     return out
 
 
-def effective_weight(weight: torch.Tensor, theta_scaled: torch.Tensor, start: int, n: int, d: int,
-                     seed: int) -> torch.Tensor:
-    """W0 + ΔW in the base dtype (sum in fp32), computing each weight's group on the fly."""
-    w = weight.contiguous()
-    out = torch.empty_like(w)
-    count = w.numel()
-    _effective_kernel[(triton.cdiv(count, _BLOCK),)](w, theta_scaled.contiguous(), out, start, count, n, d,
-                                                     *_params(n, seed), BLOCK=_BLOCK)
+def build_weight(weight: torch.Tensor | None, theta_scaled: torch.Tensor, start: int, n: int, d: int, seed: int,
+                 *, shape=None, dtype=None, dropout: tuple[int, int] | None = None) -> torch.Tensor:
+    """W0 + ΔW in the base dtype (summed in fp32, one rounding), or ΔW alone (`weight` None: give shape, dtype)."""
+    theta_scaled = theta_scaled.float().contiguous()
+    w = weight.contiguous() if weight is not None else theta_scaled  # a placeholder pointer without a base
+    out = torch.empty(shape if weight is None else w.shape, dtype=dtype or w.dtype, device=theta_scaled.device)
+    count = out.numel()
+    _build_kernel[(triton.cdiv(count, _BLOCK),)](w, theta_scaled, out, start, count, n, d, *partition_args(n, seed),
+                                                 *dropout_args(dropout), HAS_BASE=weight is not None,
+                                                 DROPOUT=dropout is not None, OUT_BF16=out.dtype == torch.bfloat16,
+                                                 BLOCK=_BLOCK)
     return out
 
 
-def grad_theta_from_gemm(grad_theta: torch.Tensor, gy: torch.Tensor, x: torch.Tensor, start: int, n: int, d: int,
-                         seed: int, transposed: bool) -> None:
+def fixed_point_scale(gy: torch.Tensor, x: torch.Tensor, max_members: int) -> torch.Tensor:
+    """2**e (fp64, on the device, no host sync) such that every group's fixed-point sum fits in 62 bits.
+
+    |dL/dW_mn| <= T * max|gy| * max|x|, and a group has at most `max_members` weights in a layer. amax is
+    exact and order-free, so e is the same on every run.
+    """
+    bound = gy.abs().amax().double() * x.abs().amax().double() * (gy.shape[0] * max_members)
+    e = 61 - torch.ceil(torch.log2(torch.clamp(bound, min=2.0**-960)))
+    return torch.exp2(torch.clamp(e, max=1000.0)).reshape(1)
+
+
+def grad_from_gemm(grad_theta: torch.Tensor, gy: torch.Tensor, x: torch.Tensor, start: int, n: int, d: int,
+                   seed: int, transposed: bool, *, dropout: tuple[int, int] | None = None,
+                   deterministic: bool = False, max_members: int = 1) -> None:
     """grad_theta[g(i)] += (gy^T x)_i for the layer's weights; gy (T, out), x (T, in), grad_theta fp32 [d].
 
     nn.Linear stores W as (out, in): weight (m, k) has global index start + m*in + k. Conv1D stores (in, out).
@@ -132,11 +214,17 @@ def grad_theta_from_gemm(grad_theta: torch.Tensor, gy: torch.Tensor, x: torch.Te
     T, M = gy.shape
     N = x.shape[1]
     idx_sm, idx_sn = (1, M) if transposed else (N, 1)
-    blocks = (64, 64, 32)
-    grid = (triton.cdiv(M, blocks[0]), triton.cdiv(N, blocks[1]))
-    _grad_gemm_kernel[grid](gy, x, grad_theta, T, M, N, gy.stride(0), gy.stride(1), x.stride(0), x.stride(1),
-                            start, idx_sm, idx_sn, n, d, *_params(n, seed),
-                            BLOCK_M=blocks[0], BLOCK_N=blocks[1], BLOCK_K=blocks[2])
-
-
-assert _MASK32 == 0xFFFFFFFF and _MUELLER == 0x45D9F3B  # the jitted constants above mirror partition.py
+    precision, upcast = dot_precision(gy.dtype, gy.device)
+    bm, bn, bk = GRAD_BLOCKS
+    grid = (triton.cdiv(M, bm), triton.cdiv(N, bn))
+    if deterministic:
+        target = torch.zeros(grad_theta.shape, dtype=torch.int64, device=grad_theta.device)
+        scale = fixed_point_scale(gy, x, max_members)
+    else:
+        target, scale = grad_theta, grad_theta  # the scale pointer is unused without FIXED
+    _grad_kernel[grid](gy, x, target, scale, T, M, N, gy.stride(0), gy.stride(1), x.stride(0), x.stride(1),
+                       start, idx_sm, idx_sn, n, d, *partition_args(n, seed), *dropout_args(dropout),
+                       PRECISION=precision, UPCAST=upcast, DROPOUT=dropout is not None, FIXED=deterministic,
+                       BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
+    if deterministic:
+        grad_theta += (target.double() / scale).float()

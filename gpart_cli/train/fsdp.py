@@ -12,8 +12,8 @@
 - Inside a block's forward, and in its backward after FSDP's pre-backward all-gather, each base weight is the
   whole unsharded tensor: the GPart Function receives W0 of the layer's full shape and adds ΔW gathered from the
   layer's own global index range. Outside, weights are DTensor shards that no GPart code reads.
-- An unmerged GPart layer in eval mode caches W_eff; under FSDP that cache would keep an unsharded copy of every
-  adapted weight on every rank, so it is dropped after each forward.
+- An unmerged GPart layer builds W_eff for each call and keeps no copy of it after (in eval as in training), so
+  nothing unsharded outlives its block's forward.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ..errors import GpartError
-from ..layer import GPartLinear, is_quantized
+from ..layer import is_quantized
 
 # Methods whose result is small enough to be written from replicated tensors (full/linear_probe save every weight).
 FSDP_METHODS = ("gpart", "lora", "unilora")
@@ -89,11 +89,4 @@ def shard(model: nn.Module, device: torch.device, method: str = "gpart") -> nn.M
     # (an evaluation) leaves it gathered until something reshards it, and a `state_dict()` that rank 0 alone
     # calls while saving (PEFT does) would put the ranks out of step at the next forward.
     fully_shard(model, ignored_params=keep, reshard_after_forward=True)
-    for module in model.modules():
-        if isinstance(module, GPartLinear):
-            module.register_forward_hook(_drop_eval_cache)
     return model
-
-
-def _drop_eval_cache(module: GPartLinear, args, output) -> None:
-    module._cache = None

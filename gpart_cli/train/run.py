@@ -7,6 +7,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from ..model import compute_path
 from ..recipe import Recipe
 from . import distributed
 from .trainer import Trainer, prepare_run_dir
@@ -68,6 +69,9 @@ def _run(trainer: Trainer, recipe: Recipe, out: Path, resume: bool, overwrite: b
     if not trainer.main:
         return None
     console.print(summary_table(results))
+    path = compute_path(trainer.model)
+    if path:
+        console.print(f"GPart compute path: {path}")
     console.print(f"result: [bold]{results['result']}[/] · metrics {out / 'metrics.jsonl'} · "
                   f"scores {out / 'results.json'}")
     return results

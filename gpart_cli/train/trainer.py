@@ -21,10 +21,12 @@ import yaml
 from rich.console import Console
 
 from .. import atomic
+from ..determinism import configure as configure_determinism
 from ..devices import autocast_dtype, resolve_device
 from ..errors import GpartError
 from ..evaluation import classify
 from ..methods import prepare, save_result, trainable_count
+from ..model import set_dropout_key
 from ..recipe import Recipe
 from . import distributed, sharding
 from .checkpoint import load_trainable_state, read_checkpoint, restore_checkpoint, save_checkpoint
@@ -95,6 +97,7 @@ class Trainer:
     # ---- setup ---------------------------------------------------------------------------------------
     def setup(self) -> None:
         r, t = self.recipe, self.recipe.train
+        configure_determinism(t.deterministic)  # before the model is built: cuBLAS reads its setting once
         torch.manual_seed(t.seed)
         self.s: Setup = build(r, self.device)
         prepared = prepare(self.s.model, r.method, t, self.s.task_type)
@@ -138,14 +141,15 @@ class Trainer:
         return self._perm[1][k * t.batch_size:(k + 1) * t.batch_size].tolist()
 
     def step_batches(self, step: int):
-        """This rank's batches of `step`, each with the weight of its mean loss (1.0 in a single process)."""
+        """This rank's batches of `step` as (global micro-batch index, batch, weight of its mean loss: 1.0 in a
+        single process)."""
         t, data = self.recipe.train, self.s.splits.train
         units = lambda i: sharding.loss_units(data[i], self.recipe.data.family)  # noqa: E731
         for piece in sharding.step_plan(self.rank, self.world, t.grad_accum):
             rows, weight = sharding.share(self.micro_batch_rows(step * t.grad_accum + piece.micro), piece,
                                           self.world, units)
             batch = self.s.splits.collate([data[i] for i in rows])
-            yield {key: v.to(self.device) for key, v in batch.items()}, weight
+            yield step * t.grad_accum + piece.micro, {key: v.to(self.device) for key, v in batch.items()}, weight
 
     # ---- evaluation ----------------------------------------------------------------------------------
     def evaluate_split(self, dataset) -> dict:
@@ -218,7 +222,9 @@ class Trainer:
     def _train_step(self, step: int) -> tuple[float, float]:
         t = self.recipe.train
         total = 0.0
-        for batch, weight in self.step_batches(step):
+        for micro, batch, weight in self.step_batches(step):
+            # ΔW dropout keyed by the global micro-batch: the same masks on resume and on every world size
+            set_dropout_key(self.model, t.seed, micro)
             with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
                 loss = self.forward_model(**batch).loss * weight / t.grad_accum
             loss.backward()
