@@ -8,7 +8,9 @@
 Floor: the same model with only the target weights requiring grad, forward + backward, no optimizer step: the
 dense dL/dW that any random-partition method must compute. Timing interleaves the methods (A B C A B C ...)
 after warm-up in one process; ratios are taken pair by pair within a round, then the median. Peak memory runs
-each method in its own child process (CPU: peak RSS; GPU: torch.cuda.max_memory_allocated).
+each method in its own child processes (CPU: peak RSS, median of 3; GPU: torch.cuda.max_memory_allocated). On the CPU every
+method runs under the allocator thresholds `gpart train` sets (`gpart_cli/cpu_alloc.py`: freed blocks are
+reused instead of page-faulted afresh each step); `--default-alloc` measures glibc's defaults.
 
 Prints one JSON object on stdout and a Rich table on stderr.
 """
@@ -114,7 +116,19 @@ def partition_state_bytes(model, method: str, n_adapted: int) -> float:
     return total / n_adapted
 
 
+def cpu_allocator(args) -> bool:
+    """Run under the allocator settings `gpart train` uses on the CPU, for every method alike."""
+    if args.device != "cpu" or args.default_alloc:
+        return False
+    try:
+        from gpart_cli.cpu_alloc import keep_freed_memory
+    except ImportError:  # a gpart version without it
+        return False
+    return keep_freed_memory()
+
+
 def time_methods(args) -> dict:
+    cpu_allocator(args)
     base = build_base(args)
     n_adapted = sum(p.numel() for n, p in base.named_parameters() if _is_target(n, args.targets))
     g = torch.Generator().manual_seed(1)
@@ -137,10 +151,14 @@ def time_methods(args) -> dict:
 
 
 def peak_memory(method: str, args) -> float:
-    """Peak memory (MiB) of `--steps` steps of one method, measured in a child process."""
+    """Peak memory (MiB) of two steps of one method: the median over `--memory-runs` child processes (a CPU
+    process's peak RSS moves by a few percent from run to run with how glibc's arenas fill)."""
     cmd = [sys.executable, __file__, "--child", method] + [a for a in sys.argv[1:] if a != "--no-memory"]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-    return json.loads(out.strip().splitlines()[-1])["peak_mib"]
+    peaks = []
+    for _ in range(args.memory_runs):
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+        peaks.append(json.loads(out.strip().splitlines()[-1])["peak_mib"])
+    return statistics.median(peaks)
 
 
 def _peak_rss_mib() -> float:
@@ -151,6 +169,7 @@ def _peak_rss_mib() -> float:
 
 
 def child(method: str, args) -> None:
+    cpu_allocator(args)
     model, optimizer = prepare(method, build_base(args), args, copy_base=False)
     batch = torch.randint(0, args.vocab, (args.batch, args.seq)).to(args.device)
     if args.device == "cuda":
@@ -186,7 +205,7 @@ def report(args, timed: dict, memory: dict) -> dict:
         "config": {"preset": args.preset, "model": args.model, "targets": args.targets, "d": args.d,
                    "dropout": args.dropout,
                    "batch": args.batch, "seq": args.seq, "dtype": args.dtype, "steps": args.steps,
-                   "warmup": args.warmup},
+                   "warmup": args.warmup, "cpu_alloc": cpu_allocator(args)},
         "n_adapted": timed["n_adapted"],
         "median_step_s": {m: statistics.median(t) for m, t in times.items()},
         "ratios": {"gpart/floor": ratios(times, "gpart", "floor"), "gpart/lora": ratios(times, "gpart", "lora"),
@@ -236,6 +255,9 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
     p.add_argument("--dropout", type=float, default=0.0, help="GPart's ΔW dropout (its CPU cost: the mask hash)")
     p.add_argument("--no-memory", action="store_true", help="skip the per-method child processes")
+    p.add_argument("--memory-runs", type=int, default=3, help="child processes per method for peak memory")
+    p.add_argument("--default-alloc", action="store_true",
+                   help="CPU: glibc's default allocator thresholds instead of those `gpart train` sets (cpu_alloc)")
     p.add_argument("--child", choices=METHODS, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     for key, value in PRESETS[args.preset].items():

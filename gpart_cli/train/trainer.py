@@ -20,7 +20,7 @@ import torch
 import yaml
 from rich.console import Console
 
-from .. import atomic
+from .. import atomic, cpu_alloc
 from ..determinism import configure as configure_determinism
 from ..devices import autocast_dtype, resolve_device
 from ..errors import GpartError
@@ -98,6 +98,8 @@ class Trainer:
     def setup(self) -> None:
         r, t = self.recipe, self.recipe.train
         configure_determinism(t.deterministic)  # before the model is built: cuBLAS reads its setting once
+        if self.device.type == "cpu":
+            cpu_alloc.keep_freed_memory()  # no page faults on every step's tensors (see cpu_alloc)
         torch.manual_seed(t.seed)
         self.s: Setup = build(r, self.device)
         prepared = prepare(self.s.model, r.method, t, self.s.task_type)
