@@ -185,6 +185,7 @@ def sweep_d(recipe: Annotated[Path, typer.Argument(help="A recipe YAML file.")],
 
 
 def main() -> None:
+    import logging
     import os
 
     # Library tqdm bars (GGUF dequantizing, datasets casting, shards) would garble the Rich progress display.
@@ -200,4 +201,7 @@ def main() -> None:
 
     transformers.logging.set_verbosity_error()  # load reports and bars would drown the progress display
     transformers.logging.disable_progress_bar()
+    # bitsandbytes (imported by peft whenever it is installed) warns at import, on CPUs with AVX512-BF16, that an
+    # optional kernels package is missing: noise for every run that does not quantize, and not needed by those that do.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     app()
