@@ -260,8 +260,8 @@ def markdown(runs: list[dict], key: str = "task") -> str:
     picked = [r for r in runs if r.get("selected") and r.get("score") is not None]
     columns = list(dict.fromkeys(r[key] for r in picked))
     methods = list(dict.fromkeys(r["method"] for r in picked))
-    head = [f"{c:,}" if isinstance(c, int) else f"{c} ({picked[0]['metric'] if key == 'd' else GLUE_METRIC.get(c, '')})"
-            for c in columns]
+    metric = {r[key]: r["metric"] for r in picked}  # each column's own metric (accuracy, pearson, ...)
+    head = [f"{c:,}" if isinstance(c, int) else f"{c} ({metric[c]})" for c in columns]
     lines = ["| method | trainable params | " + " | ".join(head) + " |", "|---|---:|" + "---:|" * len(columns)]
     lr_lines = ["| method | " + " | ".join(head) + " |", "|---|" + "---|" * len(columns)]
     for m in methods:
