@@ -128,11 +128,11 @@ def main_metric(recipe: Recipe) -> str:
 
 
 def dev_score(recipe: Recipe, results: dict) -> float | None:
-    """The run's best dev score, higher is better (minus the dev loss for SFT); None without a dev split."""
-    best = results.get("best_dev") or {}
-    if recipe.data.family == "sft":
-        return -best["loss"] if "loss" in best else None
-    return best.get(classify.main_metric(recipe.data.family, recipe.data.task))
+    """The run's best dev score, by the rule that picked its checkpoint; None without a dev split."""
+    from .train.trainer import dev_score as score  # torch and the trainer only when a sweep runs
+
+    best = results.get("best_dev")
+    return score(recipe, best) if best else None
 
 
 def _run_one(recipe_path: Path, overrides: list[str], key: RunKey, out: Path, console: Console) -> dict:
@@ -154,8 +154,8 @@ def sweep(recipe_path: Path, overrides: list[str], methods: list[str], ds: list[
     console = console or Console(stderr=True)
     base = load_recipe(recipe_path, overrides)  # validate once, up front
     keys = plan(methods, ds, seeds, lrs, lr_heads)
-    if any(len([k for k in keys if k.cell == key.cell]) > 1 for key in keys) and base.data.dev_fraction <= 0 \
-            and base.data.family != "sft":
+    several_lrs = len({k.cell for k in keys}) < len(keys)  # some cell has a grid to choose from
+    if several_lrs and base.data.dev_fraction <= 0 and base.data.family != "sft":
         raise GpartError("choosing the learning rate needs a dev split: set data.dev_fraction > 0 (e.g. --set "
                          "data.dev_fraction=0.1) or pass one value per method to --lr")
     metric = main_metric(base)

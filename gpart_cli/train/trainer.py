@@ -43,6 +43,14 @@ _ADDED_FIELDS = {"data.train_transform": "resize", "data.eval_transform": "resiz
 _VISION_ONLY = {"data.train_transform", "data.eval_transform"}
 
 
+def dev_score(recipe: Recipe, metrics: dict) -> float:
+    """A dev evaluation as one number, higher is better: the task's main metric, or minus the loss for SFT.
+    It picks the best checkpoint of a run, and (`gpart sweep-d`) the best learning rate of a grid cell."""
+    if recipe.data.family == "sft":
+        return -metrics["loss"]
+    return metrics[classify.main_metric(recipe.data.family, recipe.data.task)]
+
+
 def _flatten(d: dict, prefix: str = "") -> dict:
     out = {}
     for k, v in d.items():
@@ -193,12 +201,6 @@ class Trainer:
             for start in range(0, len(dataset), size))
         return mean_dev_loss(self.model, batches, self.autocast_dtype)
 
-    def _dev_score(self, metrics: dict) -> float:
-        """Higher is better: the task's main metric, or minus the dev loss for SFT."""
-        if self.recipe.data.family == "sft":
-            return -metrics["loss"]
-        return metrics[classify.main_metric(self.recipe.data.family, self.recipe.data.task)]
-
     # ---- the loop ------------------------------------------------------------------------------------
     def _log(self, record: dict) -> None:
         if not self.main:
@@ -266,7 +268,7 @@ class Trainer:
                 self._checkpoint(step)
             return
         metrics = self.evaluate_split(self.s.splits.dev)
-        score = self._dev_score(metrics)
+        score = dev_score(self.recipe, metrics)
         self._log({"step": step, "dev": metrics})
         if self.state["best_score"] is None or score > self.state["best_score"]:
             self.state.update(best_score=score, best_step=step, best_dev=metrics)
