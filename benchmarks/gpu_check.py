@@ -56,21 +56,29 @@ def _rows(n: int, seed: int) -> list[dict]:
     return rows
 
 
-def build_model(out: Path) -> Path:
-    """A 2-layer Qwen2 (rope_theta 1e6, as Qwen2.5) and its tokenizer, saved to `out`."""
+def byte_bpe_tokenizer(texts: list[str], vocab_size: int, **special: str):
+    """A fast tokenizer with a byte-level BPE trained on `texts`. `special` maps roles to tokens
+    (eos_token="</s>", ...); the distinct tokens get the first ids, in the order given."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+    from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(dict.fromkeys(special.values())),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, **special)
+
+
+def build_model(out: Path) -> Path:
+    """A 2-layer Qwen2 (rope_theta 1e6, as Qwen2.5) and its tokenizer, saved to `out`."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
     from gpart_cli.data.sft import format_prompt
 
-    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator([format_prompt(r["question"], for_eval=True) + " " + r["answer"] for r in _rows(200, 1)],
-                            trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    texts = [format_prompt(r["question"], for_eval=True) + " " + r["answer"] for r in _rows(200, 1)]
+    fast = byte_bpe_tokenizer(texts, 600, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
     fast.save_pretrained(out)
     torch.manual_seed(0)
     config = Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,

@@ -43,17 +43,13 @@ def skipped() -> list[str]:
 
 def tiny_model_dir(rows: list[dict], out: Path, dtype: torch.dtype) -> str:
     """A random 2-layer Llama with a byte-level BPE tokenizer trained on the problems themselves."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import LlamaConfig, LlamaForCausalLM
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=["<s>", "</s>", "<unk>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator([r["question"] + "\n" + r["answer"] for r in rows], trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-                                   pad_token="</s>")
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from gpu_check import byte_bpe_tokenizer
+
+    fast = byte_bpe_tokenizer([r["question"] + "\n" + r["answer"] for r in rows], 512, bos_token="<s>",
+                              eos_token="</s>", unk_token="<unk>", pad_token="</s>")
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=len(fast), bos_token_id=0, eos_token_id=1, pad_token_id=1,
                                          **TINY))
