@@ -71,6 +71,22 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
+def interrupt_training_at(monkeypatch, step: int):
+    """Make every Trainer raise KeyboardInterrupt (Ctrl-C) as training step `step` starts; returns the original
+    `_train_step` so a test can restore it before resuming."""
+    from gpart_cli.train.trainer import Trainer
+
+    original = Trainer._train_step
+
+    def interrupt(self, s):
+        if s == step:
+            raise KeyboardInterrupt
+        return original(self, s)
+
+    monkeypatch.setattr(Trainer, "_train_step", interrupt)
+    return original
+
+
 def head_rows(path: Path, n: int) -> list[dict]:
     import json
 

@@ -18,8 +18,7 @@ from typer.testing import CliRunner
 import gpart_cli as gpart
 from gpart_cli.cli.app import app
 from gpart_cli.recipe import from_dict
-from gpart_cli.train.trainer import Trainer
-from tests.conftest import ASSETS
+from tests.conftest import ASSETS, interrupt_training_at
 from tests.test_train_e2e import glue_recipe
 
 pytestmark = pytest.mark.slow
@@ -210,14 +209,7 @@ def test_fsdp_on_an_int8_base_keeps_the_quantized_weights_whole_and_matches_sing
 def test_two_node_fsdp_resumes_a_run_without_a_shared_run_dir(sft, tmp_path, monkeypatch):
     """Cut a one-process run at step 3, resume it on 2 "nodes": node 1's --output is empty (no shared disk)."""
     recipe, one = sft
-    original = Trainer._train_step
-
-    def interrupt_at_3(self, step):
-        if step == 3:
-            raise KeyboardInterrupt
-        return original(self, step)
-
-    monkeypatch.setattr(Trainer, "_train_step", interrupt_at_3)
+    interrupt_training_at(monkeypatch, 3)
     assert runner.invoke(app, ["train", str(recipe), "--output", str(tmp_path / "cut")]).exit_code == 130
     port = _free_port()
     nodes = [_launch(1, [str(tmp_path / "cut" / "recipe.yaml"), "--output", str(tmp_path / out), "--resume"],

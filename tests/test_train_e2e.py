@@ -16,7 +16,7 @@ from gpart_cli.loading import build_from_config
 from gpart_cli.recipe import from_dict
 from gpart_cli.train.run import run
 from gpart_cli.train.trainer import Trainer
-from tests.conftest import ASSETS
+from tests.conftest import ASSETS, interrupt_training_at
 
 pytestmark = pytest.mark.slow
 runner = CliRunner()
@@ -68,14 +68,7 @@ def test_same_seed_same_theta(tiny_bert_dir, sst2_files, tmp_path):
 def test_interrupted_run_resumes_to_the_same_theta(tiny_bert_dir, sst2_files, tmp_path, monkeypatch):
     recipe = glue_recipe(tiny_bert_dir, sst2_files, train__eval_before=False)
     run(recipe, tmp_path / "whole")
-    original = Trainer._train_step
-
-    def interrupt_at_7(self, step):
-        if step == 7:
-            raise KeyboardInterrupt
-        return original(self, step)
-
-    monkeypatch.setattr(Trainer, "_train_step", interrupt_at_7)
+    original = interrupt_training_at(monkeypatch, 7)
     res = runner.invoke(app, ["train", str(tmp_path / "whole" / "recipe.yaml"), "--output", str(tmp_path / "cut")])
     assert res.exit_code == 130
     command = f"gpart train {tmp_path / 'cut' / 'recipe.yaml'} --output {tmp_path / 'cut'} --resume"
