@@ -8,7 +8,8 @@
 Floor: the same model with only the target weights requiring grad, forward + backward, no optimizer step: the
 dense dL/dW that any random-partition method must compute. Timing interleaves the methods (A B C A B C ...)
 after warm-up in one process; ratios are taken pair by pair within a round, then the median. Peak memory runs
-each method in its own child processes (CPU: peak RSS, median of 3; GPU: torch.cuda.max_memory_allocated). On the CPU every
+each method in its own child processes (CPU: peak RSS, median of 3, and the peak of tensor storage alive at once,
+which unlike RSS is the same on every run; GPU: torch.cuda.max_memory_allocated). On the CPU every
 method runs under the allocator thresholds `gpart train` sets (`gpart_cli/cpu_alloc.py`: freed blocks are
 reused instead of page-faulted afresh each step); `--default-alloc` measures glibc's defaults.
 
@@ -25,6 +26,7 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -150,15 +152,22 @@ def time_methods(args) -> dict:
     return {"times": times, "cpu_times": cpu, "n_adapted": n_adapted, "state_bytes_per_param": state}
 
 
+def _run_child(method: str, *extra: str) -> dict:
+    cmd = [sys.executable, __file__, "--child", method, *extra] + [a for a in sys.argv[1:] if a != "--no-memory"]
+    return json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1])
+
+
 def peak_memory(method: str, args) -> float:
     """Peak memory (MiB) of two steps of one method: the median over `--memory-runs` child processes (a CPU
     process's peak RSS moves by a few percent from run to run with how glibc's arenas fill)."""
-    cmd = [sys.executable, __file__, "--child", method] + [a for a in sys.argv[1:] if a != "--no-memory"]
-    peaks = []
-    for _ in range(args.memory_runs):
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-        peaks.append(json.loads(out.strip().splitlines()[-1])["peak_mib"])
-    return statistics.median(peaks)
+    return statistics.median(_run_child(method)["peak_mib"] for _ in range(args.memory_runs))
+
+
+def peak_tensor_memory(method: str) -> float:
+    """CPU: the most MiB of tensor storage alive at once over two steps, created inside them (activations,
+    gradients, optimizer state, caches such as GPart's group ids; not the model's weights). It depends only on
+    the ops and shapes (`tests/peak_memory.py`), so unlike RSS it is the same on every run: one child suffices."""
+    return _run_child(method, "--tensor-bytes")["peak_tensor_mib"]
 
 
 def _peak_rss_mib() -> float:
@@ -172,6 +181,15 @@ def child(method: str, args) -> None:
     cpu_allocator(args)
     model, optimizer = prepare(method, build_base(args), args, copy_base=False)
     batch = torch.randint(0, args.vocab, (args.batch, args.seq)).to(args.device)
+    if args.tensor_bytes:
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+        from tests.peak_memory import PeakTensorBytes
+
+        with PeakTensorBytes() as tracked:
+            for _ in range(2):
+                step(model, optimizer, batch, args)
+        print(json.dumps({"peak_tensor_mib": tracked.peak / 2**20}))
+        return
     if args.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     for _ in range(2):
@@ -214,7 +232,8 @@ def report(args, timed: dict, memory: dict) -> dict:
         "median_cpu_s": {m: statistics.median(t) for m, t in timed["cpu_times"].items()},
         "cpu_ratio_gpart/floor": ratios(timed["cpu_times"], "gpart", "floor"),
         "times": times,
-        "peak_mib": memory,
+        "peak_mib": memory["rss"],
+        "peak_tensor_mib": memory["tensors"],
         "partition_state_bytes_per_param": timed["state_bytes_per_param"],
     }
     return result
@@ -226,12 +245,13 @@ def print_table(result: dict) -> None:
 
     table = Table(title=f"step time · {result['config']['model']} · {result['machine']['device']} · "
                         f"{result['config']['dtype']}")
-    for col in ("method", "median step (s)", "× floor", "peak MiB", "partition B/param"):
+    for col in ("method", "median step (s)", "× floor", "peak MiB", "peak tensor MiB", "partition B/param"):
         table.add_column(col, justify="right")
     floor = result["median_step_s"].get("floor")
     for m, t in result["median_step_s"].items():
         table.add_row(m, f"{t:.4f}", f"{t / floor:.3f}" if floor else "-",
                       f"{result['peak_mib'].get(m, float('nan')):.0f}",
+                      f"{result['peak_tensor_mib'].get(m, float('nan')):.0f}",
                       f"{result['partition_state_bytes_per_param'][m]:.2f}")
     Console(stderr=True).print(table)
     Console(stderr=True).print({k: (round(v, 4) if v else v) for k, v in result["ratios"].items()})
@@ -259,6 +279,7 @@ def parse_args(argv=None):
     p.add_argument("--default-alloc", action="store_true",
                    help="CPU: glibc's default allocator thresholds instead of those `gpart train` sets (cpu_alloc)")
     p.add_argument("--child", choices=METHODS, help=argparse.SUPPRESS)
+    p.add_argument("--tensor-bytes", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     for key, value in PRESETS[args.preset].items():
         if getattr(args, key) is None:
@@ -274,7 +295,11 @@ def main() -> None:
         child(args.child, args)
         return
     # Memory first: the children are started while this process is still small.
-    memory = {} if args.no_memory else {m: peak_memory(m, args) for m in args.methods}
+    memory = {"rss": {}, "tensors": {}}
+    if not args.no_memory:
+        memory["rss"] = {m: peak_memory(m, args) for m in args.methods}
+        if args.device == "cpu":
+            memory["tensors"] = {m: peak_tensor_memory(m) for m in args.methods}
     timed = time_methods(args)
     result = report(args, timed, memory)
     print_table(result)

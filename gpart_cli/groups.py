@@ -4,9 +4,10 @@ A layer owns the global indices [offset, offset + n_weight + n_bias): its weight
 - Triton kernels (CUDA, see `kernels.dispatch`): no ids at all; the kernels recompute each group from
   (index, seed, d, N) inside the W_eff build and inside the ∂L/∂W GEMM, whose tiles go straight into ∂L/∂θ
   (0 bytes of partition state).
-- The reference path (CPU, GPUs without Triton, a kernel that failed its self-check): the int32 group ids of
-  the range, built once on first use (4 bytes per adapted parameter), drive a gather for ΔW and a grouped sum
-  of ∂L/∂W for ∂L/∂θ.
+- The reference path (CPU, GPUs without Triton, a kernel that failed its self-check): the group ids of the
+  range, built once on first use, drive a gather for ΔW and a grouped sum of ∂L/∂W for ∂L/∂θ. They are int32
+  (4 bytes per adapted parameter), or uint16 (2 bytes) on the CPU when d ≤ 65,536, as in most recipes: the CPU
+  ops widen ids to int64 anyway, and reading half the bytes makes a CPU step's gather and grouped sum faster.
 
 Dropout on ΔW is a (threshold, key) pair (see `gpart_cli.rng`): both paths recompute the mask from the key.
 """
@@ -22,6 +23,7 @@ from .kernels.dispatch import ComputeLog, device_guard, dot_precision, use_kerne
 from .kernels.selfcheck import BuildCall, GradCall, IdsCall
 from .partition import group_ids
 
+_UINT16_GROUPS = 2**16  # ids 0 .. 65,535 fit uint16
 Dropout = Optional[tuple[int, int]]  # (threshold, key): drop weight i iff rng u(i) < threshold
 
 
@@ -43,11 +45,14 @@ class LayerGroups:
 
     # ---- the reference path's id cache ---------------------------------------------------------------
     def ids(self, device: torch.device) -> torch.Tensor:
-        """Cached int32 group ids of weight then bias on `device`: built there on a GPU, else with NumPy."""
+        """Cached group ids of weight then bias on `device` (int32; uint16 on the CPU when d ≤ 65,536): built
+        there on a GPU, else with NumPy."""
         if self._ids is None or self._ids.device != device:
             gpu = device.type == "cuda"
             ids = group_ids(self.n, self.d, self.seed, self.offset, self.n_weight + self.n_bias,
                             device=device if gpu else None)
+            if device.type == "cpu" and self.d <= _UINT16_GROUPS:
+                ids = ids.to(torch.uint16)
             self._ids = ids if gpu else ids.to(device)
         return self._ids
 
@@ -90,27 +95,29 @@ class LayerGroups:
                       lambda: IdsCall(device, start, self.n_bias, self.n, self.d, self.seed)):
             with device_guard(device):
                 return _kernels().group_ids_triton(self.n, self.d, self.seed, start, self.n_bias, device)
-        return self.ids(device)[self.n_weight:]
+        return self.ids(device)[self.n_weight:].int()  # index_select / index_add_ take int32, not uint16
 
     # ---- ∂L/∂θ ---------------------------------------------------------------------------------------
-    def add_weight_grad(self, grad_theta: torch.Tensor, gy: torch.Tensor, x: torch.Tensor, transposed: bool,
-                        dropout: Dropout = None) -> None:
-        """grad_theta[g(i)] += ∂L/∂W_i for gy (T, out) and x (T, in), without keeping ∂L/∂W afterwards."""
+    def weight_grad(self, gy: torch.Tensor, x: torch.Tensor, transposed: bool, dropout: Dropout = None
+                    ) -> torch.Tensor:
+        """∂L/∂θ_scaled from this layer's weight: the grouped sum of ∂L/∂W = gy^T x for gy (T, out) and x (T, in),
+        fp32 [d]; ∂L/∂W is not kept."""
         device = gy.device
         deterministic = torch.are_deterministic_algorithms_enabled()
         if use_kernel("grad", device, gy.dtype, self.log, lambda: GradCall(
                 device, gy.dtype, transposed, dropout is not None, deterministic,
                 dot_precision(gy.dtype, device)[0], *gy.shape, x.shape[1], self.offset, self.n, self.d, self.seed),
                 deterministic):
+            grad = torch.zeros(self.d, dtype=torch.float32, device=device)
             with device_guard(device):
-                _kernels().grad_from_gemm(grad_theta, gy.contiguous(), x.contiguous(), self.offset, self.n, self.d,
+                _kernels().grad_from_gemm(grad, gy.contiguous(), x.contiguous(), self.offset, self.n, self.d,
                                           self.seed, transposed, dropout=dropout, deterministic=deterministic,
                                           max_members=-(-self.n // self.d))
-            return
+            return grad
         gw = _weight_grad(gy, x, transposed).reshape(-1)  # in W's storage order, fp32
         if dropout is not None:
             gw.masked_fill_(rng.drop_mask(self.offset, self.n_weight, dropout[1], dropout[0], device), 0.0)
-        _grouped_sum(grad_theta, self.ids(device)[: self.n_weight], gw)
+        return _grouped_sum(self.ids(device)[: self.n_weight], gw, self.d)
 
     def add_bias_grad(self, grad_theta: torch.Tensor, gb: torch.Tensor) -> None:
         grad_theta.index_add_(0, self._bias_ids(gb.device), gb.float())
@@ -122,26 +129,25 @@ def _gather(table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     step. A copy, so the rows change no bits."""
     rows = 4 if ids.numel() % 4 == 0 else 2 if ids.numel() % 2 == 0 else 1
     if table.device.type != "cpu" or rows == 1:
-        return table.index_select(0, ids)
+        return table.index_select(0, ids.int() if ids.dtype == torch.uint16 else ids)
     return torch.gather(table.expand(rows, table.numel()), 1, ids.long().view(rows, -1)).view(-1)
 
 
-def _grouped_sum(out: torch.Tensor, ids: torch.Tensor, values: torch.Tensor) -> None:
-    """out[ids[i]] += values[i], in a fixed order (deterministic).
+def _grouped_sum(ids: torch.Tensor, values: torch.Tensor, d: int) -> torch.Tensor:
+    """sums[j] = the sum of values[i] over ids[i] == j, a new [d] tensor, in a fixed order (deterministic).
 
     On the CPU the two halves are summed into two rows by one scatter_add_, which torch runs on two threads
-    (the 1-D reductions are serial), then the rows are added: about 1.5x faster on the cold data it meets in a
-    training step. Always two rows, whatever the thread count, so the bits do not depend on it. CUDA keeps
-    index_add_, which torch's deterministic mode makes deterministic.
+    (the 1-D reductions are serial), and the second row is added into the first, which is returned: about 1.5x
+    faster on the cold data it meets in a training step. Always two rows, whatever the thread count, so the bits
+    do not depend on it. CUDA keeps index_add_, which torch's deterministic mode makes deterministic.
     """
-    if out.device.type != "cpu":
-        out.index_add_(0, ids, values)
-    elif values.numel() % 2:
-        out.scatter_add_(0, ids.long(), values)
-    else:
-        rows = torch.zeros(2, out.numel(), dtype=out.dtype)
-        rows.scatter_add_(1, ids.long().view(2, -1), values.view(2, -1))
-        out += rows[0] + rows[1]
+    if values.device.type != "cpu":
+        return torch.zeros(d, dtype=values.dtype, device=values.device).index_add_(0, ids, values)
+    if values.numel() % 2:
+        return torch.zeros(d, dtype=values.dtype).scatter_add_(0, ids.long(), values)
+    rows = torch.zeros(2, d, dtype=values.dtype)
+    rows.scatter_add_(1, ids.long().view(2, -1), values.view(2, -1))
+    return rows[0].add_(rows[1])
 
 
 def _weight_grad(gy: torch.Tensor, x: torch.Tensor, transposed: bool) -> torch.Tensor:

@@ -57,72 +57,81 @@ def _keeps_weight(device: torch.device) -> bool:
 
 
 class GPartLinearFunction(torch.autograd.Function):
-    """y = x W_eff^T + b_eff, with ∂L/∂theta_scaled = the grouped sum of ∂L/∂W (and ∂L/∂b)."""
+    """y = x W_eff^T + b_eff, with ∂L/∂θ = (the grouped sum of ∂L/∂W and ∂L/∂b) · scale.
+
+    It takes θ itself and reads the scaled θ every layer shares (`GPartState.shared_scaled_theta`), applying the
+    chain rule of the scaling in backward (`GPartState.theta_grad`): one d-sized copy per step rather than one per
+    layer saved for backward, no autograd nodes for the scaling, and the d-sized gradient scaled in place.
+    """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, theta_scaled, groups, adapt_bias, transposed, dropout):
+    def forward(ctx, x, weight, bias, theta, state, groups, adapt_bias, transposed, training):
         dtype = _compute_dtype(x, weight)
-        keep = _keeps_weight(weight.device)
-        w = groups.build(weight, theta_scaled, dropout=dropout).to(dtype)
-        b = groups.effective_bias(bias, theta_scaled) if adapt_bias else bias
-        kept = w if keep else None
-        ctx.save_for_backward(x, weight, bias, theta_scaled, kept)
-        ctx.groups, ctx.adapt_bias, ctx.dtype, ctx.transposed, ctx.dropout = (groups, adapt_bias, dtype, transposed,
-                                                                               dropout)
+        dropout = state.dropout(training)
+        theta_s = state.shared_scaled_theta(weight.device, dropout=training)
+        w = groups.build(weight, theta_s, dropout=dropout).to(dtype)
+        b = groups.effective_bias(bias, theta_s) if adapt_bias else bias
+        ctx.save_for_backward(x, weight, bias, theta_s, w if _keeps_weight(weight.device) else None)
+        ctx.state, ctx.groups, ctx.adapt_bias, ctx.dtype, ctx.transposed, ctx.training, ctx.dropout = (
+            state, groups, adapt_bias, dtype, transposed, training, dropout)
         with _no_autocast(x):
             return _linear(x.to(dtype), w, None if b is None else b.to(dtype), transposed)
 
     @staticmethod
     def backward(ctx, grad_y):
-        x, weight, bias, theta_scaled, w = ctx.saved_tensors
+        x, weight, bias, theta_s, w = ctx.saved_tensors
         groups, dtype, transposed = ctx.groups, ctx.dtype, ctx.transposed
         gy = grad_y.to(dtype).reshape(-1, grad_y.shape[-1])  # (B*T, out)
         x2 = x.to(dtype).reshape(-1, x.shape[-1])             # (B*T, in)
         grad_x = grad_w = grad_b = grad_theta = None
         if ctx.needs_input_grad[0]:
             if w is None:
-                w = groups.build(weight, theta_scaled, dropout=ctx.dropout).to(dtype)
+                w = groups.build(weight, theta_s, dropout=ctx.dropout).to(dtype)
             grad_x = (gy @ (w.t() if transposed else w)).view(*x.shape[:-1], -1).to(x.dtype)
         del w
         if ctx.needs_input_grad[1]:  # only when the user unfroze the base weight
             gw = gy.t() @ x2
             grad_w = (gw.t() if transposed else gw).to(weight.dtype)
         if ctx.needs_input_grad[3]:
-            grad_theta = torch.zeros_like(theta_scaled)
-            groups.add_weight_grad(grad_theta, gy, x2, transposed, ctx.dropout)
+            grad_theta = groups.weight_grad(gy, x2, transposed, ctx.dropout)
         if bias is not None and (ctx.needs_input_grad[2] or (ctx.adapt_bias and grad_theta is not None)):
             gb = gy.sum(0)
             grad_b = gb.to(bias.dtype) if ctx.needs_input_grad[2] else None
             if ctx.adapt_bias and grad_theta is not None:
                 groups.add_bias_grad(grad_theta, gb)
-        return grad_x, grad_w, grad_b, grad_theta, None, None, None, None
+        if grad_theta is not None:
+            grad_theta = ctx.state.theta_grad(grad_theta, ctx.training)
+        return grad_x, grad_w, grad_b, grad_theta, None, None, None, None, None
 
 
 class GPartDeltaFunction(torch.autograd.Function):
     """x ΔW^T alone, for a quantized base computed by its own layer (y = base(x) + x ΔW^T, DESIGN §3).
 
-    Like the full Function it saves only x and theta and rebuilds ΔW in backward.
+    Like the full Function it takes θ, saves only x and the scaled θ, and rebuilds ΔW in backward.
     """
 
     @staticmethod
-    def forward(ctx, x, theta_scaled, groups, shape, dtype, dropout):
-        ctx.save_for_backward(x, theta_scaled)
-        ctx.groups, ctx.shape, ctx.dtype, ctx.dropout = groups, shape, dtype, dropout
+    def forward(ctx, x, theta, state, groups, shape, dtype, device, training):
+        dropout = state.dropout(training)
+        theta_s = state.shared_scaled_theta(device, dropout=training)
+        ctx.save_for_backward(x, theta_s)
+        ctx.state, ctx.groups, ctx.shape, ctx.dtype, ctx.training, ctx.dropout = (state, groups, shape, dtype,
+                                                                                  training, dropout)
         with _no_autocast(x):
-            return F.linear(x.to(dtype), groups.build(None, theta_scaled, shape=shape, dtype=dtype, dropout=dropout))
+            return F.linear(x.to(dtype), groups.build(None, theta_s, shape=shape, dtype=dtype, dropout=dropout))
 
     @staticmethod
     def backward(ctx, grad_y):
-        x, theta_scaled = ctx.saved_tensors
+        x, theta_s = ctx.saved_tensors
         gy = grad_y.to(ctx.dtype).reshape(-1, grad_y.shape[-1])
         grad_x = grad_theta = None
         if ctx.needs_input_grad[0]:
-            delta = ctx.groups.build(None, theta_scaled, shape=ctx.shape, dtype=ctx.dtype, dropout=ctx.dropout)
+            delta = ctx.groups.build(None, theta_s, shape=ctx.shape, dtype=ctx.dtype, dropout=ctx.dropout)
             grad_x = (gy @ delta).view(*x.shape[:-1], -1).to(x.dtype)
         if ctx.needs_input_grad[1]:
-            grad_theta = torch.zeros_like(theta_scaled)
-            ctx.groups.add_weight_grad(grad_theta, gy, x.to(ctx.dtype).reshape(-1, x.shape[-1]), False, ctx.dropout)
-        return grad_x, grad_theta, None, None, None, None
+            grad_theta = ctx.groups.weight_grad(gy, x.to(ctx.dtype).reshape(-1, x.shape[-1]), False, ctx.dropout)
+            grad_theta = ctx.state.theta_grad(grad_theta, ctx.training)
+        return grad_x, grad_theta, None, None, None, None, None, None
 
 
 class GPartLinear(nn.Module):
@@ -164,15 +173,13 @@ class GPartLinear(nn.Module):
         b = self.groups.effective_bias(bias.detach(), theta_s) if self.adapt_bias else bias
         return w, b
 
-    def _theta(self, training_grad: bool) -> torch.Tensor:
-        theta_s = self.state.scaled_theta(self.device, dropout=self.training)
-        return theta_s if training_grad else theta_s.detach()
-
     def _forward_quantized(self, x: torch.Tensor) -> torch.Tensor:
         dtype = _compute_dtype(x, x)  # the activations' dtype, or autocast's
-        theta_s = self._theta(torch.is_grad_enabled() and self.state.theta.requires_grad)
         shape = weight_shape(self.base_layer)
-        delta = GPartDeltaFunction.apply(x, theta_s, self.groups, shape, dtype, self.state.dropout(self.training))
+        theta = self.state.theta
+        if not (torch.is_grad_enabled() and theta.requires_grad):
+            theta = theta.detach()
+        delta = GPartDeltaFunction.apply(x, theta, self.state, self.groups, shape, dtype, self.device, self.training)
         return self.base_layer(x) + delta.to(x.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -180,10 +187,10 @@ class GPartLinear(nn.Module):
             return self._forward_quantized(x)
         weight, bias = self.base_layer.weight, self.base_layer.bias
         if torch.is_grad_enabled() and (self.state.theta.requires_grad or weight.requires_grad):
-            return GPartLinearFunction.apply(x, weight, bias, self._theta(True), self.groups, self.adapt_bias,
-                                             self.transposed, self.state.dropout(self.training))
+            return GPartLinearFunction.apply(x, weight, bias, self.state.theta, self.state, self.groups,
+                                             self.adapt_bias, self.transposed, self.training)
         # No gradient: build W_eff for this call only (at most one extra weight copy alive at a time).
-        theta_s = self._theta(False)
+        theta_s = self.state.shared_scaled_theta(self.device, dropout=self.training)
         dtype = _compute_dtype(x, weight)
         w = self.groups.build(weight, theta_s, dropout=self.state.dropout(self.training)).to(dtype)
         b = self.groups.effective_bias(bias, theta_s) if self.adapt_bias else bias

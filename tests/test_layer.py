@@ -272,3 +272,76 @@ def test_applying_twice_is_rejected():
     _, model = _adapted("llama")
     with pytest.raises(GpartError, match="already has GPart"):
         gpart.apply(model, gpart.GPartConfig(d=4, target_modules=["q_proj"]))
+
+
+@pytest.mark.parametrize("d, id_dtype", [(65_536, torch.uint16), (65_537, torch.int32)])
+@pytest.mark.parametrize("out_features", [300, 301])  # 300 x 201 weights split into rows; 301 x 201 is odd
+def test_cpu_id_cache_is_uint16_up_to_65536_groups_and_changes_no_bits(d, id_dtype, out_features):
+    n, offset, shape = 70_000, 1_000, (out_features, 201)
+    n_weight, n_bias = shape[0] * shape[1], shape[0]
+    groups = LayerGroups(offset, n_weight, n_bias, n, d, seed=7)
+    ids = group_ids(n, d, 7, offset, n_weight + n_bias).long()
+    assert groups.ids(torch.device("cpu")).dtype == id_dtype
+    assert groups.state_bytes() == (n_weight + n_bias) * (2 if id_dtype == torch.uint16 else 4)
+    assert int(ids.max()) > 32_767  # ids past int16's range survive the uint16 cache
+
+    g = torch.Generator().manual_seed(1)
+    theta_s, weight, bias = torch.randn(d, generator=g), torch.randn(shape, generator=g), torch.randn(shape[0])
+    gy, x = torch.randn(16, shape[0], generator=g), torch.randn(16, shape[1], generator=g)
+    built = groups.build(weight, theta_s)
+    assert torch.equal(built, theta_s[ids[:n_weight]].view(shape) + weight)
+    assert torch.equal(groups.effective_bias(bias, theta_s), theta_s[ids[n_weight:]] + bias)
+    grad = groups.weight_grad(gy, x, False)
+    groups.add_bias_grad(grad, gy.sum(0))
+    ref = torch.zeros(d, dtype=torch.float64).index_add_(0, ids, torch.cat([(gy.t() @ x).flatten(), gy.sum(0)]).double())
+    assert torch.allclose(grad.double(), ref, rtol=1e-5, atol=1e-5)
+
+    int32 = LayerGroups(offset, n_weight, n_bias, n, d, seed=7)
+    int32._ids = ids.int()  # the int32 cache every version before kept: same bits
+    assert torch.equal(int32.build(weight, theta_s), built)
+    grad32 = int32.weight_grad(gy, x, False)
+    int32.add_bias_grad(grad32, gy.sum(0))
+    assert torch.equal(grad32, grad)
+
+
+def test_every_layer_shares_one_scaled_theta_per_step():
+    _, model = _adapted("llama", d=64)
+    model.train()
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = _out(model, _inputs("llama")).sum()
+    thetas = {t.data_ptr() for t in saved if t.shape == (64,)}
+    assert len(gpart_layers(model)) == 8 and len(thetas) == 1  # one d-sized copy saved, not one per layer
+    loss.backward()
+
+
+def test_shared_scaled_theta_follows_every_way_theta_changes():
+    base, model = _adapted("llama", d=64)
+    inputs, theta = _inputs("llama"), gpart.theta(model)
+    fresh = lambda: _out(gpart.merge(copy.deepcopy(model)), inputs)  # noqa: E731 (no cache involved)
+    optimizer = torch.optim.SGD([theta], lr=0.5)
+    _out(model, inputs).square().mean().backward()
+    optimizer.step()  # in place: theta's version counter moves
+    assert torch.equal(_out(model, inputs), fresh())
+    theta.data.copy_(torch.randn(64, generator=torch.Generator().manual_seed(9)))  # bypasses the version counter
+    assert torch.equal(_out(model, inputs), fresh())  # the forward pre-hook recomputes it
+
+    layer = gpart_layers(model)[0][1]
+    x = torch.randn(3, layer.base_layer.in_features)
+    with torch.no_grad():
+        theta.add_(1.0)
+        direct = layer(x)  # a layer called on its own, no model forward: the version key catches the change
+    expected = x @ (layer.base_layer.weight + layer.delta_weight()).t()
+    assert torch.allclose(direct, expected, atol=1e-6)
+
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        gpart.theta(twin).zero_()
+    assert torch.equal(_out(twin, inputs), _out(base, inputs)) and not torch.equal(_out(model, inputs), _out(base, inputs))
+    merged = gpart.merge(model)
+    assert len(merged._forward_pre_hooks) == 0
