@@ -129,7 +129,7 @@ def _gather(table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     step. A copy, so the rows change no bits."""
     rows = 4 if ids.numel() % 4 == 0 else 2 if ids.numel() % 2 == 0 else 1
     if table.device.type != "cpu" or rows == 1:
-        return table.index_select(0, ids.int() if ids.dtype == torch.uint16 else ids)
+        return table.index_select(0, ids.int())  # uint16 ids widened; int32 ones pass as they are
     return torch.gather(table.expand(rows, table.numel()), 1, ids.long().view(rows, -1)).view(-1)
 
 
