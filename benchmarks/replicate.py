@@ -27,7 +27,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -148,11 +148,14 @@ def plan_glue(args, work: Path) -> list[Job]:
 def plan_sweep(args, work: Path) -> list[Job]:
     """SST-2 accuracy against d for GPart and Uni-LoRA, the lr chosen on dev at every point (one job per d)."""
     names = [m for m in _pick(GLUE_METHODS, args) if m in ("gpart", "unilora")]
+    # --d sets each point's d; the table's fixed method.d=23040 would only clutter the printed command.
+    methods = {n: replace(m, sets=tuple(s for s in m.sets if not s.startswith("method.d=")))
+               for n, m in GLUE_METHODS.items()}
     return [Job({"task": "sst2", "method": name, "d": d},
-                sweep_cmd("quickstart-sst2-minilm.yaml", GLUE_METHODS[name], d, args.seeds, work / f"{name}-d{d}",
+                sweep_cmd("quickstart-sst2-minilm.yaml", methods[name], d, args.seeds, work / f"{name}-d{d}",
                           glue_sets("sst2", work), SWEEP_GRID),
                 work / f"{name}-d{d}", "accuracy")
-            for name in names for d in [int(x) for x in args.ds.split(",")]]
+            for d in [int(x) for x in args.ds.split(",")] for name in names]  # pairs finish together
 
 
 # ---- Vision: a ViT self-pretrained on six Fashion-MNIST classes, fine-tuned on the four held out ----
