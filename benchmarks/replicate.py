@@ -246,12 +246,12 @@ def _flat(jobs: list[Job]) -> list[dict]:
     return [{**r, **j.labels, "command": shlex.join(j.cmd), "metric": j.metric} for j in jobs for r in j.records]
 
 
-def _cell(scores: list[float]) -> str:
+def _cell(scores: list[float], digits: int = 3) -> str:
     if not scores:
         return "-"
     if len(scores) == 1:
-        return f"{scores[0]:.3f}"
-    return f"{statistics.median(scores):.3f} [{min(scores):.3f}, {max(scores):.3f}]"
+        return f"{scores[0]:.{digits}f}"
+    return f"{statistics.median(scores):.{digits}f} [{min(scores):.{digits}f}, {max(scores):.{digits}f}]"
 
 
 def _lrs(runs: list[dict]) -> str:
@@ -280,22 +280,42 @@ def _score(run: dict | None) -> str:
 
 
 def markdown_math(runs: list[dict]) -> str:
-    """One row per method and lr: dev loss, MAWPS under both answer rules; the dev pick marked; GSM8K for picks."""
+    """Two tables. The dev picks: per method, median [min, max] over seeds of dev loss and both MAWPS answer
+    rules, the chosen lrs, GSM8K of seed 0's pick. Then every lr: the same columns over that lr's seeds."""
+    sft = [r for r in runs if r["task"] == "mawps" and r["method"] != "base" and "run" in r]
+    methods = list(dict.fromkeys(r["method"] for r in sft))
     gsm = {r["method"]: r for r in runs if r["task"] == "gsm8k"}
-    lines = ["| model | lr(θ) | seed | trainable params | dev loss | MAWPS metamath | MAWPS flexible | GSM8K flexible |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
     base = {r["task"]: r for r in runs if r["method"] == "base"}
+
+    def cells(group: list[dict]) -> str:
+        return (f"{_cell([r['dev']['loss'] for r in group])} | {_cell([r['metamath'] for r in group], 2)} | "
+                f"{_cell([r['flexible'] for r in group], 2)}")
+
+    lines = ["| model | trainable params | dev loss | MAWPS metamath | MAWPS flexible | lr chosen (seeds 0, 1, 2) "
+             "| GSM8K[:20] flexible (seed 0) |", "|---|---:|---:|---:|---:|---|---:|"]
     if "mawps" in base:
-        lines.append(f"| base | - | - | 0 | - | {base['mawps']['metamath']:.2f} | {base['mawps']['flexible']:.2f} | "
-                     f"{_score(base.get('gsm8k'))} |")
-    for r in runs:
-        if r["task"] != "mawps" or r["method"] == "base" or "run" not in r:
-            continue
-        mark = " (dev pick)" if r["selected"] else ""
-        gsm_run = gsm.get(f"{r['method']}-{r['run']}")
-        lines.append(f"| {r['method']}{mark} | {r['lr']:g} | {r['seed']} | {r['trainable_params']:,} | "
-                     f"{r['dev']['loss']:.3f} | {r['metamath']:.2f} | {r['flexible']:.2f} | {_score(gsm_run)} |")
-    return "\n".join(lines)
+        lines.append(f"| base (no training) | 0 | - | {base['mawps']['metamath']:.2f} | {base['mawps']['flexible']:.2f} "
+                     f"| - | {_score(base.get('gsm8k'))} |")
+    for m in methods:
+        picks = sorted((r for r in sft if r["method"] == m and r["selected"]), key=lambda r: r["seed"])
+        seed0 = next((r["run"] for r in picks if r["seed"] == 0), None)
+        lines.append(f"| {m} | {picks[0]['trainable_params']:,} | {cells(picks)} | {_lrs(picks)} | "
+                     f"{_score(gsm.get(f'{m}-{seed0}'))} |")
+    detail = ["| model | lr | dev loss | MAWPS metamath | MAWPS flexible | picked by dev (seeds) |",
+              "|---|---|---:|---:|---:|---|"]
+    for m in methods:
+        for lr in dict.fromkeys(r["lr"] for r in sft if r["method"] == m):
+            group = sorted((r for r in sft if r["method"] == m and r["lr"] == lr), key=lambda r: r["seed"])
+            chosen = ", ".join(str(r["seed"]) for r in group if r["selected"]) or "-"
+            detail.append(f"| {m} | {lr:g} | {cells(group)} | {chosen} |")
+    return "\n".join(lines) + "\n\nEvery learning rate (median [min, max] over seeds):\n\n" + "\n".join(detail)
+
+
+def report(family: str) -> str:
+    """The Markdown tables of a finished family, from its stored JSON."""
+    runs = json.loads((RESULTS / f"replicate-{family}.json").read_text())["runs"]
+    table = {"math": markdown_math, "sweep": lambda r: markdown(r, "d")}.get(family, markdown)
+    return table([r for r in runs if r.get("task") != "fashion6-pretrain"])
 
 
 def main() -> None:
@@ -310,7 +330,11 @@ def main() -> None:
     p.add_argument("--jobs", type=int, default=1, help="commands side by side (threads split between them)")
     p.add_argument("--work", default=None, help="default runs/replicate-FAMILY")
     p.add_argument("--dry-run", action="store_true")
+    p.add_argument("--report", action="store_true", help="print the tables of benchmarks/results/replicate-FAMILY.json")
     args = p.parse_args()
+    if args.report:
+        print(report(args.family))
+        return
     work = Path(args.work or ROOT / "runs" / f"replicate-{args.family}").resolve()
     planner = {"glue": plan_glue, "sweep": plan_sweep, "vision": plan_vision, "math": plan_math}[args.family]
     jobs = planner(args, work)
@@ -330,8 +354,7 @@ def main() -> None:
            "wall_seconds": round(time.time() - tick), "runs": runs}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"replicate-{args.family}.json").write_text(json.dumps(doc, indent=2))
-    table = {"math": markdown_math, "sweep": lambda r: markdown(r, "d")}.get(args.family, markdown)
-    print(table([r for r in runs if r.get("task") != "fashion6-pretrain"]))
+    print(report(args.family))
     failed = [r for r in runs if "error" in r]
     if failed:
         print(f"{len(failed)} commands failed; see benchmarks/results/replicate-{args.family}.json", file=sys.stderr)

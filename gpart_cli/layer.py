@@ -2,13 +2,13 @@
 
 ΔW_i = theta_g(i) / sqrt(n_g(i)). The 1/sqrt(n_j) factor depends only on the group, so the layer
 scales theta once (d values) and gathers: ΔW = theta_scaled[g]. In backward the grouped reduction runs on
-the unscaled sum and autograd applies the scale to d values, never to N. `LayerGroups` decides how g is
-found: on-the-fly Triton kernels on CUDA, cached int32 ids on the reference path.
+the unscaled sum and the Function applies the scale to d values (`GPartState.theta_grad`), never to N.
+`LayerGroups` decides how g is found: on-the-fly Triton kernels on CUDA, cached ids (uint16 or int32) on the
+reference path.
 
-A custom autograd Function saves x and the (tiny) scaled theta. On the GPU it keeps nothing of the size of W
-between forward and backward and rebuilds W_eff for ∂L/∂x. On the CPU reference path it keeps the W_eff it
-built (one copy of the adapted weights, less than the ∂L/∂W a dense method holds): a second gather costs
-more there than the memory. Gradient checkpointing drops it like any saved tensor.
+A custom autograd Function saves x and the (tiny) scaled theta and keeps nothing of the size of W between
+forward and backward: backward rebuilds W_eff for ∂L/∂x, one layer at a time (DESIGN §3). On the CPU that
+second gather costs about 1% of a step and keeps GPart's peak memory below LoRA's (benchmarks/step_time.py).
 
 Dropout on ΔW (method.dropout, as the authors apply `nn.Dropout` to ΔW) scales theta by 1/(1-p) and zeroes
 the dropped weights of ΔW with a mask recomputed from a key (see `gpart_cli.rng`); it is off in eval mode.
@@ -51,11 +51,6 @@ def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, transposed
     return F.linear(x, w.t() if transposed else w, b)
 
 
-def _keeps_weight(device: torch.device) -> bool:
-    """Whether forward saves W_eff for backward (CPU) instead of rebuilding it (GPU: memory is scarcer)."""
-    return device.type == "cpu"
-
-
 class GPartLinearFunction(torch.autograd.Function):
     """y = x W_eff^T + b_eff, with ∂L/∂θ = (the grouped sum of ∂L/∂W and ∂L/∂b) · scale.
 
@@ -71,7 +66,7 @@ class GPartLinearFunction(torch.autograd.Function):
         theta_s = state.shared_scaled_theta(weight.device, dropout=training)
         w = groups.build(weight, theta_s, dropout=dropout).to(dtype)
         b = groups.effective_bias(bias, theta_s) if adapt_bias else bias
-        ctx.save_for_backward(x, weight, bias, theta_s, w if _keeps_weight(weight.device) else None)
+        ctx.save_for_backward(x, weight, bias, theta_s)  # not w: backward rebuilds it (peak memory, DESIGN §3)
         ctx.state, ctx.groups, ctx.adapt_bias, ctx.dtype, ctx.transposed, ctx.training, ctx.dropout = (
             state, groups, adapt_bias, dtype, transposed, training, dropout)
         with _no_autocast(x):
@@ -79,16 +74,15 @@ class GPartLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y):
-        x, weight, bias, theta_s, w = ctx.saved_tensors
+        x, weight, bias, theta_s = ctx.saved_tensors
         groups, dtype, transposed = ctx.groups, ctx.dtype, ctx.transposed
         gy = grad_y.to(dtype).reshape(-1, grad_y.shape[-1])  # (B*T, out)
         x2 = x.to(dtype).reshape(-1, x.shape[-1])             # (B*T, in)
         grad_x = grad_w = grad_b = grad_theta = None
         if ctx.needs_input_grad[0]:
-            if w is None:
-                w = groups.build(weight, theta_s, dropout=ctx.dropout).to(dtype)
+            w = groups.build(weight, theta_s, dropout=ctx.dropout).to(dtype)
             grad_x = (gy @ (w.t() if transposed else w)).view(*x.shape[:-1], -1).to(x.dtype)
-        del w
+            del w  # one W-sized buffer at a time
         if ctx.needs_input_grad[1]:  # only when the user unfroze the base weight
             gw = gy.t() @ x2
             grad_w = (gw.t() if transposed else gw).to(weight.dtype)

@@ -320,6 +320,21 @@ def test_every_layer_shares_one_scaled_theta_per_step():
     loss.backward()
 
 
+def test_nothing_of_the_size_of_an_adapted_weight_is_saved_for_backward():
+    """Backward rebuilds W_eff: a W-shaped saved tensor may only be a frozen weight of the model itself."""
+    _, model = _adapted("llama", d=64)
+    model.train()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        loss = _out(model, _inputs("llama")).sum()
+    params = {p.data_ptr() for p in model.parameters()}
+    shapes = {tuple(layer.base_layer.weight.shape) for _, layer in gpart_layers(model)}
+    w_shaped = [t for t in saved if tuple(t.shape) in shapes or tuple(t.shape[::-1]) in shapes]
+    assert w_shaped and all(t.data_ptr() in params for t in w_shaped)
+    loss.backward()
+    assert gpart.theta(model).grad.abs().sum() > 0
+
+
 def test_shared_scaled_theta_follows_every_way_theta_changes():
     base, model = _adapted("llama", d=64)
     inputs, theta = _inputs("llama"), gpart.theta(model)
