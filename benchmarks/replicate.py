@@ -311,9 +311,24 @@ def markdown_math(runs: list[dict]) -> str:
     return "\n".join(lines) + "\n\nEvery learning rate (median [min, max] over seeds):\n\n" + "\n".join(detail)
 
 
+def plot_sweep(runs: list[dict]) -> Path:
+    """benchmarks/results/replicate-sweep.png: accuracy against d with `gpart sweep-d`'s own plot (medians and
+    per-seed points of the dev-selected runs) over every job of the sweep."""
+    from gpart_cli.atomic import write_bytes
+    from gpart_cli.sweep import plot, summarize
+
+    rows = [r for r in runs if "error" not in r]
+    doc = {"recipe": "SST-2, MiniLM: lr chosen on dev at every d", "metric": "accuracy", "runs": rows,
+           "summary": summarize(rows)}
+    write_bytes(RESULTS / "replicate-sweep.png", plot(doc))
+    return RESULTS / "replicate-sweep.png"
+
+
 def report(family: str) -> str:
-    """The Markdown tables of a finished family, from its stored JSON."""
+    """The Markdown tables of a finished family, from its stored JSON (and the sweep's plot)."""
     runs = json.loads((RESULTS / f"replicate-{family}.json").read_text())["runs"]
+    if family == "sweep":
+        plot_sweep(runs)
     table = {"math": markdown_math, "sweep": lambda r: markdown(r, "d")}.get(family, markdown)
     return table([r for r in runs if r.get("task") != "fashion6-pretrain"])
 
