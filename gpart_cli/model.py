@@ -71,9 +71,13 @@ class GPartState(nn.Module):
         `nn.Dropout` scales the values it keeps. The move to `device` is differentiable.
         """
         theta_s = self.theta * self.inv_sqrt_sizes
-        if dropout and self.config.dropout > 0:
+        if self._dropout_scales(dropout):
             theta_s = theta_s * (1.0 / (1.0 - self.config.dropout))
         return theta_s if device is None or theta_s.device == device else theta_s.to(device)
+
+    def _dropout_scales(self, training: bool) -> bool:
+        """Whether ΔW dropout is active, so that theta_s carries its 1/(1-p) factor: a training call and p > 0."""
+        return training and self.config.dropout > 0
 
     def shared_scaled_theta(self, device: torch.device, dropout: bool = False) -> torch.Tensor:
         """`scaled_theta` without a graph, computed once per theta value and device and shared by every layer.
@@ -85,7 +89,7 @@ class GPartState(nn.Module):
         model (`forget_shared`), which also covers edits through `theta.data` that bypass the version counter.
         """
         theta = self.theta
-        key = (dropout and self.config.dropout > 0, theta._version, theta.data_ptr())
+        key = (self._dropout_scales(dropout), theta._version, theta.data_ptr())
         cached = self._shared.get(device)
         if cached is None or cached[0] != key:
             with torch.no_grad():
@@ -102,7 +106,7 @@ class GPartState(nn.Module):
         It scales `grad_s` in place (the layers' Functions own it) with the same multiplications, in the same
         order, as autograd would apply through `scaled_theta`, so the bits are the same.
         """
-        if dropout and self.config.dropout > 0:
+        if self._dropout_scales(dropout):
             grad_s.mul_(1.0 / (1.0 - self.config.dropout))
         scale = self.inv_sqrt_sizes
         grad_s.mul_(scale if scale.device == grad_s.device else scale.to(grad_s.device))
