@@ -265,12 +265,15 @@ def markdown(runs: list[dict], key: str = "task") -> str:
     methods = list(dict.fromkeys(r["method"] for r in picked))
     metric = {r[key]: r["metric"] for r in picked}  # each column's own metric (accuracy, pearson, ...)
     head = [f"{c:,}" if isinstance(c, int) else f"{c} ({metric[c]})" for c in columns]
-    lines = ["| method | trainable params | " + " | ".join(head) + " |", "|---|---:|" + "---:|" * len(columns)]
+    by_d = key == "d"  # columns are d values: the trainable count differs per column, so it is left out
+    lines = ["| method | " + ("" if by_d else "trainable params | ") + " | ".join(head) + " |",
+             "|---|" + ("" if by_d else "---:|") + "---:|" * len(columns)]
     lr_lines = ["| method | " + " | ".join(head) + " |", "|---|" + "---|" * len(columns)]
     for m in methods:
         rows = {c: [r for r in picked if r["method"] == m and r[key] == c] for c in columns}
         params = next((f"{r['trainable_params']:,}" for c in columns for r in rows[c] if r.get("trainable_params")), "-")
-        lines.append(f"| {m} | {params} | " + " | ".join(_cell([r["score"] for r in rows[c]]) for c in columns) + " |")
+        lines.append(f"| {m} | " + ("" if by_d else f"{params} | ")
+                     + " | ".join(_cell([r["score"] for r in rows[c]]) for c in columns) + " |")
         lr_lines.append(f"| {m} | " + " | ".join(_lrs(rows[c]) or "-" for c in columns) + " |")
     return "\n".join(lines) + "\n\nLearning rate chosen on dev (seeds 0, 1, 2 in order):\n\n" + "\n".join(lr_lines)
 
@@ -313,11 +316,16 @@ def markdown_math(runs: list[dict]) -> str:
 
 def plot_sweep(runs: list[dict]) -> Path:
     """benchmarks/results/replicate-sweep.png: accuracy against d with `gpart sweep-d`'s own plot (medians and
-    per-seed points of the dev-selected runs) over every job of the sweep."""
+    per-seed points of the dev-selected runs) over every job of the sweep, and the SST-2 linear probe of the GLUE
+    table (same rows, budget and head) as a level: what the head alone reaches."""
     from gpart_cli.atomic import write_bytes
     from gpart_cli.sweep import plot, summarize
 
     rows = [r for r in runs if "error" not in r]
+    glue = RESULTS / "replicate-glue.json"
+    if glue.is_file():
+        rows += [{**r, "d": None} for r in json.loads(glue.read_text())["runs"]
+                 if r.get("task") == "sst2" and r.get("method") == "linear_probe" and "error" not in r]
     doc = {"recipe": "SST-2, MiniLM: lr chosen on dev at every d", "metric": "accuracy", "runs": rows,
            "summary": summarize(rows)}
     write_bytes(RESULTS / "replicate-sweep.png", plot(doc))
