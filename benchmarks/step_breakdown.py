@@ -1,0 +1,84 @@
+"""Where GPart's CPU step time over the floor goes: the same step with parts of the layer stubbed out.
+
+    python benchmarks/step_breakdown.py                 # preset small (see step_time.py), 31 rounds
+    python benchmarks/step_breakdown.py --preset medium --rounds 21
+
+Variants, timed interleaved in one process after warm-up (ratios to the floor taken round by round, then the
+median), all on the same model and batch:
+- gpart: the real layer;
+- no_build: W_eff is W0 itself (no gather, no add of W0, in forward or in backward's rebuild);
+- no_work: also no grouped sum (∂L/∂W is still computed, its reduction into ∂L/∂θ is replaced by zeros);
+- floor: `step_time.py`'s floor (target weights requiring grad, no optimizer).
+So gpart - no_build is the cost of building W_eff, no_build - no_work the grouped sum and its d-sized bookkeeping,
+and no_work - floor what is left (autograd Function calls, θ's optimizer step). The stubbed variants train
+nothing useful: they exist only to time. Prints one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import step_time  # noqa: E402  (the benchmark's model, presets, methods and step)
+
+from gpart_cli import groups  # noqa: E402
+
+
+def _no_build(self, weight, theta_s, **kwargs):
+    return weight
+
+
+def _no_grouped_sum(self, gy, x, transposed, dropout=None):
+    groups._weight_grad(gy, x, transposed)  # keep the ∂L/∂W GEMM the floor computes too
+    return torch.zeros(self.d)
+
+
+REAL = (groups.LayerGroups.build, groups.LayerGroups.weight_grad)
+VARIANTS = {"gpart": REAL, "no_build": (_no_build, REAL[1]), "no_work": (_no_build, _no_grouped_sum), "floor": None}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--preset", choices=list(step_time.PRESETS), default="small")
+    p.add_argument("--rounds", type=int, default=31)
+    cli = p.parse_args()
+    args = argparse.Namespace(targets=["q_proj", "k_proj", "v_proj", "o_proj"], vocab=8192, device="cpu",
+                              dtype="fp32", dropout=0.0, default_alloc=False, **step_time.PRESETS[cli.preset])
+    step_time.cpu_allocator(args)
+    base = step_time.build_base(args)
+    batch = torch.randint(0, args.vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(1))
+    runs = {name: step_time.prepare("floor" if name == "floor" else "gpart", base, args) for name in VARIANTS}
+
+    def timed(name: str) -> float:
+        if VARIANTS[name] is not None:
+            groups.LayerGroups.build, groups.LayerGroups.weight_grad = VARIANTS[name]
+        tick = time.perf_counter()
+        step_time.step(*runs[name], batch, args)
+        return time.perf_counter() - tick
+
+    names = list(VARIANTS)
+    for name in names:
+        timed(name), timed(name)  # warm-up
+    times = {name: [] for name in names}
+    for r in range(cli.rounds):  # the order rotates round by round
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            times[name].append(timed(name))
+    groups.LayerGroups.build, groups.LayerGroups.weight_grad = REAL
+    ratio = {n: statistics.median(a / b for a, b in zip(times[n], times["floor"])) for n in names}
+    print(json.dumps({"preset": cli.preset, "rounds": cli.rounds,
+                      "floor_step_s": round(statistics.median(times["floor"]), 4),
+                      "ratio_to_floor": {n: round(v, 4) for n, v in ratio.items()},
+                      "share_of_floor_step": {"build_w_eff": round(ratio["gpart"] - ratio["no_build"], 4),
+                                              "grouped_sum": round(ratio["no_build"] - ratio["no_work"], 4),
+                                              "rest": round(ratio["no_work"] - 1, 4)}}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
