@@ -314,7 +314,7 @@ def markdown_math(runs: list[dict]) -> str:
     return "\n".join(lines) + "\n\nEvery learning rate (median [min, max] over seeds):\n\n" + "\n".join(detail)
 
 
-def plot_sweep(runs: list[dict]) -> Path:
+def plot_sweep(runs: list[dict]) -> None:
     """benchmarks/results/replicate-sweep.png: accuracy against d with `gpart sweep-d`'s own plot (medians and
     per-seed points of the dev-selected runs) over every job of the sweep, and the SST-2 linear probe of the GLUE
     table (same rows, budget and head) as a level: what the head alone reaches."""
@@ -329,7 +329,6 @@ def plot_sweep(runs: list[dict]) -> Path:
     doc = {"recipe": "SST-2, MiniLM: lr chosen on dev at every d", "metric": "accuracy", "runs": rows,
            "summary": summarize(rows)}
     write_bytes(RESULTS / "replicate-sweep.png", plot(doc))
-    return RESULTS / "replicate-sweep.png"
 
 
 def report(family: str) -> str:

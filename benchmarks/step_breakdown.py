@@ -49,8 +49,7 @@ def main() -> None:
     p.add_argument("--preset", choices=list(step_time.PRESETS), default="small")
     p.add_argument("--rounds", type=int, default=31)
     cli = p.parse_args()
-    args = argparse.Namespace(targets=["q_proj", "k_proj", "v_proj", "o_proj"], vocab=8192, device="cpu",
-                              dtype="fp32", dropout=0.0, default_alloc=False, **step_time.PRESETS[cli.preset])
+    args = step_time.parse_args(["--preset", cli.preset, "--device", "cpu"])  # its model, targets, d, batch
     step_time.cpu_allocator(args)
     base = step_time.build_base(args)
     batch = torch.randint(0, args.vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(1))

@@ -304,17 +304,18 @@ def test_cpu_id_cache_is_uint16_up_to_65536_groups_and_changes_no_bits(d, id_dty
     assert torch.equal(grad32, grad)
 
 
-def test_every_layer_shares_one_scaled_theta_per_step():
-    _, model = _adapted("llama", d=64)
+def _saved_for_backward(model) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Every tensor a training forward of `model` saves for backward, and the loss to call backward on."""
     model.train()
     saved = []
-
-    def pack(t):
-        saved.append(t)
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         loss = _out(model, _inputs("llama")).sum()
+    return saved, loss
+
+
+def test_every_layer_shares_one_scaled_theta_per_step():
+    _, model = _adapted("llama", d=64)
+    saved, loss = _saved_for_backward(model)
     thetas = {t.data_ptr() for t in saved if t.shape == (64,)}
     assert len(gpart_layers(model)) == 8 and len(thetas) == 1  # one d-sized copy saved, not one per layer
     loss.backward()
@@ -323,10 +324,7 @@ def test_every_layer_shares_one_scaled_theta_per_step():
 def test_nothing_of_the_size_of_an_adapted_weight_is_saved_for_backward():
     """Backward rebuilds W_eff: a W-shaped saved tensor may only be a frozen weight of the model itself."""
     _, model = _adapted("llama", d=64)
-    model.train()
-    saved = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        loss = _out(model, _inputs("llama")).sum()
+    saved, loss = _saved_for_backward(model)
     params = {p.data_ptr() for p in model.parameters()}
     shapes = {tuple(layer.base_layer.weight.shape) for _, layer in gpart_layers(model)}
     w_shaped = [t for t in saved if tuple(t.shape) in shapes or tuple(t.shape[::-1]) in shapes]
