@@ -75,7 +75,7 @@ class GlueBudget:
 
 
 GLUE_BUDGETS = {"sst2": GlueBudget(1000, 2, 64), "stsb": GlueBudget(1000, 2, 64),
-                "cola": GlueBudget(4000, 3, 64), "qnli": GlueBudget(2000, 3, 128)}
+                "cola": GlueBudget(4000, 3, 64), "qnli": GlueBudget(1500, 2, 128)}
 # The vision grids: the paper's ViT lrs are per dataset; these span x10 around the issue-6 values.
 VISION_GRIDS = {"linear_probe": "3e-3,1e-2,3e-2", "full": "2e-4,5e-4,2e-3", "lora": "2e-3,5e-3,2e-2",
                 "unilora": "3e-3,1e-2,3e-2", "gpart": "3e-3,1e-2,3e-2", "gpart_nonisometric": "1e-3,3e-3,1e-2"}
