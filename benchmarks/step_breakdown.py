@@ -2,6 +2,7 @@
 
     python benchmarks/step_breakdown.py                 # preset small (see step_time.py), 31 rounds
     python benchmarks/step_breakdown.py --preset medium --rounds 21
+    GPART_CPU_KERNEL=0 python benchmarks/step_breakdown.py   # torch ops instead of the compiled CPU loops
 
 Variants, timed interleaved in one process after warm-up (ratios to the floor taken round by round, then the
 median), all on the same model and batch:
@@ -29,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import step_time  # noqa: E402  (the benchmark's model, presets, methods and step)
 
 from gpart_cli import groups  # noqa: E402
+from gpart_cli.kernels import cpu_native  # noqa: E402
 
 
 def _no_build(self, weight, theta_s, **kwargs):
@@ -71,7 +73,7 @@ def main() -> None:
             times[name].append(timed(name))
     groups.LayerGroups.build, groups.LayerGroups.weight_grad = REAL
     ratio = {n: statistics.median(a / b for a, b in zip(times[n], times["floor"])) for n in names}
-    print(json.dumps({"preset": cli.preset, "rounds": cli.rounds,
+    print(json.dumps({"preset": cli.preset, "rounds": cli.rounds, "gpart_cpu_ops": cpu_native.describe(),
                       "floor_step_s": round(statistics.median(times["floor"]), 4),
                       "ratio_to_floor": {n: round(v, 4) for n, v in ratio.items()},
                       "share_of_floor_step": {"build_w_eff": round(ratio["gpart"] - ratio["no_build"], 4),

@@ -30,6 +30,8 @@ from pathlib import Path
 
 import torch
 
+from gpart_cli.kernels import cpu_native
+
 METHODS = ("gpart", "floor", "lora", "unilora", "full")
 MODELS = {  # Llama configs built from scratch (random weights are fine for timing)
     "tiny": dict(hidden_size=64, intermediate_size=172, num_hidden_layers=2, num_attention_heads=4),
@@ -219,7 +221,9 @@ def report(args, timed: dict, memory: dict) -> dict:
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                     "threads": torch.get_num_threads(), "device": args.device,
                     "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None,
-                    "torch": torch.__version__},
+                    "torch": torch.__version__,
+                    # how GPart's CPU path ran: gpart_cli/kernels/cpu_native.py (GPART_CPU_KERNEL)
+                    "gpart_cpu_ops": cpu_native.describe() if args.device == "cpu" else None},
         "config": {"preset": args.preset, "model": args.model, "targets": args.targets, "d": args.d,
                    "dropout": args.dropout,
                    "batch": args.batch, "seq": args.seq, "dtype": args.dtype, "steps": args.steps,

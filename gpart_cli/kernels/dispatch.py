@@ -22,9 +22,10 @@ import warnings
 import torch
 
 from ..errors import GpartError
+from . import cpu_native
+from .modes import read_mode
 from .selfcheck import run_check
 
-MODES = ("auto", "1", "0")
 _verdicts: dict[tuple, str | None] = {}  # class key -> None (kernel agrees) or why it was rejected
 _warned: set[tuple] = set()
 
@@ -34,11 +35,8 @@ class KernelFallbackWarning(UserWarning):
 
 
 def mode() -> str:
-    value = os.environ.get("GPART_TRITON", "auto").strip().lower()
-    if value not in MODES:
-        raise GpartError(f"GPART_TRITON={value!r} is not one of auto, 1, 0: unset it (auto: kernels on CUDA with a "
-                         f"self-check), or set 1 (kernels, errors on failure) or 0 (reference path)")
-    return value
+    return read_mode("GPART_TRITON", "auto: kernels on CUDA with a self-check), or set 1 (kernels, errors on failure) "
+                                     "or 0 (reference path")
 
 
 def triton_installed() -> bool:
@@ -91,7 +89,7 @@ def _why_not(device: torch.device) -> str | None:
         return "Triton is not installed"
     if device.type == "cpu" and chosen == "1" and os.environ.get("TRITON_INTERPRET") == "1" and triton_installed():
         return None
-    return device.type.upper() if device.type == "cpu" else f"no kernels for {device.type} tensors"
+    return f"CPU, {cpu_native.describe()}" if device.type == "cpu" else f"no kernels for {device.type} tensors"
 
 
 def _reject(call, reason: str) -> None:
@@ -168,7 +166,8 @@ class ComputeLog:
 
 
 def describe(summary: dict | None) -> str:
-    """One line for people: "Triton kernels (cuda:0 bfloat16)", "reference path (CPU)", or both, per op."""
+    """One line for people: "Triton kernels (cuda:0 bfloat16)", "reference path (CPU, compiled loops)", or both,
+    per op."""
     paths = (summary or {}).get("paths") or []
     if not paths:
         return "not recorded"

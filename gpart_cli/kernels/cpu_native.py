@@ -1,0 +1,225 @@
+"""Compiled CPU loops for the reference path's two per-weight ops: the W_eff build and the grouped sum.
+
+With torch ops, building W0 + θ_s[ids] takes three passes over N (ids widened to int64, the gather, the add), and
+the grouped sum of ∂L/∂W widens the ids again before its scatter. One C loop per op reads each id once (2 or 4
+bytes), so a CPU training step spends about half as long on them (`benchmarks/step_breakdown.py`).
+
+The loops give the same bits as the torch ops they replace: the build adds one fp32 value per weight, and the
+grouped sum splits the weights into the same two fixed halves, sums each in index order, then adds the second
+row into the first. So results never depend on whether the loops or torch ran, nor on the thread count.
+
+They are compiled on first use with the system C compiler (`$CC`, else `cc`, with OpenMP) into
+gpart's cache directory, loaded with ctypes, and checked against the torch ops on a small problem before the
+first real call. `GPART_CPU_KERNEL` chooses: `auto` (default; no compiler, a failed compile or a failed check
+warns once and the torch ops run), `1` (any of those is an error), `0` (torch ops only).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+from ..errors import GpartError
+from .modes import read_mode
+
+_SOURCE = r"""
+#include <stdint.h>
+
+/* out[i] = (drop && drop[i] ? 0 : table[ids[i]]) + (w0 ? w0[i] : 0), i in [0, n). */
+#define BUILD(NAME, ID_T)                                                                        \
+void NAME(float *out, const float *w0, const float *table, const ID_T *ids, const uint8_t *drop,  \
+          int64_t n, int threads) {                                                              \
+    _Pragma("omp parallel for num_threads(threads) schedule(static)")                            \
+    for (int64_t i = 0; i < n; i++) {                                                            \
+        float delta = (drop && drop[i]) ? 0.0f : table[ids[i]];                                  \
+        out[i] = w0 ? delta + w0[i] : delta;                                                     \
+    }                                                                                            \
+}
+
+/* rows[c * d + j] += values[i] for ids[i] == j over the c-th of `chunks` fixed ranges of [0, n), in index
+   order; dropped weights are skipped (adding +0.0 to a row that starts at +0.0 changes no bit either). */
+#define GROUPED_SUM(NAME, ID_T)                                                                  \
+void NAME(float *rows, const float *values, const ID_T *ids, const uint8_t *drop, int64_t n,     \
+          int64_t d, int chunks, int threads) {                                                  \
+    int64_t per = n / chunks;                                                                    \
+    _Pragma("omp parallel for num_threads(threads) schedule(static, 1)")                         \
+    for (int c = 0; c < chunks; c++) {                                                           \
+        float *row = rows + (int64_t)c * d;                                                      \
+        int64_t hi = (c == chunks - 1) ? n : (c + 1) * per;                                      \
+        for (int64_t i = c * per; i < hi; i++)                                                   \
+            if (!(drop && drop[i])) row[ids[i]] += values[i];                                    \
+    }                                                                                            \
+}
+
+BUILD(gpart_build_u16, uint16_t)
+BUILD(gpart_build_i32, int32_t)
+GROUPED_SUM(gpart_grouped_sum_u16, uint16_t)
+GROUPED_SUM(gpart_grouped_sum_i32, int32_t)
+"""
+
+_ID_SUFFIX = {torch.uint16: "u16", torch.int32: "i32"}
+_state: dict = {}  # "lib": the loaded library, or None with "why" saying why not
+
+
+class NoCompiler(RuntimeError):
+    """No C compiler on PATH: common on GPU servers, so `auto` falls back without a warning."""
+
+
+def mode() -> str:
+    return read_mode("GPART_CPU_KERNEL", "auto: compiled CPU loops with a self-check, torch ops if they fail), or "
+                                         "set 1 (loops, errors on failure) or 0 (torch ops")
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("GPART_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "gpart")
+    return Path(root) / "cpu-kernels"
+
+
+def _compile() -> ctypes.CDLL:
+    """Build (once per source, compiler and flags) and load the library; raises with the compiler's words.
+
+    OpenMP is required: without it the loops would run on one thread, slower than torch's multi-threaded ops on a
+    machine with many cores (Apple's clang lacks it: that machine gets the torch ops and one warning).
+    """
+    cc = os.environ.get("CC", "cc")
+    if shutil.which(cc) is None:
+        raise NoCompiler(f"no C compiler ({cc!r} is not on PATH)")
+    flags = [cc, "-O3", "-shared", "-fPIC", "-std=c99", "-fopenmp"]
+    tag = hashlib.sha256((_SOURCE + " ".join(flags)).encode()).hexdigest()[:16]
+    target = cache_dir() / f"gpart_cpu_{tag}.so"
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+            src, built = Path(tmp) / "gpart_cpu.c", Path(tmp) / "gpart_cpu.so"
+            src.write_text(_SOURCE)
+            done = subprocess.run([*flags, str(src), "-o", str(built)], capture_output=True, text=True)
+            if done.returncode != 0:
+                said = done.stderr.strip().splitlines()
+                raise RuntimeError(f"{cc} could not compile the loops: {said[-1] if said else 'failed'}")
+            os.replace(built, target)  # atomic: a concurrent process sees the whole library or none
+    return ctypes.CDLL(str(target))
+
+
+def _bind(lib: ctypes.CDLL) -> None:
+    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    for suffix in _ID_SUFFIX.values():
+        getattr(lib, f"gpart_build_{suffix}").argtypes = [p, p, p, p, p, i64, i32]
+        getattr(lib, f"gpart_grouped_sum_{suffix}").argtypes = [p, p, p, p, i64, i64, i32, i32]
+
+
+def _threads() -> int:
+    return max(1, torch.get_num_threads())
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _run_build(lib, w0, table, ids, drop) -> torch.Tensor:
+    out = torch.empty(ids.numel(), dtype=torch.float32)
+    getattr(lib, f"gpart_build_{_ID_SUFFIX[ids.dtype]}")(
+        out.data_ptr(), _ptr(w0), table.data_ptr(), ids.data_ptr(), _ptr(drop), ids.numel(), _threads())
+    return out
+
+
+def _run_grouped_sum(lib, ids, values, d, drop) -> torch.Tensor:
+    chunks = 2 if values.numel() % 2 == 0 else 1  # the torch path's split (groups._grouped_sum)
+    rows = torch.zeros(chunks, d, dtype=torch.float32)
+    getattr(lib, f"gpart_grouped_sum_{_ID_SUFFIX[ids.dtype]}")(
+        rows.data_ptr(), values.data_ptr(), ids.data_ptr(), _ptr(drop), values.numel(), d, chunks,
+        min(chunks, _threads()))
+    return rows[0].add_(rows[1]) if chunks == 2 else rows[0]
+
+
+def _self_check(lib) -> str | None:
+    """None if the loops give the torch ops' bits on a small problem (both id widths, with and without a mask)."""
+    from ..groups import torch_build, torch_grouped_sum
+
+    g = torch.Generator().manual_seed(0)
+    d, n = 37, 1000
+    table, w0, values = (torch.randn(k, generator=g) for k in (d, n, n))
+    drop = torch.rand(n, generator=g) < 0.3
+    for id_dtype in _ID_SUFFIX:
+        ids = torch.randint(0, d, (n,), generator=g).to(id_dtype)
+        for mask in (None, drop):
+            for base in (w0, None):
+                if not torch.equal(_run_build(lib, base, table, ids, mask), torch_build(base, table, ids, mask)):
+                    return f"the W_eff build differs from torch's ({id_dtype}, mask={mask is not None})"
+            for count in (n, n - 1):  # two halves, and one row for an odd count
+                part = None if mask is None else mask[:count]
+                got = _run_grouped_sum(lib, ids[:count], values[:count], d, part)
+                want = torch_grouped_sum(ids[:count], values[:count].clone(), d, part)  # it writes its input
+                if not torch.equal(got, want):
+                    return f"the grouped sum differs from torch's ({id_dtype}, mask={mask is not None}, n={count})"
+    return None
+
+
+def library() -> ctypes.CDLL | None:
+    """The checked library, or None (torch ops) in mode 0 or after a failure. `auto` warns once when a compiler
+    exists but its library fails (a machine without one is common: its compute path says "torch ops")."""
+    chosen = mode()
+    if chosen == "0":
+        return None
+    if "lib" not in _state:
+        try:
+            lib = _compile()
+            _bind(lib)
+            why = _self_check(lib)
+        except NoCompiler as e:
+            lib, why, quiet = None, str(e), True
+        except Exception as e:  # a compile error, a library that does not load
+            lib, why, quiet = None, f"{type(e).__name__}: {e}", False
+        else:
+            quiet = False
+        if why is not None:
+            lib = None
+        _state.update(lib=lib, why=why)
+        if why is not None and chosen == "auto" and not quiet:
+            warnings.warn(f"gpart: the compiled CPU loops are not used ({why}); the CPU path uses torch ops, about "
+                          f"2% slower per step. GPART_CPU_KERNEL=0 skips them", RuntimeWarning, stacklevel=3)
+    if _state["lib"] is None and chosen == "1":
+        raise GpartError(f"GPART_CPU_KERNEL=1 asks for the compiled CPU loops, but {_state['why']}. Install a C "
+                         f"compiler (or set CC), or unset GPART_CPU_KERNEL to use torch ops")
+    return _state["lib"]
+
+
+def describe() -> str:
+    """How the CPU reference path computes, for the compute-path line: "compiled loops" or "torch ops"."""
+    return "compiled loops" if library() is not None else "torch ops"
+
+
+def reset() -> None:
+    """Forget the loaded library and its verdict (tests)."""
+    _state.clear()
+
+
+def _usable(*tensors: torch.Tensor | None) -> bool:
+    return all(t is None or (t.device.type == "cpu" and t.is_contiguous()) for t in tensors)
+
+
+def build(w0: torch.Tensor | None, table: torch.Tensor, ids: torch.Tensor, drop: torch.Tensor | None
+          ) -> torch.Tensor | None:
+    """fp32 [n] = w0 + table[ids] (dropped weights: w0), or None where the loops do not apply (torch ops run)."""
+    if (w0 is not None and w0.dtype != torch.float32) or table.dtype != torch.float32 or ids.dtype not in _ID_SUFFIX:
+        return None
+    if not _usable(w0, table, ids, drop):
+        return None
+    lib = library()
+    return None if lib is None else _run_build(lib, w0, table, ids, drop)
+
+
+def grouped_sum(ids: torch.Tensor, values: torch.Tensor, d: int, drop: torch.Tensor | None) -> torch.Tensor | None:
+    """fp32 [d] grouped sums of values over ids (dropped weights skipped), or None where the loops do not apply."""
+    if values.dtype != torch.float32 or ids.dtype not in _ID_SUFFIX or not _usable(ids, values, drop):
+        return None
+    lib = library()
+    return None if lib is None else _run_grouped_sum(lib, ids, values, d, drop)

@@ -1,0 +1,167 @@
+"""The compiled CPU loops (issue 11): the same bits as torch's ops, one warning and torch ops when they cannot run."""
+
+import copy
+import warnings
+
+import pytest
+import torch
+
+import gpart_cli as gpart
+from gpart_cli.errors import GpartError
+from gpart_cli.groups import torch_build, torch_grouped_sum
+from gpart_cli.kernels import cpu_native
+from gpart_cli.model import compute_path
+from tests.conftest import tiny_llama
+
+
+@pytest.fixture(autouse=True)
+def fresh_library(monkeypatch):
+    monkeypatch.delenv("GPART_CPU_KERNEL", raising=False)  # auto
+    cpu_native.reset()
+    yield
+    cpu_native.reset()
+
+
+def _problem(n, d, id_dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, d, (n,), generator=g).to(id_dtype)
+    return ids, torch.randn(d, generator=g), torch.randn(n, generator=g), torch.rand(n, generator=g) < 0.1
+
+
+def test_the_loops_compile_and_pass_their_self_check_here(tmp_path, monkeypatch):
+    monkeypatch.setenv("GPART_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("GPART_CPU_KERNEL", "1")  # any failure is an error, not a fallback
+    assert cpu_native.library() is not None
+    built = list((tmp_path / "cpu-kernels").glob("gpart_cpu_*.so"))
+    assert len(built) == 1
+    assert list((tmp_path / "cpu-kernels").iterdir()) == built  # the temporary build directory is gone
+    cpu_native.reset()
+    cpu_native.library()  # a second process loads the cached library instead of compiling again
+    assert list((tmp_path / "cpu-kernels").iterdir()) == built
+
+
+@pytest.mark.parametrize("id_dtype, d", [(torch.uint16, 65_536), (torch.int32, 70_000)])
+@pytest.mark.parametrize("n", [384 * 384, 384 * 384 - 1])
+@pytest.mark.parametrize("masked", [False, True])
+def test_build_and_grouped_sum_give_torchs_bits(id_dtype, d, n, masked):
+    ids, table, values, drop = _problem(n, d, id_dtype)
+    drop = drop if masked else None
+    w0 = torch.randn(n)
+    assert torch.equal(cpu_native.build(w0, table, ids, drop), torch_build(w0, table, ids, drop))
+    assert torch.equal(cpu_native.build(None, table, ids, drop), torch_build(None, table, ids, drop))
+    got = cpu_native.grouped_sum(ids, values, d, drop)
+    assert got.shape == (d,) and got.dtype == torch.float32
+    assert torch.equal(got, torch_grouped_sum(ids, values.clone(), d, drop))
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_the_grouped_sum_does_not_depend_on_the_thread_count(threads):
+    ids, _, values, _ = _problem(100_000, 1000, torch.uint16, seed=3)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        got = cpu_native.grouped_sum(ids, values, 1000, None)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(got, torch_grouped_sum(ids, values.clone(), 1000))
+
+
+def test_inputs_the_loops_do_not_cover_go_to_torch():
+    ids, table, values, _ = _problem(64, 8, torch.uint16)
+    assert cpu_native.build(torch.randn(64, dtype=torch.bfloat16), table, ids, None) is None
+    assert cpu_native.build(None, table, ids.long(), None) is None
+    assert cpu_native.grouped_sum(ids, values.double(), 8, None) is None
+    assert cpu_native.grouped_sum(ids[::2], values[::2], 8, None) is None  # not contiguous
+
+
+def _trained_step(model, tokens):
+    model.zero_grad()
+    model.train()
+    torch.manual_seed(5)  # without a trainer the dropout keys come from torch's RNG
+    out = model(tokens).logits
+    out.square().mean().backward()
+    return out.detach(), gpart.theta(model).grad.clone()
+
+
+def test_a_training_step_gives_the_same_bits_with_and_without_the_loops(monkeypatch, tokens):
+    model = gpart.apply(tiny_llama(hidden=64), gpart.GPartConfig(d=512, target_modules=["q_proj", "v_proj"],
+                                                                 dropout=0.1))
+    with torch.no_grad():
+        gpart.theta(model).copy_(torch.randn(512, generator=torch.Generator().manual_seed(0)) * 0.1)
+    other = copy.deepcopy(model)
+    assert cpu_native.library() is not None  # compiled and self-checked before the calls are counted
+    calls = {"build": 0, "grouped_sum": 0}
+    for name in calls:
+        real = getattr(cpu_native, f"_run_{name}")
+
+        def counted(*args, _real=real, _name=name):
+            calls[_name] += 1
+            return _real(*args)
+
+        monkeypatch.setattr(cpu_native, f"_run_{name}", counted)
+    loops = _trained_step(model, tokens)
+    # 4 layers build W_eff in forward; backward rebuilds it for ∂L/∂x in block 1 only (block 0's input is the frozen
+    # embedding's output, which needs no gradient); one grouped sum per layer.
+    assert calls == {"build": 6, "grouped_sum": 4}
+    monkeypatch.setenv("GPART_CPU_KERNEL", "0")
+    torch_ops = _trained_step(other, tokens)
+    assert calls == {"build": 6, "grouped_sum": 4}
+    assert torch.equal(loops[0], torch_ops[0]) and torch.equal(loops[1], torch_ops[1])
+
+
+def test_no_compiler_falls_back_to_torch_ops_quietly_and_says_so(tmp_path, monkeypatch):
+    monkeypatch.setenv("GPART_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("CC", "no-such-compiler")
+    ids, table, values, _ = _problem(1000, 16, torch.uint16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a GPU server without a compiler is normal: no warning
+        assert cpu_native.build(None, table, ids, None) is None
+        assert cpu_native.grouped_sum(ids, values, 16, None) is None
+        model = gpart.apply(tiny_llama(), gpart.GPartConfig(d=24, target_modules=["q_proj"]))
+        model(torch.randint(0, 90, (1, 5))).logits.sum().backward()  # the layer runs on torch ops
+    assert gpart.theta(model).grad.shape == (24,)
+    assert compute_path(model) == "reference path (CPU, torch ops) on cpu float32"
+
+
+def test_a_library_that_fails_to_compile_warns_once(tmp_path, monkeypatch):
+    monkeypatch.setenv("GPART_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(cpu_native, "_SOURCE", cpu_native._SOURCE + "\nthis is not C;\n")
+    ids, table, values, _ = _problem(1000, 16, torch.uint16)
+    with pytest.warns(RuntimeWarning, match=r"compiled CPU loops are not used \(RuntimeError: cc could not compile "
+                                            r"the loops: .*error.*\).*GPART_CPU_KERNEL=0"):
+        assert cpu_native.build(None, table, ids, None) is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per process
+        assert cpu_native.grouped_sum(ids, values, 16, None) is None
+    assert not list((tmp_path / "cpu-kernels").glob("*.so"))
+
+
+def test_no_compiler_is_an_error_that_names_the_fix_when_the_loops_are_required(tmp_path, monkeypatch):
+    monkeypatch.setenv("GPART_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("CC", "no-such-compiler")
+    monkeypatch.setenv("GPART_CPU_KERNEL", "1")
+    with pytest.raises(GpartError, match="GPART_CPU_KERNEL=1 asks for the compiled CPU loops, but no C compiler "
+                                         ".*Install a C compiler \\(or set CC\\), or unset GPART_CPU_KERNEL"):
+        cpu_native.library()
+
+
+def test_loops_that_disagree_with_torch_are_rejected(tmp_path, monkeypatch):
+    monkeypatch.setenv("GPART_CACHE_DIR", str(tmp_path))
+    wrong = cpu_native._SOURCE.replace("row[ids[i]] += values[i]", "row[ids[i]] += 2 * values[i]")
+    monkeypatch.setattr(cpu_native, "_SOURCE", wrong)
+    with pytest.warns(RuntimeWarning, match=r"the grouped sum differs from torch's \(torch.uint16, mask=False, "
+                                            r"n=1000\)"):
+        assert cpu_native.library() is None
+
+
+def test_mode_zero_never_compiles(tmp_path, monkeypatch):
+    monkeypatch.setenv("GPART_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("GPART_CPU_KERNEL", "0")
+    assert cpu_native.library() is None
+    assert not (tmp_path / "cpu-kernels").exists()
+
+
+def test_an_unknown_mode_names_the_choices(monkeypatch):
+    monkeypatch.setenv("GPART_CPU_KERNEL", "yes")
+    with pytest.raises(GpartError, match=r"GPART_CPU_KERNEL='yes' is not one of auto, 1, 0"):
+        cpu_native.library()
