@@ -10,7 +10,8 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 # The compiled CPU loops (gpart_cli/kernels/cpu_native.py) build into a directory of this test session, which
 # the CLI runs in subprocesses inherit: the tests never read or write the user's ~/.cache/gpart.
-os.environ.setdefault("GPART_CACHE_DIR", __import__("tempfile").mkdtemp(prefix="gpart-test-cache-"))
+if "GPART_CACHE_DIR" not in os.environ:
+    os.environ["GPART_CACHE_DIR"] = __import__("tempfile").mkdtemp(prefix="gpart-test-cache-")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402  (importing torch does not import triton)

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 import gpart_cli as gpart
 from gpart_cli.cli.app import app
 from gpart_cli.errors import GpartError
-from gpart_cli.kernels import dispatch, selfcheck, triton_gpart
+from gpart_cli.kernels import cpu_native, dispatch, selfcheck, triton_gpart
 from gpart_cli.model import compute_path, gpart_layers
 from tests.conftest import DEVICE, GPU, tiny_llama
 
@@ -28,6 +28,11 @@ def fresh_verdicts(monkeypatch):
     dispatch.reset()
     yield
     dispatch.reset()
+
+
+def _cpu() -> str:
+    """The reason the CPU runs the reference path: "CPU, compiled loops", or "CPU, torch ops" without a compiler."""
+    return f"CPU, {cpu_native.describe()}"
 
 
 @pytest.fixture
@@ -137,9 +142,9 @@ def test_modes(monkeypatch):
     monkeypatch.setenv("GPART_TRITON", "0")
     assert dispatch._why_not(cuda) == "GPART_TRITON=0"
     monkeypatch.delenv("GPART_TRITON")
-    assert dispatch._why_not(cuda) is None and dispatch._why_not(cpu) == "CPU, compiled loops"  # auto: CUDA only
+    assert dispatch._why_not(cuda) is None and dispatch._why_not(cpu) == _cpu()  # auto: CUDA only
     monkeypatch.setenv("GPART_TRITON", "1")  # CPU tensors only under the interpreter (set by conftest without a GPU)
-    assert dispatch._why_not(cpu) == (None if os.environ.get("TRITON_INTERPRET") == "1" else "CPU, compiled loops")
+    assert dispatch._why_not(cpu) == (None if os.environ.get("TRITON_INTERPRET") == "1" else _cpu())
     monkeypatch.setattr(dispatch, "triton_installed", lambda: False)
     with pytest.raises(GpartError, match="GPART_TRITON=1 .* Triton is not installed: pip install triton"):
         dispatch._why_not(cuda)
@@ -153,16 +158,16 @@ def test_modes(monkeypatch):
 def test_reference_path_is_recorded_in_the_artifact_and_inspect(tmp_path, tokens):
     _, model = _pair(device="cpu")
     _step(model, tokens)
-    assert compute_path(model) == "reference path (CPU, compiled loops) on cpu float32"
+    assert compute_path(model) == f"reference path ({_cpu()}) on cpu float32"
     path = gpart.save(model, tmp_path / "a.gpart")
     compute = gpart.read_artifact(path).meta["compute"]
-    assert {(p["op"], p["path"]) for p in compute["paths"]} == {("build", "reference: CPU, compiled loops"),
-                                                                ("grad", "reference: CPU, compiled loops")}
+    assert {(p["op"], p["path"]) for p in compute["paths"]} == {("build", f"reference: {_cpu()}"),
+                                                                ("grad", f"reference: {_cpu()}")}
     assert compute["deterministic"] is False and compute["triton"] == triton.__version__
     res = CliRunner().invoke(app, ["inspect", str(path)])
-    assert res.exit_code == 0 and "reference path (CPU, compiled loops) on cpu float32" in res.output
+    assert res.exit_code == 0 and f"reference path ({_cpu()}) on cpu float32" in res.output
     summary = json.loads(CliRunner().invoke(app, ["inspect", str(path), "--json"]).output)
-    assert summary["compute_path"] == "reference path (CPU, compiled loops) on cpu float32"
+    assert summary["compute_path"] == f"reference path ({_cpu()}) on cpu float32"
 
 
 @pytest.mark.slow
@@ -177,7 +182,7 @@ def test_train_prints_the_compute_path(tiny_bert_dir, sst2_files, tmp_path):
     out = StringIO()
     run(glue_recipe(tiny_bert_dir, sst2_files, train__max_steps=2, train__eval_before=False), tmp_path / "r",
         console=Console(file=out, width=200))
-    assert "GPart compute path: reference path (CPU, compiled loops) on cpu float32" in out.getvalue()
+    assert f"GPart compute path: reference path ({_cpu()}) on cpu float32" in out.getvalue()
 
 
 def test_device_guard_picks_the_tensor_device():

@@ -19,6 +19,8 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
+import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -65,6 +67,7 @@ GROUPED_SUM(gpart_grouped_sum_u16, uint16_t)
 GROUPED_SUM(gpart_grouped_sum_i32, int32_t)
 """
 
+_FLAGS = ("-O3", "-shared", "-fPIC", "-std=c99", "-fopenmp")
 _ID_SUFFIX = {torch.uint16: "u16", torch.int32: "i32"}
 _state: dict = {}  # "lib": the loaded library, or None with "why" saying why not
 
@@ -84,29 +87,49 @@ def cache_dir() -> Path:
     return Path(root) / "cpu-kernels"
 
 
-def _compile() -> ctypes.CDLL:
-    """Build (once per source, compiler and flags) and load the library; raises with the compiler's words.
+def _compiler() -> list[str]:
+    """The compiler command: `$CC` split like a shell would ("ccache gcc" works), else `cc`."""
+    cc = shlex.split(os.environ.get("CC", "cc")) or ["cc"]
+    if shutil.which(cc[0]) is None:
+        raise NoCompiler(f"no C compiler ({cc[0]!r} is not on PATH)")
+    return cc
+
+
+def _library_path(cc: list[str]) -> Path:
+    """Where the library of this source, compiler (its version too), flags and machine lives in the cache."""
+    version = subprocess.run([*cc, "--version"], capture_output=True, text=True).stdout
+    key = "\n".join([_SOURCE, " ".join([*cc, *_FLAGS]), version, platform.machine()])
+    return cache_dir() / f"gpart_cpu_{hashlib.sha256(key.encode()).hexdigest()[:16]}.so"
+
+
+def _compile_to(flags: list[str], target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        src, built = Path(tmp) / "gpart_cpu.c", Path(tmp) / "gpart_cpu.so"
+        src.write_text(_SOURCE)
+        done = subprocess.run([*flags, str(src), "-o", str(built)], capture_output=True, text=True)
+        if done.returncode != 0:
+            said = done.stderr.strip().splitlines()
+            raise RuntimeError(f"{flags[0]} could not compile the loops: {said[-1] if said else 'failed'}")
+        os.replace(built, target)  # atomic: a concurrent process sees the whole library or none
+
+
+def _compile() -> tuple[ctypes.CDLL, Path]:
+    """Build (once per source, compiler, flags and machine) and load the library; raises with the compiler's words.
 
     OpenMP is required: without it the loops would run on one thread, slower than torch's multi-threaded ops on a
     machine with many cores (Apple's clang lacks it: that machine gets the torch ops and one warning).
     """
-    cc = os.environ.get("CC", "cc")
-    if shutil.which(cc) is None:
-        raise NoCompiler(f"no C compiler ({cc!r} is not on PATH)")
-    flags = [cc, "-O3", "-shared", "-fPIC", "-std=c99", "-fopenmp"]
-    tag = hashlib.sha256((_SOURCE + " ".join(flags)).encode()).hexdigest()[:16]
-    target = cache_dir() / f"gpart_cpu_{tag}.so"
+    cc = _compiler()
+    flags, target = [*cc, *_FLAGS], _library_path(cc)
     if not target.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-            src, built = Path(tmp) / "gpart_cpu.c", Path(tmp) / "gpart_cpu.so"
-            src.write_text(_SOURCE)
-            done = subprocess.run([*flags, str(src), "-o", str(built)], capture_output=True, text=True)
-            if done.returncode != 0:
-                said = done.stderr.strip().splitlines()
-                raise RuntimeError(f"{cc} could not compile the loops: {said[-1] if said else 'failed'}")
-            os.replace(built, target)  # atomic: a concurrent process sees the whole library or none
-    return ctypes.CDLL(str(target))
+        _compile_to(flags, target)
+    try:
+        return ctypes.CDLL(str(target)), target
+    except OSError:  # a cached file that does not load (truncated by a full disk): build it once more
+        target.unlink(missing_ok=True)
+        _compile_to(flags, target)
+        return ctypes.CDLL(str(target)), target
 
 
 def _bind(lib: ctypes.CDLL) -> None:
@@ -146,7 +169,7 @@ def _self_check(lib) -> str | None:
 
     g = torch.Generator().manual_seed(0)
     d, n = 37, 1000
-    table, w0, values = (torch.randn(k, generator=g) for k in (d, n, n))
+    table, w0, values = (torch.randn(k, generator=g, dtype=torch.float32) for k in (d, n, n))
     drop = torch.rand(n, generator=g) < 0.3
     for id_dtype in _ID_SUFFIX:
         ids = torch.randint(0, d, (n,), generator=g).to(id_dtype)
@@ -170,26 +193,29 @@ def library() -> ctypes.CDLL | None:
     if chosen == "0":
         return None
     if "lib" not in _state:
-        try:
-            lib = _compile()
-            _bind(lib)
-            why = _self_check(lib)
-        except NoCompiler as e:
-            lib, why, quiet = None, str(e), True
-        except Exception as e:  # a compile error, a library that does not load
-            lib, why, quiet = None, f"{type(e).__name__}: {e}", False
-        else:
-            quiet = False
-        if why is not None:
-            lib = None
-        _state.update(lib=lib, why=why)
-        if why is not None and chosen == "auto" and not quiet:
-            warnings.warn(f"gpart: the compiled CPU loops are not used ({why}); the CPU path uses torch ops, about "
-                          f"2% slower per step. GPART_CPU_KERNEL=0 skips them", RuntimeWarning, stacklevel=3)
+        _state.update(_load())
+        if _state["why"] is not None and chosen == "auto" and not _state["quiet"]:
+            warnings.warn(f"gpart: the compiled CPU loops are not used ({_state['why']}); the CPU path uses torch ops, "
+                          f"about 2% slower per step. GPART_CPU_KERNEL=0 skips them", RuntimeWarning, stacklevel=3)
     if _state["lib"] is None and chosen == "1":
-        raise GpartError(f"GPART_CPU_KERNEL=1 asks for the compiled CPU loops, but {_state['why']}. Install a C "
-                         f"compiler (or set CC), or unset GPART_CPU_KERNEL to use torch ops")
+        fix = ("install a C compiler with OpenMP (or set CC)" if _state["quiet"] else
+               f"fix the compiler setup or delete the cache directory {cache_dir()}")
+        raise GpartError(f"GPART_CPU_KERNEL=1 asks for the compiled CPU loops, but {_state['why']}. To use them, "
+                         f"{fix}; or unset GPART_CPU_KERNEL to use torch ops")
     return _state["lib"]
+
+
+def _load() -> dict:
+    """lib (checked) or None, why not, and whether that is quiet (no compiler: common, not worth a warning)."""
+    try:
+        lib, path = _compile()
+        _bind(lib)
+    except NoCompiler as e:
+        return {"lib": None, "why": str(e), "quiet": True}
+    except Exception as e:  # a compile error, a cache directory that cannot be written
+        return {"lib": None, "why": f"{type(e).__name__}: {e}", "quiet": False}
+    why = _self_check(lib)
+    return {"lib": None if why else lib, "why": f"{why} ({path})" if why else None, "quiet": False}
 
 
 def describe() -> str:
@@ -202,8 +228,14 @@ def reset() -> None:
     _state.clear()
 
 
-def _usable(*tensors: torch.Tensor | None) -> bool:
-    return all(t is None or (t.device.type == "cpu" and t.is_contiguous()) for t in tensors)
+def _usable(n: int, *tensors: torch.Tensor | None) -> bool:
+    """All on the CPU, contiguous, of n elements (the loops trust their sizes; torch ops check theirs)."""
+    return all(t is None or (t.device.type == "cpu" and t.is_contiguous() and t.numel() == n) for t in tensors)
+
+
+def _differentiable(*tensors: torch.Tensor | None) -> bool:
+    # The loops return plain tensors: a call that autograd must see through (delta_weight) takes the torch ops.
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def build(w0: torch.Tensor | None, table: torch.Tensor, ids: torch.Tensor, drop: torch.Tensor | None
@@ -211,7 +243,9 @@ def build(w0: torch.Tensor | None, table: torch.Tensor, ids: torch.Tensor, drop:
     """fp32 [n] = w0 + table[ids] (dropped weights: w0), or None where the loops do not apply (torch ops run)."""
     if (w0 is not None and w0.dtype != torch.float32) or table.dtype != torch.float32 or ids.dtype not in _ID_SUFFIX:
         return None
-    if not _usable(w0, table, ids, drop):
+    if (drop is not None and drop.dtype != torch.bool) or _differentiable(w0, table):
+        return None
+    if not (_usable(ids.numel(), w0, ids, drop) and _usable(table.numel(), table)):
         return None
     lib = library()
     return None if lib is None else _run_build(lib, w0, table, ids, drop)
@@ -219,7 +253,9 @@ def build(w0: torch.Tensor | None, table: torch.Tensor, ids: torch.Tensor, drop:
 
 def grouped_sum(ids: torch.Tensor, values: torch.Tensor, d: int, drop: torch.Tensor | None) -> torch.Tensor | None:
     """fp32 [d] grouped sums of values over ids (dropped weights skipped), or None where the loops do not apply."""
-    if values.dtype != torch.float32 or ids.dtype not in _ID_SUFFIX or not _usable(ids, values, drop):
+    if values.dtype != torch.float32 or ids.dtype not in _ID_SUFFIX or (drop is not None and drop.dtype != torch.bool):
+        return None
+    if _differentiable(values) or not _usable(ids.numel(), ids, values, drop):
         return None
     lib = library()
     return None if lib is None else _run_grouped_sum(lib, ids, values, d, drop)
