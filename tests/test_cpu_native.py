@@ -133,7 +133,8 @@ def test_delta_weight_stays_differentiable_in_theta():
     delta = layer.delta_weight()
     assert delta.grad_fn is not None
     delta.square().sum().backward()
-    # ΔW holds m_j weights θ_j/√n_j of group j (m_j of its n_j members sit in this layer): ∂/∂θ_j = 2 θ_j m_j / n_j
+    # ΔW holds m_j weights θ_j/√n_j of group j (m_j of its n_j members sit in this layer):
+    # ∂/∂θ_j Σ ΔW² = 2 θ_j m_j / n_j
     ids = layer.groups.ids(torch.device("cpu"))[: layer.groups.n_weight].long()
     m, n = torch.bincount(ids, minlength=24), gpart.group_sizes(layer.groups.n, 24)
     torch.testing.assert_close(gpart.theta(model).grad, 2 * torch.arange(24.0) * m / n, rtol=1e-6, atol=1e-6)
