@@ -76,11 +76,10 @@ class LayerGroups:
             with device_guard(device):
                 return _kernels().build_weight(weight, theta_s, self.offset, self.n, self.d, self.seed,
                                                shape=shape, dtype=dtype, dropout=dropout)
-        drop = self._drop_mask(dropout, device)
+        ids, drop = self.ids(device)[: self.n_weight], self._drop_mask(dropout, device)
         if weight is None:
-            return _build(None, theta_s, self.ids(device)[: self.n_weight], drop).view(shape).to(dtype)
-        return _build(weight.reshape(-1), theta_s, self.ids(device)[: self.n_weight], drop).view(
-            weight.shape).to(weight.dtype)
+            return _build(None, theta_s, ids, drop).view(shape).to(dtype)
+        return _build(weight.reshape(-1), theta_s, ids, drop).view(weight.shape).to(weight.dtype)
 
     def _drop_mask(self, dropout: Dropout, device: torch.device) -> torch.Tensor | None:
         return None if dropout is None else rng.drop_mask(self.offset, self.n_weight, dropout[1], dropout[0], device)
@@ -125,12 +124,9 @@ class LayerGroups:
 def _build(w0: torch.Tensor | None, table: torch.Tensor, ids: torch.Tensor, drop: torch.Tensor | None
            ) -> torch.Tensor:
     """fp32 [n]: w0 + table[ids] (w0 None: table[ids]); dropped weights get no update. The compiled CPU loops
-    where they apply, else torch ops; both give the same bits."""
-    if table.device.type == "cpu":
-        built = cpu_native.build(w0, table, ids, drop)
-        if built is not None:
-            return built
-    return torch_build(w0, table, ids, drop)
+    where they apply (CPU tensors), else torch ops; both give the same bits."""
+    built = cpu_native.build(w0, table, ids, drop)
+    return torch_build(w0, table, ids, drop) if built is None else built
 
 
 def torch_build(w0: torch.Tensor | None, table: torch.Tensor, ids: torch.Tensor, drop: torch.Tensor | None
@@ -153,12 +149,9 @@ def _gather(table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 
 def _grouped_sum(ids: torch.Tensor, values: torch.Tensor, d: int, drop: torch.Tensor | None = None) -> torch.Tensor:
     """sums[j] = the sum of values[i] over ids[i] == j and not drop[i], a new fp32 [d] tensor, in a fixed order
-    (deterministic): the compiled CPU loops where they apply, else torch ops, with the same bits."""
-    if values.device.type == "cpu":
-        sums = cpu_native.grouped_sum(ids, values, d, drop)
-        if sums is not None:
-            return sums
-    return torch_grouped_sum(ids, values, d, drop)
+    (deterministic): the compiled CPU loops where they apply (CPU tensors), else torch ops, with the same bits."""
+    sums = cpu_native.grouped_sum(ids, values, d, drop)
+    return torch_grouped_sum(ids, values, d, drop) if sums is None else sums
 
 
 def torch_grouped_sum(ids: torch.Tensor, values: torch.Tensor, d: int, drop: torch.Tensor | None = None
@@ -171,7 +164,7 @@ def torch_grouped_sum(ids: torch.Tensor, values: torch.Tensor, d: int, drop: tor
     do not depend on it. CUDA keeps index_add_, which torch's deterministic mode makes deterministic.
     """
     if drop is not None:
-        values = values.masked_fill_(drop, 0.0)
+        values.masked_fill_(drop, 0.0)
     if values.device.type != "cpu":
         return torch.zeros(d, dtype=values.dtype, device=values.device).index_add_(0, ids, values)
     if values.numel() % 2:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -11,7 +12,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 # The compiled CPU loops (gpart_cli/kernels/cpu_native.py) build into a directory of this test session, which
 # the CLI runs in subprocesses inherit: the tests never read or write the user's ~/.cache/gpart.
 if "GPART_CACHE_DIR" not in os.environ:
-    os.environ["GPART_CACHE_DIR"] = __import__("tempfile").mkdtemp(prefix="gpart-test-cache-")
+    os.environ["GPART_CACHE_DIR"] = tempfile.mkdtemp(prefix="gpart-test-cache-")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402  (importing torch does not import triton)

@@ -1,9 +1,6 @@
 """The compiled CPU loops (issue 11): the same bits as torch's ops, one warning and torch ops when they cannot run."""
 
 import copy
-import os
-import shlex
-import shutil
 import warnings
 
 import pytest
@@ -20,8 +17,7 @@ from tests.conftest import tiny_llama
 
 # The tests that run the loops need a C compiler with OpenMP, as this project's CI machine has; elsewhere the
 # fallback tests below still run.
-needs_cc = pytest.mark.skipif(shutil.which(shlex.split(os.environ.get("CC", "cc"))[0]) is None,
-                              reason="no C compiler: the torch ops run instead")
+needs_cc = pytest.mark.skipif(not cpu_native.has_compiler(), reason="no C compiler: the torch ops run instead")
 
 
 @pytest.fixture(autouse=True)

@@ -95,6 +95,15 @@ def _compiler() -> list[str]:
     return cc
 
 
+def has_compiler() -> bool:
+    """Whether `$CC` (or `cc`) is on PATH: the loops can be tried here."""
+    try:
+        _compiler()
+    except NoCompiler:
+        return False
+    return True
+
+
 def _library_path(cc: list[str]) -> Path:
     """Where the library of this source, compiler (its version too), flags and machine lives in the cache."""
     version = subprocess.run([*cc, "--version"], capture_output=True, text=True).stdout
@@ -229,7 +238,8 @@ def reset() -> None:
 
 
 def _usable(n: int, *tensors: torch.Tensor | None) -> bool:
-    """All on the CPU, contiguous, of n elements (the loops trust their sizes; torch ops check theirs)."""
+    """All on the CPU, contiguous, of n elements (the loops trust their sizes; torch ops check theirs). The one
+    device check of the loops: `groups` offers them every call, CUDA tensors included."""
     return all(t is None or (t.device.type == "cpu" and t.is_contiguous() and t.numel() == n) for t in tensors)
 
 
