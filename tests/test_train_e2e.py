@@ -131,7 +131,7 @@ def test_run_dir_protection(tiny_bert_dir, sst2_files, tmp_path):
     recipe.write_text(yaml.safe_dump(glue_recipe(tiny_bert_dir, sst2_files, train__max_steps=2).to_dict()))
     out = str(tmp_path / "run")
     res = runner.invoke(app, ["train", str(recipe), "--output", out, "--resume"])
-    assert res.exit_code == 2 and "holds no checkpoint" in res.output
+    assert res.exit_code == 2 and "holds no run to resume; drop --resume" in res.output
     assert runner.invoke(app, ["train", str(recipe), "--output", out]).exit_code == 0
     res = runner.invoke(app, ["train", str(recipe), "--output", out])
     assert res.exit_code == 2 and "already holds a run" in res.output and "--overwrite" in res.output

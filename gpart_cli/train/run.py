@@ -9,8 +9,8 @@ from rich.table import Table
 
 from ..model import compute_path
 from ..recipe import Recipe
-from . import distributed
-from .trainer import Trainer, prepare_run_dir
+from . import distributed, run_dir
+from .trainer import Trainer
 
 
 def default_output(recipe: Recipe) -> Path:
@@ -34,18 +34,17 @@ def run(recipe: Recipe, out: Path, *, resume: bool = False, overwrite: bool = Fa
     """Train the recipe into `out` on `device` (default: cuda when available); returns results.json's content
     (None for a dry run and off rank 0)."""
     console = console or Console(stderr=True)
-    trainer = Trainer(recipe, out, console, resume=resume, device=device)
+    # Every rank reads the dir and reaches the same decision (a refusal too) before anything is loaded.
+    plan = None if dry_run else run_dir.plan(out, recipe, resume=resume, overwrite=overwrite)
+    trainer = Trainer(recipe, out, console, resume=bool(plan and plan.resume), device=device)
     try:
-        return _run(trainer, recipe, out, resume, overwrite, dry_run, console)
+        return _run(trainer, recipe, out, plan, console)
     finally:
         distributed.shutdown()  # on errors too: a process that exits with its process group open aborts
 
 
-def _run(trainer: Trainer, recipe: Recipe, out: Path, resume: bool, overwrite: bool, dry_run: bool,
+def _run(trainer: Trainer, recipe: Recipe, out: Path, plan: run_dir.RunDirPlan | None,
          console: Console) -> dict | None:
-    if not dry_run and trainer.main:
-        prepare_run_dir(out, recipe, resume, overwrite)
-    distributed.barrier()
     trainer.setup()
     splits = trainer.s.splits
     parallel = f" × {trainer.world} processes ({recipe.train.distributed})" if trainer.world > 1 else ""
@@ -54,8 +53,14 @@ def _run(trainer: Trainer, recipe: Recipe, out: Path, resume: bool, overwrite: b
                       f"{len(splits.train):,} train / {len(splits.dev) if splits.dev else 0:,} dev rows · "
                       f"{trainer.total_steps:,} steps · device {trainer.device}{parallel} · weights "
                       f"{recipe.model.dtype}{' · bf16 autocast' if trainer.autocast_dtype else ''} · output {out}")
-    if dry_run:
+    if plan is None:
         return None
+    # Only now that data, model and method have loaded does the run dir change (see run_dir).
+    if trainer.main:
+        if plan.note:
+            console.print(plan.note)
+        run_dir.begin(plan, recipe)
+    distributed.barrier()
     try:
         trainer.train()
     except KeyboardInterrupt:

@@ -5,19 +5,17 @@ of epoch m // B. Together with the checkpointed optimizer, scheduler and RNG sta
 continue exactly where the run stopped.
 
 Run dir: recipe.yaml (resolved), metrics.jsonl, checkpoints/{last,best}/, the result (adapter.gpart, adapter/
-or model/), results.json and predictions.jsonl.
+or model/), results.json and predictions.jsonl; `run_dir` decides what may be done with an existing one.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import shutil
 import time
 from pathlib import Path
 
 import torch
-import yaml
 from rich.console import Console
 
 from .. import atomic, cpu_alloc
@@ -34,14 +32,6 @@ from .dev_loss import mean_dev_loss
 from .progress import TrainProgress
 from .setup import Setup, build
 
-# Recipe fields that may change between a run and its --resume without changing the result.
-_RESUME_SAFE = {"source", "name", "train.log_every", "train.on_nan", "eval.batch_size", "eval.limit",
-                "eval.max_new_tokens", "eval.dev_batch_size", "train.distributed"}
-# Fields newer than some recorded runs, and what a recipe without them meant: vision images were resized plainly
-# before augmentation existed. The transforms only matter for vision runs.
-_ADDED_FIELDS = {"data.train_transform": "resize", "data.eval_transform": "resize"}
-_VISION_ONLY = {"data.train_transform", "data.eval_transform"}
-
 
 def dev_score(recipe: Recipe, metrics: dict) -> float:
     """A dev evaluation as one number, higher is better: the task's main metric, or minus the loss for SFT.
@@ -49,40 +39,6 @@ def dev_score(recipe: Recipe, metrics: dict) -> float:
     if recipe.data.family == "sft":
         return -metrics["loss"]
     return metrics[classify.main_metric(recipe.data.family, recipe.data.task)]
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and k != "config":
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-def prepare_run_dir(out: Path, recipe: Recipe, resume: bool, overwrite: bool) -> None:
-    """Refuse to clobber a previous run; on --resume insist the recipe is the same in what matters."""
-    saved = out / "recipe.yaml"
-    if resume:
-        if not (out / "checkpoints" / "last").is_dir():
-            raise GpartError(f"--resume: {out} holds no checkpoint to resume from; drop --resume to start a new run")
-        old, new = _flatten(yaml.safe_load(saved.read_text())), _flatten(recipe.to_dict())
-        old = {**{k: v for k, v in _ADDED_FIELDS.items() if k not in old}, **old}
-        ignored = _RESUME_SAFE | (_VISION_ONLY if recipe.data.family != "vision" else set())
-        changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in ignored)
-        if changed:
-            diffs = "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:5])
-            raise GpartError(f"--resume: the recipe changed since {out} started ({diffs}). Resume with the "
-                             f"original recipe, or start over with --overwrite")
-        return
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise GpartError(f"output dir {out} already holds a run; pass --resume to continue it, --overwrite to "
-                             f"replace it, or --output to choose another directory")
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic.write_text(saved, yaml.safe_dump(recipe.to_dict(), sort_keys=False))
 
 
 class Trainer:

@@ -7,7 +7,7 @@ import yaml
 
 from gpart_cli.errors import GpartError
 from gpart_cli.recipe import from_dict
-from gpart_cli.train.trainer import prepare_run_dir
+from gpart_cli.train.run_dir import plan
 
 NEW_FIELDS = {"data": ("revision", "train_transform", "eval_transform"), "eval": ("dev_batch_size",)}
 
@@ -25,7 +25,7 @@ def _recorded_before(out, recipe) -> None:
 def test_an_old_glue_run_resumes(tmp_path):
     recipe = from_dict({"model": {"name_or_path": "m"}, "data": {"family": "glue", "task": "sst2"}})
     _recorded_before(tmp_path, recipe)
-    prepare_run_dir(tmp_path, recipe, resume=True, overwrite=False)
+    plan(tmp_path, recipe, resume=True, overwrite=False)
 
 
 def test_an_old_vision_run_is_told_how_to_continue_as_it_began(tmp_path):
@@ -33,8 +33,8 @@ def test_an_old_vision_run_is_told_how_to_continue_as_it_began(tmp_path):
     _recorded_before(tmp_path, recipe)
     with pytest.raises(GpartError, match="data.eval_transform: 'resize' -> 'center_crop'; "
                                          "data.train_transform: 'resize' -> 'random_resized_crop'"):
-        prepare_run_dir(tmp_path, recipe, resume=True, overwrite=False)
+        plan(tmp_path, recipe, resume=True, overwrite=False)
     as_it_began = from_dict({"model": {"name_or_path": "m"}, "data": {"family": "vision", "task": "fashion_mnist",
                                                                       "train_transform": "resize",
                                                                       "eval_transform": "resize"}})
-    prepare_run_dir(tmp_path, as_it_began, resume=True, overwrite=False)
+    plan(tmp_path, as_it_began, resume=True, overwrite=False)
