@@ -43,7 +43,7 @@ MODELS = {  # Llama configs built from scratch (random weights are fine for timi
 }
 
 
-# Named CPU configurations: `medium` is the README's table; `small` has fewer tokens per step, so the per-weight
+# Named CPU configurations: `medium` is docs/performance.md's table; `small` has fewer tokens per step, so the per-weight
 # work (building W_eff, reducing ∂L/∂W into ∂L/∂θ) weighs more against the GEMMs.
 PRESETS = {
     "medium": dict(model="medium", batch=4, seq=256, d=65_536),
