@@ -9,7 +9,7 @@ CODE_DIRS = ("gpart_cli", "tests", "benchmarks", "recipes")
 _FENCE = re.compile(r"^(```|~~~).*?^\1[^\n]*$", re.M | re.S)
 _INLINE_CODE = re.compile(r"`[^`\n]*`")
 _HEADING = re.compile(r"^(#{1,6}) +(.+?) *#*$", re.M)
-_LINK = re.compile(r"!?\[[^\]\n]*\]\(([^)\s]+)\)")
+_LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
 _CITATION = re.compile(r"docs/([\w.-]+\.md) ((?:§[\d.]*\d(?:-[\d.]*\d)?(?:, )?)+)")
 _SECTION = re.compile(r"§([\d.]*\d)(?:-([\d.]*\d))?")
 
