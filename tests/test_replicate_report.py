@@ -48,8 +48,8 @@ def test_chance_figures_quoted_in_the_docs():
 
 
 def _record(task, method, lr, dev, seed=0):
-    return {"task": task, "method": method, "d": None, "seed": seed, "lr": lr, "dev_score": dev, "run": f"{method}-{lr}",
-            "selected": False, "score": 0.5}
+    return {"task": task, "method": method, "d": None, "seed": seed, "lr": lr, "dev_score": dev,
+            "run": f"{method}-{lr}", "selected": False, "score": 0.5}
 
 
 def test_reselect_applies_the_tie_rule_per_task_and_leaves_evals_alone():
