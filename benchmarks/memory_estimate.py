@@ -3,14 +3,14 @@
     python benchmarks/memory_estimate.py                       # MetaMath recipe: micro-batch 2 x 2,048 tokens, 8 GPUs
     python benchmarks/memory_estimate.py --gpus 16 --micro-batch 1 --markdown
 
-Every term is arithmetic on the model's config, not a measurement (no GPU was available to measure); the README
+Every term is arithmetic on the model's config, not a measurement (no GPU was available to measure); the docs/gpu.md
 table is this script's output. Bytes per GPU, with t = micro-batch x sequence tokens, bf16 weights and activations,
 gradient checkpointing on (as the MetaMath recipes set), N GPUs:
 
   weights   DDP: 2P              FSDP: 2P/N + 2 x 2·max(block, V·h)   (the shard, plus the unit in use and the
                                                                         next one, prefetched)
             nf4: 0.5625·P_lin (4 bits + one fp32 absmax per 64) + 2·(P - P_lin), the bf16 rest (embeddings, head,
-                 norms) sharded under FSDP; the nf4 weights stay whole on every GPU (see README)
+                 norms) sharded under FSDP; the nf4 weights stay whole on every GPU (see docs/gpu.md)
   theta     16·d                 (θ, its gradient, AdamW's two moments, fp32)
   act       2·t·h·L + t·(20h + 8I)    (each block's checkpointed input, and one block recomputed in backward:
                                        q/k/v/attention/o inputs, fp32 norm inputs, SwiGLU's gate/up/product)

@@ -9,11 +9,13 @@
 Protocol, as the paper runs it: every method gets its own learning-rate grid (at least three values spanning x10
 around its paper value); for each (method, seed) one run per learning rate; the run with the best dev score (a dev
 split carved from train: accuracy/Matthews/Pearson, or the dev loss for SFT) is the one reported on the test split,
-which never chooses. Cells are the median [min, max] over seeds of those selected runs.
+which never chooses; dev ties go to the run nearest the middle of the grid. Cells are the median [min, max] over
+seeds of those selected runs.
 
 Each (task, method) is one `gpart sweep-d` command (resumable: finished runs are read back, an interrupted run
 resumes), printed and stored beside its results. `--jobs N` runs N commands side by side, cores split between them.
-Writes benchmarks/results/replicate-FAMILY.json (every run, selected or not) and prints Markdown tables.
+Writes benchmarks/results/replicate-FAMILY.json (every run, selected or not; `wall_seconds` of this call,
+`wall_seconds_total` of every call on the work dir, `wall_seconds_by_task`) and prints Markdown tables.
 """
 
 from __future__ import annotations
@@ -88,6 +90,8 @@ MATH_METHODS = {
     "gpart": Method("gpart", "5e-3,1.5e-2,5e-2", ("method.d=16384",)),
 }
 MATH_METRICS = ("metamath", "flexible")  # "The answer is: N" as trained, and the last number in the output
+SELECTION = ("per (task, method, d, seed): the run with the best dev score; ties go to the run nearest the middle of "
+             "the lr grid (the earlier of two equally near); the test score never chooses")
 SWEEP_DS = "1024,4096,16384,65536"
 SWEEP_GRID = "5e-3,2e-2,5e-2,2e-1"  # smaller d means smaller per-weight steps (lr·sqrt(d/N)): the grid reaches up
 
@@ -100,6 +104,7 @@ class Job:
     out: Path
     metric: str
     records: list = field(default_factory=list)
+    ran: tuple[float, float] | None = None  # (start, end) of the command when this call ran it, not read it back
 
     @property
     def kind(self) -> str:
@@ -230,6 +235,7 @@ def execute(job: Job, threads: int) -> Job:
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1"}
         tick = time.time()
         done = subprocess.run(job.cmd, cwd=ROOT, capture_output=True, text=True, env=env)
+        job.ran = (tick, time.time())
         if done.returncode != 0:
             print(f"FAILED {job.labels}: {done.stderr.strip().splitlines()[-1:]}", flush=True)
             job.records = [{"error": done.stderr[-800:]}]
@@ -331,9 +337,34 @@ def plot_sweep(runs: list[dict]) -> None:
     write_bytes(RESULTS / "replicate-sweep.png", plot(doc))
 
 
+def reselect(runs: list[dict]) -> list[dict]:
+    """Mark the dev pick of every (task, method, d, seed) by `gpart sweep-d`'s own rule (best dev score, ties to the
+    middle of the grid), so the stored runs re-report under the current rule without retraining."""
+    from gpart_cli.sweep import select_by_dev
+
+    select_by_dev([r for r in runs if "run" in r and "dev_score" in r], cell=("task", "method", "d", "seed"))
+    return runs
+
+
+def wall_times(jobs: list[Job], work: Path, call_seconds: float) -> dict:
+    """Wall seconds per task (from its first command's start to its last one's end, in each call that ran any) and
+    in all, summed over every call that worked in `work` (a resumed family adds up; a fresh work dir starts at 0)."""
+    ledger = work / "replicate-wall-seconds.json"
+    total = json.loads(ledger.read_text()) if ledger.is_file() else {"all": 0, "by_task": {}}
+    for task in dict.fromkeys(j.labels["task"] for j in jobs):
+        spans = [j.ran for j in jobs if j.labels["task"] == task and j.ran]
+        if spans:
+            span = max(end for _, end in spans) - min(start for start, _ in spans)
+            total["by_task"][task] = round(total["by_task"].get(task, 0) + span)
+    total["all"] = round(total["all"] + call_seconds)
+    work.mkdir(parents=True, exist_ok=True)
+    ledger.write_text(json.dumps(total, indent=2))
+    return total
+
+
 def report(family: str) -> str:
     """The Markdown tables of a finished family, from its stored JSON (and the sweep's plot)."""
-    runs = json.loads((RESULTS / f"replicate-{family}.json").read_text())["runs"]
+    runs = reselect(json.loads((RESULTS / f"replicate-{family}.json").read_text())["runs"])
     if family == "sweep":
         plot_sweep(runs)
     table = {"math": markdown_math, "sweep": lambda r: markdown(r, "d")}.get(family, markdown)
@@ -371,9 +402,12 @@ def main() -> None:
         done = first + list(pool.map(lambda job: execute(job, threads), jobs))
         if args.family == "math":
             done += list(pool.map(lambda job: execute(job, threads), plan_math_gsm8k(args, work, done)))
-    runs = _flat(done)
+    runs = reselect(_flat(done))
+    call_seconds = time.time() - tick
+    wall = wall_times(done, work, call_seconds)
     doc = {"family": args.family, "settings": {k: v for k, v in vars(args).items() if k != "dry_run"},
-           "wall_seconds": round(time.time() - tick), "runs": runs}
+           "selection": SELECTION, "wall_seconds": round(call_seconds), "wall_seconds_total": wall["all"],
+           "wall_seconds_by_task": wall["by_task"], "runs": runs}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"replicate-{args.family}.json").write_text(json.dumps(doc, indent=2))
     print(report(args.family))

@@ -43,8 +43,8 @@ MODELS = {  # Llama configs built from scratch (random weights are fine for timi
 }
 
 
-# Named CPU configurations: `medium` is the README's table; `small` has fewer tokens per step, so the per-weight
-# work (building W_eff, reducing ∂L/∂W into ∂L/∂θ) weighs more against the GEMMs.
+# Named CPU configurations (both in docs/performance.md's table): `small` has fewer tokens per step than `medium`, so
+# the per-weight work (building W_eff, reducing ∂L/∂W into ∂L/∂θ) weighs more against the GEMMs.
 PRESETS = {
     "medium": dict(model="medium", batch=4, seq=256, d=65_536),
     "small": dict(model="w384", batch=2, seq=384, d=65_536),

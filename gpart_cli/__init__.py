@@ -1,6 +1,6 @@
 """gpart: end-to-end isometric fine-tuning via global parameter partitioning (arXiv 2605.14841).
 
-Public API (DESIGN §8)::
+Public API (docs/design.md §8)::
 
     import gpart_cli as gpart
     model = gpart.apply(model, gpart.GPartConfig(d=23_040, target_modules=["query", "value"]))

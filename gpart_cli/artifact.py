@@ -1,4 +1,4 @@
-"""The `.gpart` artifact (DESIGN §4): one safetensors file holding theta, the head, and JSON metadata.
+"""The `.gpart` artifact (docs/design.md §4): one safetensors file holding theta, the head, and JSON metadata.
 
 Size: 4·d bytes for theta + the head + a few KB of metadata. No pickle: safetensors and JSON only.
 Everything is validated on read; every mismatch is a `GpartError` that says what differs.
@@ -78,7 +78,7 @@ def base_model_info(model: nn.Module, targets: list[dict], revision: str | None 
 
 def save(model: nn.Module, path: str | os.PathLike, *, task: dict | None = None, recipe: dict | None = None,
          base_model: dict | None = None) -> Path:
-    """Write the adapter of `model` to `path` atomically (DESIGN §4) and return the path.
+    """Write the adapter of `model` to `path` atomically (docs/design.md §4) and return the path.
 
     Args:
         model: a model prepared with `gpart.apply` or `gpart.load`.

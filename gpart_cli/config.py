@@ -1,4 +1,4 @@
-"""`GPartConfig`: what to adapt and how (DESIGN §1, §8)."""
+"""`GPartConfig`: what to adapt and how (docs/design.md §1, §8)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""`train.deterministic: true`: bit-reproducible GPU runs (README "Multi-GPU and the GPU path").
+"""`train.deterministic: true`: bit-reproducible GPU runs (docs/design.md §3.4).
 
 CPU runs are bit-reproducible without it. On a GPU it switches on
 - torch's deterministic algorithms: ops with a deterministic variant use it (index_add_, scatter, cuDNN), and

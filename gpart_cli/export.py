@@ -1,4 +1,4 @@
-"""`gpart merge` (DESIGN §5): write a standard transformers model dir with W0 + Pθ folded in."""
+"""`gpart merge` (docs/design.md §5): write a standard transformers model dir with W0 + Pθ folded in."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Where one layer's weights sit in the partition (DESIGN §2-3), and the two ways to compute with it.
+"""Where one layer's weights sit in the partition (docs/design.md §2-3), and the two ways to compute with it.
 
 A layer owns the global indices [offset, offset + n_weight + n_bias): its weight in storage order, then its bias.
 - Triton kernels (CUDA, see `kernels.dispatch`): no ids at all; the kernels recompute each group from

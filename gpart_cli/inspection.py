@@ -1,4 +1,4 @@
-"""`gpart inspect` (DESIGN §4-5): everything an adapter file says, plus theta statistics."""
+"""`gpart inspect` (docs/design.md §4-5): everything an adapter file says, plus theta statistics."""
 
 from __future__ import annotations
 

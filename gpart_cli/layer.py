@@ -1,4 +1,4 @@
-"""The GPart layer (DESIGN §1, §3): a frozen linear whose weight is W0 + ΔW, ΔW gathered from theta.
+"""The GPart layer (docs/design.md §1, §3): a frozen linear whose weight is W0 + ΔW, ΔW gathered from theta.
 
 ΔW_i = theta_g(i) / sqrt(n_g(i)). The 1/sqrt(n_j) factor depends only on the group, so the layer
 scales theta once (d values) and gathers: ΔW = theta_scaled[g]. In backward the grouped reduction runs on
@@ -7,7 +7,7 @@ the unscaled sum and the Function applies the scale to d values (`GPartState.the
 reference path.
 
 A custom autograd Function saves x and the (tiny) scaled theta and keeps nothing of the size of W between
-forward and backward: backward rebuilds W_eff for ∂L/∂x, one layer at a time (DESIGN §3). On the CPU that
+forward and backward: backward rebuilds W_eff for ∂L/∂x, one layer at a time (docs/design.md §3.1). On the CPU that
 second gather costs about 1% of a step and keeps GPart's peak memory below LoRA's (benchmarks/step_time.py).
 
 Dropout on ΔW (method.dropout, as the authors apply `nn.Dropout` to ΔW) scales theta by 1/(1-p) and zeroes
@@ -66,7 +66,7 @@ class GPartLinearFunction(torch.autograd.Function):
         theta_s = state.shared_scaled_theta(weight.device, dropout=training)
         w = groups.build(weight, theta_s, dropout=dropout).to(dtype)
         b = groups.effective_bias(bias, theta_s) if adapt_bias else bias
-        ctx.save_for_backward(x, weight, bias, theta_s)  # not w: backward rebuilds it (peak memory, DESIGN §3)
+        ctx.save_for_backward(x, weight, bias, theta_s)  # not w: backward rebuilds it (docs/design.md §3.1)
         ctx.state, ctx.groups, ctx.adapt_bias, ctx.dtype, ctx.transposed, ctx.training, ctx.dropout = (
             state, groups, adapt_bias, dtype, transposed, training, dropout)
         with _no_autocast(x):
@@ -99,7 +99,7 @@ class GPartLinearFunction(torch.autograd.Function):
 
 
 class GPartDeltaFunction(torch.autograd.Function):
-    """x ΔW^T alone, for a quantized base computed by its own layer (y = base(x) + x ΔW^T, DESIGN §3).
+    """x ΔW^T alone, for a quantized base computed by its own layer (y = base(x) + x ΔW^T, docs/design.md §3.5).
 
     Like the full Function it takes θ, saves only x and the scaled θ, and rebuilds ΔW in backward.
     """

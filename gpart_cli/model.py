@@ -1,4 +1,4 @@
-"""Putting GPart into a model (DESIGN §1, §8): find the targets, fix the module spec, wrap, merge.
+"""Putting GPart into a model (docs/design.md §1, §8): find the targets, fix the module spec, wrap, merge.
 
 The module spec is the ordered list of adapted modules (name, weight shape, has-bias) in
 `model.named_modules()` order; it fixes each weight's global index, so it is part of the adapter.
@@ -55,7 +55,7 @@ class GPartState(nn.Module):
         self._shared: dict[torch.device, tuple[tuple, torch.Tensor]] = {}  # see shared_scaled_theta
 
     def _apply(self, fn, recurse=True):
-        # model.to(torch.bfloat16) must move theta but not round it: theta stays fp32 (DESIGN §1).
+        # model.to(torch.bfloat16) must move theta but not round it: theta stays fp32 (docs/design.md §1).
         theta, scale = self.theta.data, self.inv_sqrt_sizes  # fn builds new tensors; these keep fp32 values
         super()._apply(fn, recurse)
         if self.theta.dtype != torch.float32:
@@ -182,7 +182,7 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def apply(model: nn.Module, config: GPartConfig) -> nn.Module:
-    """Wrap every target module of `model` in place and return it (DESIGN §8).
+    """Wrap every target module of `model` in place and return it (docs/design.md §8).
 
     Base weights are frozen; the only new trainable parameter is theta (plus the head modules, when the
     config names them).

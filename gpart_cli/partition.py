@@ -1,4 +1,4 @@
-"""The global parameter partition (DESIGN §2): which of the d groups each adapted weight belongs to.
+"""The global parameter partition (docs/design.md §2.2): which of the d groups each adapted weight belongs to.
 
 Algorithm `feistel-v1`, fixed forever (a change is a new name, never a silent edit):
 

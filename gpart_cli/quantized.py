@@ -1,4 +1,4 @@
-"""bitsandbytes 4/8-bit bases (DESIGN §3): what GPart needs to know about them, and one layout they must avoid.
+"""bitsandbytes 4/8-bit bases (docs/design.md §3.5): what GPart needs to know of them, and a layout to avoid.
 
 bitsandbytes' CPU backend repacks a `Linear4bit` weight into an AVX512-BF16 inference layout the first time
 the layer runs in eval mode on an input without grad (an evaluation before training, say), and keeps it. That

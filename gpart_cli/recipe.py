@@ -1,4 +1,4 @@
-"""Recipes (DESIGN §6): YAML -> `yaml.safe_load` -> strict `from_dict` into frozen dataclasses.
+"""Recipes (docs/design.md §6): YAML -> `yaml.safe_load` -> strict `from_dict` into frozen dataclasses.
 
 Unknown keys are rejected with the nearest valid key; wrong types and ranges name the field. Values can be
 overridden with `--set section.key=value` (the value is parsed as YAML, so `1e-3`, `[a, b]` and `null` work).

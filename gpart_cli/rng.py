@@ -4,7 +4,7 @@ The authors apply `nn.Dropout` to ΔW itself. Here the mask of weight i in a mic
 64-bit key that the trainer derives from (train seed, micro-batch index), so
 - no W-sized mask is kept between forward and backward: backward recomputes it from the key;
 - a gradient-checkpointing recompute, a resumed run and a Triton kernel all see the same mask;
-- every layer's mask follows from its global index range, like its groups (DESIGN §2).
+- every layer's mask follows from its global index range, like its groups (docs/design.md §2.1).
 
 Definition (`hash-v1`), all arithmetic on unsigned 32-bit words:
     lowbias32(x): x ^= x >> 16; x *= 0x7FEB352D; x ^= x >> 15; x *= 0x846CA68B; x ^= x >> 16

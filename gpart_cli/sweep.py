@@ -1,4 +1,4 @@
-"""`gpart sweep-d` (DESIGN §5): one training run per (method, d, seed), then a table, CSV/JSON and a plot.
+"""`gpart sweep-d` (docs/design.md §5): one training run per (method, d, seed), then a table, CSV/JSON and a plot.
 
 Each run lives in its own folder `<method>-d<d>-s<seed>` (d-free methods: `<method>-s<seed>`). Finished runs
 (results.json present) are skipped on a rerun, interrupted ones resume from their checkpoint, and a failed
@@ -194,19 +194,25 @@ def _row(key: RunKey, results: dict, metric: str, dev: float | None) -> dict:
             "run": key.folder}
 
 
-def select_by_dev(rows: list[dict]) -> list[dict]:
-    """Mark one run per (method, d, seed): the best dev score (ties: the first in grid order).
+def select_by_dev(rows: list[dict], cell: tuple[str, ...] = ("method", "d", "seed")) -> list[dict]:
+    """Mark one run per cell (method, d, seed): the best dev score; ties go to the run nearest the middle of the
+    cell's grid (in grid order; of two equally near, the earlier). docs/design.md §5.3.
 
-    A cell with one run selects it. Runs without a dev score never win against runs with one.
+    A cell with one run selects it. Runs without a dev score never win against runs with one. The tie rule looks
+    at the grid only: a 100-row dev split scores in steps of 0.01, and "first in the grid" would favour the
+    smallest learning rate.
     """
     cells: dict[tuple, list[dict]] = {}
     for r in rows:
-        cells.setdefault((r["method"], r["d"], r["seed"]), []).append(r)
+        cells.setdefault(tuple(r[k] for k in cell), []).append(r)
     for runs in cells.values():
-        scored = [r for r in runs if r["dev_score"] is not None]
-        best = max(scored, key=lambda r: r["dev_score"]) if scored else runs[0]  # max keeps the first on ties
-        for r in runs:
-            r["selected"] = r is best
+        scored = [i for i, r in enumerate(runs) if r["dev_score"] is not None]
+        top = max((runs[i]["dev_score"] for i in scored), default=None)
+        tied = [i for i in scored if runs[i]["dev_score"] == top] or [0]
+        middle = (len(runs) - 1) / 2
+        best = min(tied, key=lambda i: (abs(i - middle), i))
+        for i, r in enumerate(runs):
+            r["selected"] = i == best
     return rows
 
 

@@ -1,4 +1,4 @@
-"""The .gpart artifact (DESIGN §4): contents, round trip, size, and every way a file can be wrong."""
+"""The .gpart artifact (docs/design.md §4): contents, round trip, size, and every way a file can be wrong."""
 
 import copy
 import json

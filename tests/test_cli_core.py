@@ -1,4 +1,4 @@
-"""`gpart merge` and `gpart inspect` through the CLI (DESIGN §5)."""
+"""`gpart merge` and `gpart inspect` through the CLI (docs/design.md §5)."""
 
 import copy
 import json

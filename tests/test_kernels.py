@@ -1,4 +1,4 @@
-"""Triton kernels (DESIGN §3) against the reference path: bit-identical ids, exact W_eff, ∂L/∂θ to fp64 accuracy.
+"""Triton kernels (docs/design.md §3.3) against the reference path: bit-identical ids, exact W_eff, ∂L/∂θ to fp64.
 
 With a GPU these run compiled on it; without one, in Triton's interpreter on CPU tensors (TRITON_INTERPRET=1,
 set in conftest). bf16/fp16 are checked in both: the kernels upcast before tl.dot, so the interpreter computes

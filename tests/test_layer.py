@@ -1,4 +1,4 @@
-"""GPart layer and injection properties (DESIGN §1, §3) on tiny Llama, RoBERTa, ViT and GPT-2 models."""
+"""GPart layer and injection properties (docs/design.md §1, §3) on tiny Llama, RoBERTa, ViT and GPT-2 models."""
 
 import copy
 import weakref

@@ -1,4 +1,4 @@
-"""The partition contract (DESIGN §2): pinned ids, sizes, bijection, seeds, random access."""
+"""The partition contract (docs/design.md §2): pinned ids, sizes, bijection, seeds, random access."""
 
 import hashlib
 

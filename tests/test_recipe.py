@@ -1,4 +1,4 @@
-"""Recipe validation (DESIGN §6): strict keys with suggestions, types, ranges, overrides, YAML errors."""
+"""Recipe validation (docs/design.md §6): strict keys with suggestions, types, ranges, overrides, YAML errors."""
 
 import re
 

@@ -1,4 +1,4 @@
-"""Every shipped recipe (DESIGN §6) names its own run command on line 1 and validates strictly.
+"""Every shipped recipe (docs/design.md §6) names its own run command on line 1 and validates strictly.
 
 Parse/validate only: no network, no model or dataset downloads.
 """

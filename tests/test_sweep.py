@@ -73,9 +73,39 @@ def test_selection_follows_dev_not_test():
     assert [r["selected"] for r in rows] == [False, True, False]
     assert summarize(rows) == [{"method": "gpart", "d": 64, "median": 0.70, "min": 0.70, "max": 0.70, "seeds": 1,
                                 "lrs": [0.02], "lr_heads": [None]}]
-    # Ties go to the first lr of the grid; a run without a dev score never beats one with it.
-    assert [r["selected"] for r in select_by_dev(_rows((0.005, 0.8, 0.1), (0.02, 0.8, 0.9)))] == [True, False]
+    # A run without a dev score never beats one with it; with none scored, the first run stands.
     assert [r["selected"] for r in select_by_dev(_rows((0.005, None, 0.9), (0.02, 0.1, 0.2)))] == [False, True]
+    assert [r["selected"] for r in select_by_dev(_rows((0.005, None, 0.9), (0.02, None, 0.2)))] == [True, False]
+
+
+@pytest.mark.parametrize("devs, picked", [
+    ((0.8, 0.8, 0.8), 1),       # a plateau: its middle, not its first lr
+    ((0.8, 0.8, 0.7), 1),       # the tied run nearer the grid's middle
+    ((0.7, 0.8, 0.8), 1),
+    ((0.8, 0.7, 0.8), 0),       # both ends tie, equally far from the middle: the earlier
+    ((0.8, 0.8), 0),            # two-point grid: the earlier
+    ((0.8, 0.8, 0.7, 0.6), 1),  # four points (middle 1.5): of 0 and 1, 1 is nearer
+    ((0.6, 0.7, 0.8, 0.8), 2),
+    ((0.8, 0.6, 0.6, 0.8), 0),
+    ((0.5, 0.8, 0.8, 0.8), 1),  # 1 and 2 equally near the middle: the earlier
+    ((0.9, 0.8, 0.8), 0),       # no tie: the best dev score, wherever it sits
+])
+def test_dev_ties_go_to_the_middle_of_the_grid(devs, picked):
+    from gpart_cli.sweep import select_by_dev
+
+    rows = select_by_dev(_rows(*[(0.001 * 2 ** i, dev, 1.0 - 0.1 * i) for i, dev in enumerate(devs)]))
+    assert [r["selected"] for r in rows] == [i == picked for i in range(len(devs))]
+
+
+def test_selection_cells_can_be_keyed_by_task():
+    from gpart_cli.sweep import select_by_dev
+
+    rows = [{**r, "task": t} for t in ("sst2", "cola") for r in _rows((0.005, 0.8, 0.1), (0.02, 0.8, 0.2),
+                                                                     (0.05, 0.8 if t == "sst2" else 0.9, 0.3))]
+    assert [r["selected"] for r in select_by_dev(rows, cell=("task", "method", "d", "seed"))] == [
+        False, True, False, False, False, True]
+    # Keyed by (method, d, seed) alone the six runs are one cell: the single best dev score wins.
+    assert [r["selected"] for r in select_by_dev(rows)] == [False, False, False, False, False, True]
 
 
 def test_lr_grid_flags_and_run_overrides():

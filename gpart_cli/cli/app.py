@@ -1,4 +1,4 @@
-"""`gpart` commands (DESIGN §5). Exit codes: 0 ok, 2 user error (a `GpartError`), 1 internal error."""
+"""`gpart` commands (docs/design.md §5). Exit codes: 0 ok, 2 user error (a `GpartError`), 1 internal error."""
 
 from __future__ import annotations
 

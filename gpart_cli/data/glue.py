@@ -1,4 +1,4 @@
-"""GLUE text classification data (DESIGN §1, §6-7): columns, labels, tokenization, dev carve-out.
+"""GLUE text classification data (docs/design.md §1, §6-7): columns, labels, tokenization, dev carve-out.
 
 Paper protocol: checkpoints are chosen on a dev split carved from train (seeded), and the score is
 reported on the official validation split.

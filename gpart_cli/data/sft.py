@@ -1,4 +1,4 @@
-"""MetaMath-style supervised fine-tuning data for math (DESIGN §7): prompts, (query, response) pairs, masks.
+"""MetaMath-style supervised fine-tuning data for math (docs/design.md §7): prompts, (query, response) pairs, masks.
 
 The prompt is MetaMath's Alpaca-style template; the loss covers the response (and its eos) only, as in
 MetaMath's `train_math.py`, which masks every source token with -100. Dataset converters turn MetaMathQA,

@@ -1,4 +1,4 @@
-"""Image classification data for the ViT recipes (DESIGN §6): IDX, NPZ, image folders and hub datasets.
+"""Image classification data for the ViT recipes (docs/design.md §6): IDX, NPZ, image folders and hub datasets.
 
 Every source becomes a `datasets.Dataset` with an `image` (PIL) and an integer `label` column plus class names;
 `build_vision_splits` turns rows into normalised pixel tensors lazily, one item at a time (training rows augmented,

@@ -1,1 +1,1 @@
-"""Evaluation: answer extraction, metrics, and task runners (DESIGN §7)."""
+"""Evaluation: answer extraction, metrics, and task runners (docs/design.md §7)."""

@@ -1,4 +1,4 @@
-"""Answer extraction and comparison for the math benchmarks (DESIGN §7).
+"""Answer extraction and comparison for the math benchmarks (docs/design.md §7).
 
 Pure functions, no model code. Each extractor mirrors a published protocol so our numbers are comparable:
 MetaMath's "The answer is: " convention, lm-evaluation-harness gsm8k strict/flexible (string exact match, exactly as

@@ -26,7 +26,7 @@ def predict(model, dataset, collate, batch_size: int, device, autocast_dtype=Non
 
 
 def score(family: str, task: str, preds: list, refs: list) -> dict[str, float]:
-    """GLUE metrics per task (DESIGN §7), top-1 accuracy for vision."""
+    """GLUE metrics per task (docs/design.md §7), top-1 accuracy for vision."""
     if family == "glue":
         return glue_metrics(task, preds, refs)
     return {"accuracy": accuracy(preds, refs)}

@@ -1,4 +1,4 @@
-"""Batched greedy generation for the math benchmarks (DESIGN §7: greedy, batched, left padding, stop strings).
+"""Batched greedy generation for the math benchmarks (docs/design.md §7: greedy, batched, left padding, stop strings).
 
 Prompts are sorted by token length so each batch pads little, left-padded so every prompt ends where
 generation starts, and decoded back into the caller's order. A batch ends early once every sequence has

@@ -1,4 +1,4 @@
-"""Classification and regression metrics for GLUE, vision and exact-match tasks (DESIGN §7).
+"""Classification and regression metrics for GLUE, vision and exact-match tasks (docs/design.md §7).
 
 Metric names and definitions follow the HF `evaluate` GLUE metric so reported numbers are comparable.
 Every value is a plain Python float; degenerate inputs (a constant prediction, a constant regression

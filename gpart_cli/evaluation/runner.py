@@ -1,4 +1,4 @@
-"""`gpart eval` (DESIGN §5, §7): score a base model, a merged dir, a .gpart adapter, a PEFT adapter or a run dir
+"""`gpart eval` (docs/design.md §5, §7): score a base model, a merged dir, a .gpart adapter, a PEFT adapter or a run dir
 on a task, or score predictions produced elsewhere. Writes scores JSON and per-example predictions JSONL.
 
 The scores JSON records how the numbers were made: device, weights dtype and autocast, batch size, and for

@@ -1,5 +1,5 @@
-"""Generation tasks (DESIGN §7): GSM8K, MATH (the 5,000-problem test), MATH-500 and MAWPS rows, prompts, references,
-generation lengths and scores.
+"""Generation tasks (docs/design.md §7): GSM8K, MATH (the 5,000-problem test), MATH-500 and MAWPS rows, prompts,
+references, generation lengths and scores.
 
 Each example's prediction is kept (JSONL beside the scores) so every number can be audited.
 

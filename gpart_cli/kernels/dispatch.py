@@ -1,4 +1,4 @@
-"""Which path a GPart op runs on, so that a bad kernel can never break a run (DESIGN §3).
+"""Which path a GPart op runs on, so that a bad kernel can never break a run (docs/design.md §3.3).
 
 `GPART_TRITON` chooses:
 - `auto` (default): Triton kernels on CUDA when Triton imports. The first call of each kernel class (see

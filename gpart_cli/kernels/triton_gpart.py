@@ -1,4 +1,4 @@
-"""Triton kernels for the GPU path (DESIGN §3): group ids computed on the fly, zero bytes of partition state.
+"""Triton kernels for the GPU path (docs/design.md §3.3): group ids computed on the fly, zero bytes of partition state.
 
 - `build_weight`: W0 + ΔW (or ΔW alone, for a quantized base) with ΔW_i = theta_scaled[g(i)], g(i) from
   (global index, seed, d, N) with the feistel-v1 arithmetic of `gpart_cli.partition` (bit-identical ids),

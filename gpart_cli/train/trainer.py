@@ -1,4 +1,4 @@
-"""The training loop (DESIGN §5-6): setup -> (resume) -> evaluate before -> train -> pick best -> save -> evaluate.
+"""The training loop (docs/design.md §5-6): setup, (resume), evaluate before, train, pick best, save, evaluate.
 
 Data order is a pure function of (seed, epoch): micro-batch m of the run is batch m % B of the permutation
 of epoch m // B. Together with the checkpointed optimizer, scheduler and RNG state this makes `--resume`

@@ -1,4 +1,4 @@
-"""MetaMath-style SFT data (DESIGN §7): prompts, converters, label masks, truncation, collation, splits."""
+"""MetaMath-style SFT data (docs/design.md §7): prompts, converters, label masks, truncation, collation, splits."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Vision data (DESIGN §6): IDX / NPZ / image-folder / hub rows, the pixel transform and the ViT splits."""
+"""Vision data (docs/design.md §6): IDX / NPZ / image-folder / hub rows, the pixel transform and the ViT splits."""
 
 from __future__ import annotations
 

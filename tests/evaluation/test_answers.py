@@ -1,4 +1,4 @@
-"""Answer extraction and comparison (DESIGN §7): exact expectations for the protocols we mirror."""
+"""Answer extraction and comparison (docs/design.md §7): exact expectations for the protocols we mirror."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Batched greedy generation (DESIGN §7): left padding, order, stop strings, eos, max_new_tokens."""
+"""Batched greedy generation (docs/design.md §7): left padding, order, stop strings, eos, max_new_tokens."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""GLUE / vision / exact-match metrics (DESIGN §7) against hand-computed values."""
+"""GLUE / vision / exact-match metrics (docs/design.md §7) against hand-computed values."""
 
 from __future__ import annotations
 
