@@ -35,7 +35,12 @@ def _eos_ids(model, tokenizer) -> set[int]:
 
 
 def _stopping_criteria(tokenizer, prompt_width: int, eos_ids: set[int], stops: Sequence[str]):
-    """A StoppingCriteria marking each sequence done once it has emitted eos or a stop string."""
+    """A StoppingCriteria marking each sequence done once it has emitted eos or a stop string.
+
+    generate() keeps a row finished once it is, so each step only looks at what that step added: eos as the last
+    token, or a stop string completed in the last few tokens. One device-to-host copy per step (the tails of all
+    rows at once); none without stop strings, where eos ends rows through the generation config.
+    """
     from transformers import StoppingCriteria
 
     # Only the last few tokens can complete a stop string, so decode a tail, not the whole text, each step.
@@ -44,14 +49,14 @@ def _stopping_criteria(tokenizer, prompt_width: int, eos_ids: set[int], stops: S
 
     class _StopOnTextOrEos(StoppingCriteria):
         def __call__(self, input_ids, scores, **kwargs):
-            new = input_ids[:, prompt_width:]
-            done = torch.zeros(new.shape[0], dtype=torch.bool, device=input_ids.device)
-            if eos_ids:
-                done |= torch.isin(new, torch.tensor(sorted(eos_ids), device=new.device)).any(dim=1)
-            for i in (~done).nonzero().flatten().tolist() if stops else []:
-                tail = tokenizer.decode(new[i, -window:], skip_special_tokens=False)
-                done[i] = any(s in tail for s in stops)
-            return done  # generate() ends the batch once every row is done
+            rows = input_ids.shape[0]
+            if not stops or input_ids.shape[1] <= prompt_width:
+                return torch.zeros(rows, dtype=torch.bool, device=input_ids.device)
+            tails = input_ids[:, max(prompt_width, input_ids.shape[1] - window):].tolist()
+            texts = tokenizer.batch_decode(tails, skip_special_tokens=False)
+            done = [tail[-1] in eos_ids or any(s in text for s in stops) for tail, text in zip(tails, texts)]
+            # generate() ends the batch once every row is done
+            return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
     return _StopOnTextOrEos()
 

@@ -35,10 +35,14 @@ def run(recipe: Recipe, out: Path, *, resume: bool = False, overwrite: bool = Fa
     (None for a dry run and off rank 0)."""
     console = console or Console(stderr=True)
     trainer = Trainer(recipe, out, console, resume=resume, device=device)
+    ok = False
     try:
-        return _run(trainer, recipe, out, resume, overwrite, dry_run, console)
+        results = _run(trainer, recipe, out, resume, overwrite, dry_run, console)
+        ok = True
+        return results
     finally:
-        distributed.shutdown()  # on errors too: a process that exits with its process group open aborts
+        trainer.release()
+        distributed.shutdown(ok)  # on errors too: a process that exits with its process group open aborts
 
 
 def _run(trainer: Trainer, recipe: Recipe, out: Path, resume: bool, overwrite: bool, dry_run: bool,
