@@ -335,3 +335,42 @@ def test_fsdp_ranks_never_hold_more_than_their_share_of_the_base(sft, tmp_path):
     assert ranks[1]["seen"][0] <= ranks[1]["replicated"]
     assert max(ranks[1]["seen"]) <= ranks[1]["share"] + ranks[1]["replicated"]
     assert ranks[0]["seen"][0] >= ranks[0]["full"]  # rank 0 loaded the checkpoint (on the CPU) to broadcast it
+
+
+SHARDED_GENERATION = """
+import json, os, sys
+import torch
+import torch.distributed as dist
+from transformers import AutoModelForCausalLM, AutoTokenizer
+import gpart_cli as gpart
+from gpart_cli.evaluation.tasks import load_task_rows, run_generation
+from gpart_cli.train import distributed
+
+rank, world = distributed.world()
+model = gpart.apply(AutoModelForCausalLM.from_pretrained(sys.argv[1]), gpart.GPartConfig(d=64, target_modules=("q_proj", "v_proj")))
+with torch.no_grad():
+    gpart.theta(model).copy_(torch.randn(64, generator=torch.Generator().manual_seed(0)))
+tok = AutoTokenizer.from_pretrained(sys.argv[1])
+rows = load_task_rows("gsm8k", [sys.argv[2]], None, 7)  # batches of 2: 4 batches, 2 per rank, the last of 1 row
+got = run_generation("gsm8k", model, tok, rows, 2, 6, part=(rank, world))
+os.write(1, (json.dumps({"rank": rank, "got": got}) + "\\n").encode())
+if rank == 0:
+    os.write(1, (json.dumps({"alone": run_generation("gsm8k", model, tok, rows, 2, 6)}) + "\\n").encode())
+distributed.shutdown(ok=True)
+"""
+
+
+def test_generation_eval_is_shared_out_over_the_ranks_and_scores_as_one_process(tiny_llama_dir, tmp_path):
+    script = tmp_path / "sharded_generation.py"
+    script.write_text(SHARDED_GENERATION)
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                          "127.0.0.1", "--master_port", str(_free_port()), str(script), str(tiny_llama_dir),
+                          str(ASSETS / "gsm8k" / "test.jsonl")], capture_output=True, text=True, timeout=300,
+                         env={**ENV, "PYTHONPATH": str(ROOT)})
+    assert res.returncode == 0, res.stderr[-3000:]
+    lines = [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
+    alone = next(line["alone"] for line in lines if "alone" in line)
+    ranks = [line["got"] for line in lines if "got" in line]
+    assert len(ranks) == 2 and alone[0]["n"] == 7
+    assert ranks[0] == ranks[1] == alone  # the same scores and per-example outputs on every rank
+    assert len({r["output"] for r in alone[1]}) > 1  # the outputs differ: a mix-up of rows would show

@@ -94,8 +94,13 @@ def _generate_batch(model, tokenizer, token_ids: list[list[int]], max_new_tokens
 
 
 def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int, batch_size: int,
-             stop: Sequence[str] = (), on_batch: Callable[[int], None] | None = None) -> list[str]:
-    """Greedy completions of `prompts` (new text only, cut at the first stop string), in input order."""
+             stop: Sequence[str] = (), on_batch: Callable[[int], None] | None = None,
+             part: tuple[int, int] = (0, 1)) -> list[str | None]:
+    """Greedy completions of `prompts` (new text only, cut at the first stop string), in input order.
+
+    `part` (k, n): decode only batches k, k + n, k + 2n, ... of the single-process batching (None for the other
+    prompts), so n data-parallel ranks together decode exactly the batches one process would (`gather_outputs`).
+    """
     if not prompts:
         return []
     stops = [s for s in stop if s]
@@ -113,7 +118,7 @@ def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int, batch
         # Longest first: similar lengths share a batch, and an out-of-memory shows on the first batch.
         order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
         with torch.inference_mode():
-            for start in range(0, len(order), batch_size):
+            for start in range(part[0] * batch_size, len(order), part[1] * batch_size):
                 batch = order[start:start + batch_size]
                 texts = _generate_batch(model, tokenizer, [encoded[i] for i in batch], max_new_tokens, stops,
                                         pad_id, eos_ids)
@@ -124,3 +129,15 @@ def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int, batch
     finally:
         model.train(was_training)
     return outputs
+
+
+def gather_outputs(outputs: list[str | None]) -> list[str]:
+    """Every rank's share of `generate(part=...)` outputs, merged in input order on every rank."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return outputs
+    shares: list = [None] * dist.get_world_size()
+    dist.all_gather_object(shares, {i: text for i, text in enumerate(outputs) if text is not None})
+    merged = {i: text for share in shares for i, text in share.items()}
+    return [merged[i] for i in range(len(outputs))]

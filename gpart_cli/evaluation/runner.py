@@ -122,6 +122,10 @@ def _read_predictions(path: Path, n: int) -> list[str]:
 def _generation(req: EvalRequest, name: str, what: Scored, device, precision):
     rows = load_task_rows(name, req.data, req.split, req.limit)
     model, source = load_scored(req, what, "causal_lm", device, precision)
+    if what.kind == "gpart":  # decode merged: an unmerged layer would rebuild its W_eff for every token
+        from ..model import merge
+
+        model = merge(model)
     scores, records = run_generation(name, model, load_tokenizer(source), rows, req.batch_size, req.max_new_tokens,
                                      autocast=precision.autocast)
     return scores, records, model

@@ -67,7 +67,7 @@ def _run(trainer: Trainer, recipe: Recipe, out: Path, resume: bool, overwrite: b
         console.print(f"\n[yellow]interrupted[/]: checkpoint saved. Resume with:\n  gpart train "
                       f"{out / 'recipe.yaml'} --output {out} --resume")
         raise
-    if not trainer.main and not trainer.fsdp:  # under DDP rank 0 finishes alone; under FSDP every rank takes part
+    if not trainer.main and not trainer.all_evaluate:  # rank 0 finishes alone, unless every rank evaluates
         return None
     results = trainer.finish()
     if not trainer.main:

@@ -95,6 +95,9 @@ class Trainer:
         self.rank, self.world = distributed.world()
         self.main = self.rank == 0
         self.fsdp = self.world > 1 and recipe.train.distributed == "fsdp"  # every forward is collective
+        # Whether every rank takes part in the before/after evaluation: under FSDP (forwards are collective) and for
+        # a generation eval under DDP (each rank decodes its share of the prompts); else rank 0 evaluates alone.
+        self.all_evaluate = self.fsdp or (self.world > 1 and recipe.data.family == "sft" and bool(recipe.eval.task))
         # Under torchrun each rank owns its local GPU; alone, --device decides (default: cuda when available).
         self.device = distributed.local_device() if self.world > 1 else resolve_device(device)
         if self.world > 1 and device not in (None, "auto") and resolve_device(device).type != self.device.type:
@@ -192,10 +195,13 @@ class Trainer:
                                        f"gpart eval --task {e.task} --adapter {self.out} --backend vllm")
                 return None, []
             from ..evaluation.tasks import load_task_rows, run_generation
+            from ..model import merged_for_decoding
 
             rows = load_task_rows(e.task, e.files, e.split, e.limit)
-            return run_generation(e.task, self.model, self.s.tokenizer, rows, e.batch_size, e.max_new_tokens,
-                                  self.console, self.autocast_dtype)
+            # Decoded merged (W_eff built once, not per token); training resumes on the unmerged layers.
+            with merged_for_decoding(self.model):
+                return run_generation(e.task, self.model, self.s.tokenizer, rows, e.batch_size, e.max_new_tokens,
+                                      self.console, self.autocast_dtype, part=(self.rank, self.world))
         if self.s.splits.eval is None:
             return None, []
         preds, refs = classify.predict(self.model, self.s.splits.eval, self.s.splits.collate, e.batch_size,
@@ -303,7 +309,7 @@ class Trainer:
             if self.main:
                 self._truncate_log(start)
                 self.console.print(f"resuming {self.out} at step {start}/{self.total_steps}")
-        elif t.eval_before and (self.main or self.fsdp):
+        elif t.eval_before and (self.main or self.all_evaluate):
             self.state["before"], _ = self.evaluate_report()
         self.model.train()
         samples = t.batch_size * t.grad_accum
@@ -334,11 +340,12 @@ class Trainer:
     def finish(self) -> dict:
         """Restore the best dev checkpoint, save the result, score the eval split; returns results.json.
 
-        Under FSDP every rank calls it (forwards are collective); only rank 0 writes, and the others get {}.
+        Under FSDP, and for a generation eval, every rank calls it (`all_evaluate`); only rank 0 writes, and the
+        others get {}.
         """
         best = self.out / "checkpoints" / "best" / "trainable.safetensors"
         read = lambda: {"best": best.read_bytes()} if best.is_file() else {}  # noqa: E731
-        files = distributed.from_rank0(read) if self.fsdp else read()  # under FSDP every rank finishes
+        files = distributed.from_rank0(read) if self.all_evaluate else read()  # every rank finishes
         if files:
             from safetensors.torch import load
 
