@@ -42,6 +42,7 @@ class EvalRequest:
     dtype: str | None = None         # None: the precision the run trained in
     backend: str = "hf"              # generation tasks: hf (transformers generate) | vllm (see vllm_backend)
     tensor_parallel_size: int = 1    # vllm: GPUs one model is split over
+    merged_dir: Path | None = None   # vllm: where an adapter is merged (kept); None: a temporary dir under $TMPDIR
 
 
 def parse_task(task: str) -> tuple[str, str]:
@@ -152,7 +153,7 @@ def evaluate(req: EvalRequest) -> dict:
         precision = eval_precision(device, what.recipe, req.dtype)
         if family == "generation" and req.backend == "vllm":
             rows = load_task_rows(name, req.data, req.split, req.limit)
-            scores, records = vllm_backend.run_generation(req, name, rows, what, precision)
+            scores, records = vllm_backend.run_generation(req, name, rows, what, precision, device=device)
             run.update({"device": f"cuda (vLLM, tensor_parallel_size {req.tensor_parallel_size})",
                         "dtype": vllm_backend.vllm_dtype(precision), "autocast": None})
         else:
