@@ -299,7 +299,8 @@ trainer = Trainer(recipe, sys.argv[2])
 trainer.setup()
 world, rank = dist.get_world_size(), dist.get_rank()
 keep = fsdp.replicated(trainer.model)
-share = sum(-(-p.shape[0] // world) * p[0].numel() * p.element_size() for p in trainer.model.parameters() if p not in keep)
+share = sum(-(-p.shape[0] // world) * p[0].numel() * p.element_size()
+            for p in trainer.model.parameters() if p not in keep)
 replicated = sum(p.numel() * p.element_size() for p in keep)
 # Every rank holds exactly rank 0's weights: the plain single-process model, gathered.
 torch.manual_seed(recipe.train.seed)
@@ -347,7 +348,8 @@ from gpart_cli.evaluation.tasks import load_task_rows, run_generation
 from gpart_cli.train import distributed
 
 rank, world = distributed.world()
-model = gpart.apply(AutoModelForCausalLM.from_pretrained(sys.argv[1]), gpart.GPartConfig(d=64, target_modules=("q_proj", "v_proj")))
+model = gpart.apply(AutoModelForCausalLM.from_pretrained(sys.argv[1]),
+                    gpart.GPartConfig(d=64, target_modules=("q_proj", "v_proj")))
 with torch.no_grad():
     gpart.theta(model).copy_(torch.randn(64, generator=torch.Generator().manual_seed(0)))
 tok = AutoTokenizer.from_pretrained(sys.argv[1])

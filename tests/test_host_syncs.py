@@ -41,7 +41,8 @@ def test_a_training_step_reads_the_device_once(tiny_bert_dir, sst2_files, tmp_pa
     trainer._train_step(0)  # builds the layers' group-id caches (on the host on the CPU path, once)
     del host_reads[:]
     results = [trainer._train_step(step) for step in (1, 2)]
-    ours = [c[1:] for c in host_reads if "gpart_cli" in c[0] and c[1] != "micro_batch_rows"]  # the permutation is host data
+    # the epoch permutation is host data, not a read of the device
+    ours = [c[1:] for c in host_reads if "gpart_cli" in c[0] and c[1] != "micro_batch_rows"]
     assert ours == [("_train_step", "tolist")] * 2  # one per optimizer step, none per micro-batch
     assert all(isinstance(v, float) and v > 0 for loss_norm in results for v in loss_norm)
 
@@ -69,7 +70,8 @@ def test_the_stop_check_copies_once_per_decode_step(tiny_llama_dir, host_reads):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_decoding_merged_gives_the_same_logits_and_training_gets_w0_back(dtype, tokens, monkeypatch):
-    model = gpart.apply(tiny_llama().to(dtype), gpart.GPartConfig(d=64, target_modules=("q_proj", "v_proj", "down_proj")))
+    config = gpart.GPartConfig(d=64, target_modules=("q_proj", "v_proj", "down_proj"))
+    model = gpart.apply(tiny_llama().to(dtype), config)
     with torch.no_grad():
         gpart.theta(model).normal_(generator=torch.Generator().manual_seed(0))
     w0 = {n: p.clone() for n, p in model.named_parameters()}
@@ -109,7 +111,8 @@ def test_gpart_eval_decodes_an_adapter_merged(monkeypatch, tiny_llama_dir, tmp_p
     from gpart_cli.evaluation.runner import EvalRequest, evaluate
     from tests.conftest import ASSETS
 
-    model = gpart.apply(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), gpart.GPartConfig(d=32, target_modules=("q_proj",)))
+    model = gpart.apply(AutoModelForCausalLM.from_pretrained(tiny_llama_dir),
+                        gpart.GPartConfig(d=32, target_modules=("q_proj",)))
     gpart.save(model, tmp_path / "a.gpart")
     decoded = []
     real = tasks.run_generation

@@ -101,8 +101,10 @@ def shard(model: nn.Module, device: torch.device, method: str = "gpart", weights
     keep = replicated(model)
     with torch.no_grad():
         for p in keep:  # FSDP moves what it shards; quantized weights were placed on the GPU at load
-            if p.device != device:
-                p.data = torch.empty_like(p, device=device) if p.is_meta else p.data.to(device)
+            if p.is_meta:  # a skeleton's head or LoRA factor: storage here, the same Parameter (the optimizer's)
+                torch.utils.swap_tensors(p, nn.Parameter(torch.empty_like(p, device=device), p.requires_grad))
+            elif p.device != device:
+                p.data = p.data.to(device)
     for unit in [*units, *_embeddings(model)]:
         if any(p not in keep for p in unit.parameters()):
             fully_shard(unit, ignored_params=keep)

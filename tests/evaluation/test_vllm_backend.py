@@ -271,8 +271,8 @@ def test_vllm_runs_in_the_precision_the_run_trained_in():
     assert vllm_backend.vllm_dtype(Precision("auto")) == "auto"  # a plain model on a GPU: its checkpoint's dtype
 
 
-def test_the_adapter_is_merged_on_the_eval_device_in_vllms_dtype_into_merged_dir(install, adapter, llama_dir, tmp_path,
-                                                                                monkeypatch):
+def test_the_adapter_is_merged_on_the_eval_device_in_vllms_dtype_into_merged_dir(install, adapter, llama_dir,
+                                                                                tmp_path, monkeypatch):
     import gpart_cli.export as export
 
     merges, real = [], export.merge_to_dir
@@ -309,7 +309,8 @@ def test_a_merge_that_cannot_fit_on_disk_is_refused_before_it_starts(install, ad
     count = AutoModelForCausalLM.from_pretrained(llama_dir).num_parameters()
     assert f"about {count * 4 / 2**30:.1f} GiB ({count:,} parameters in float32)" in message
     assert "which has 0.0 GiB free" in message
-    assert ("name a --merged-dir on a disk with room" if named else "pass --merged-dir DIR on a disk with room") in message
+    hint = "name a --merged-dir on a disk with room" if named else "pass --merged-dir DIR on a disk with room"
+    assert hint in message
 
 
 def test_merged_dir_without_vllm_is_a_user_error(tmp_path, llama_dir):
