@@ -190,6 +190,16 @@ def test_fsdp_two_processes_match_single_process_and_the_adapter_merges(sft, tin
         torch.testing.assert_close(merged(input_ids=ids).logits, adapted.eval()(input_ids=ids).logits)
 
 
+def test_ddp_shares_the_generation_eval_and_scores_as_one_process(sft, tmp_path):
+    # Every rank decodes its batches of the GSM8K eval (before and after training); rank 0 writes the scores.
+    recipe, one = sft
+    torchrun(2, recipe, tmp_path / "ddp", "--set", "train.distributed=ddp", "--set", "train.eval_before=true")
+    assert_same_adapter(tmp_path / "ddp", one, overridden=("distributed", "eval_before"))
+    got, want = (json.loads((d / "results.json").read_text()) for d in (tmp_path / "ddp", one))
+    assert got["after"] == want["after"] and got["after"]["n"] == 2 and got["before"]["n"] == 2
+    assert (tmp_path / "ddp" / "predictions.jsonl").read_text() == (one / "predictions.jsonl").read_text()
+
+
 def test_fsdp_three_processes_with_uneven_and_empty_shares_and_checkpointing(sft, tmp_path):
     # 3 ranks split each micro-batch: 4 rows -> 1, 1, 2; the epoch's last 2 rows -> 0 (weight 0), 1, 1.
     recipe, one = sft
