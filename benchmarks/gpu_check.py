@@ -12,7 +12,9 @@ Each stage reports where it ran, in which dtype, its wall time and (on CUDA) pea
 CUDA the GPU-only checks are listed as skipped. Prints one JSON object on stdout (exit 1 if a check failed).
 
 Other GPU checks (Triton kernels against the reference path, vLLM loading of the merged dir, ...) plug in through
-`register_check` below: see "Hook: more GPU checks".
+`register_check` below: see "Hook: more GPU checks". Those of issue 20 confirm on the GPU what CPU tests check of the
+GPU paths: dropout masks hashed on the device, merged decoding bit for bit, one host sync per step, the vLLM merge on
+the device, and (2 GPUs) FSDP's per-rank memory, the sharded generation eval under NCCL and a clean teardown.
 """
 
 from __future__ import annotations
@@ -170,6 +172,166 @@ def check_merge(ctx: dict) -> dict:
     return {"ok": ok, "device": str(ctx["device"]), "dtype": config.get("torch_dtype"),
             "rope_theta": config.get("rope_theta"), "max_logit_diff_vs_adapter": diff, "seconds": round(seconds, 2),
             "peak_gpu_mib": peak}
+
+
+# ---- Issue 20: what only a GPU can confirm of the CPU-tested GPU paths ----------------------------------------------
+
+
+@register_check("dropout_masks_on_device")
+def check_dropout_masks(ctx: dict) -> dict:
+    """ΔW-dropout masks hashed on the GPU with torch integer ops: the same bits as the CPU's NumPy hash."""
+    if not ctx["cuda"]:
+        return {"skipped": "no CUDA: the torch hash is checked against NumPy on the CPU in tests/test_dropout.py"}
+    from gpart_cli import rng
+
+    key, thr, start, n = rng.micro_batch_key(0, 7), rng.drop_threshold(0.05), 2**32 - 1000, 3_000_000
+    gpu, seconds, peak = _timed(ctx["device"], lambda: rng.drop_mask(start, n, key, thr, ctx["device"]))
+    same = torch.equal(gpu.cpu(), rng.drop_mask(start, n, key, thr))
+    return {"ok": same and gpu.device.type == "cuda", "weights": n, "seconds": round(seconds, 4),
+            "peak_gpu_mib": peak}
+
+
+@register_check("merged_decoding")
+def check_merged_decoding(ctx: dict) -> dict:
+    """Decoding merged (W_eff built once) gives the unmerged logits bit for bit in the run's precision (cuBLAS)."""
+    from gpart_cli.export import load_adapted
+    from gpart_cli.model import GPartLinear, merged_for_decoding
+
+    dtype = "bfloat16" if ctx["cuda"] else "float32"
+    model, _, _ = load_adapted(str(ctx["model_dir"]), ctx["run_dir"] / "adapter.gpart", dtype, device=ctx["device"])
+    model.eval()
+    ids = torch.arange(3, 40, device=ctx["device"])[None]
+    with torch.no_grad():
+        unmerged = model(ids).logits
+        with merged_for_decoding(model):
+            merged = model(ids).logits
+    back = any(isinstance(m, GPartLinear) for m in model.modules())
+    return {"ok": torch.equal(merged, unmerged) and back, "dtype": dtype, "layers_restored": back}
+
+
+@register_check("host_syncs_per_step")
+def check_host_syncs(ctx: dict) -> dict:
+    """One device-to-host sync per optimizer step from gpart's own code (CUDA's sync debug mode names the callers)."""
+    if not ctx["cuda"]:
+        return {"skipped": "no CUDA: the host reads are counted on the CPU in tests/test_host_syncs.py"}
+    import warnings
+
+    from gpart_cli.recipe import from_dict
+    from gpart_cli.train.trainer import Trainer
+
+    recipe = from_dict({
+        "model": {"name_or_path": str(ctx["model_dir"]), "dtype": "bfloat16"},
+        "method": {"name": "gpart", "d": 512, "target_modules": ["q_proj", "v_proj"], "dropout": 0.05},
+        "data": {"family": "sft", "task": "gsm8k", "train_files": [str(ctx["train_file"])], "query_column": "question",
+                 "response_column": "answer", "max_length": 256},
+        "train": {"max_steps": 4, "batch_size": 4, "grad_accum": 2, "precision": "bf16"}, "name": "syncs"})
+    trainer = Trainer(recipe, ctx["work"] / "syncs", device=str(ctx["device"]))
+    trainer.setup()
+    trainer._train_step(0)  # first use builds the layers' caches
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            for step in (1, 2, 3):
+                trainer._train_step(step)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    ours = [f"{Path(w.filename).name}:{w.lineno}" for w in caught if "gpart_cli" in w.filename]
+    return {"ok": len(ours) <= 3, "gpart_syncs_in_3_steps": len(ours), "where": sorted(set(ours)),
+            "all_syncs_in_3_steps": len(caught)}
+
+
+@register_check("vllm_merge_on_device")
+def check_vllm_merge(ctx: dict) -> dict:
+    """`gpart eval --backend vllm` merges the adapter on --device in vLLM's dtype into --merged-dir."""
+    from gpart_cli.devices import eval_precision
+    from gpart_cli.evaluation import vllm_backend
+    from gpart_cli.evaluation.models import scored
+    from gpart_cli.evaluation.runner import EvalRequest
+
+    import shutil
+
+    out = ctx["work"] / "vllm-merged"
+    shutil.rmtree(out, ignore_errors=True)  # --merged-dir refuses a dir that holds files
+    req = EvalRequest(task="gsm8k", adapter=ctx["run_dir"], model=str(ctx["model_dir"]), backend="vllm",
+                      merged_dir=out, device=str(ctx["device"]))
+    what = scored(ctx["run_dir"])
+    precision = eval_precision(ctx["device"], what.recipe)
+
+    def merge():
+        with vllm_backend.model_dir(req, what, precision, ctx["device"]) as path:
+            return json.loads((path / "config.json").read_text())
+
+    config, seconds, peak = _timed(ctx["device"], merge)
+    dtype = config.get("dtype") or config.get("torch_dtype")
+    want = vllm_backend.vllm_dtype(precision)
+    free = round(torch.cuda.mem_get_info()[0] / 2**20) if ctx["cuda"] else None  # released for vLLM's KV cache
+    return {"ok": dtype == want, "dtype": dtype, "vllm_dtype": want, "seconds": round(seconds, 2),
+            "peak_gpu_mib": peak, "gpu_free_after_mib": free}
+
+
+MULTI_GPU_SCRIPT = """
+import json, os, sys
+import torch, torch.distributed as dist
+from torch.distributed.tensor import DTensor
+from gpart_cli.recipe import load_recipe
+from gpart_cli.train import fsdp
+from gpart_cli.train.trainer import Trainer
+trainer = Trainer(load_recipe(sys.argv[1]), sys.argv[2])
+torch.cuda.reset_peak_memory_stats()
+trainer.setup()
+keep = fsdp.replicated(trainer.model)
+world = dist.get_world_size()
+share = sum(-(-p.shape[0] // world) * p[0].numel() * p.element_size()
+            for p in trainer.model.parameters() if p not in keep)
+largest = max(p.numel() * p.element_size() for p in trainer.model.parameters())
+print(json.dumps({"rank": dist.get_rank(), "peak": torch.cuda.max_memory_allocated(), "share": share,
+                  "replicated": sum(p.numel() * p.element_size() for p in keep), "largest": largest}), flush=True)
+trainer.release()
+dist.destroy_process_group()
+"""
+
+
+@register_check("multi_gpu_fsdp_and_sharded_eval")
+def check_multi_gpu(ctx: dict) -> dict:
+    """Under torchrun on 2 GPUs (NCCL): FSDP setup peaks at a rank's share of the base plus one tensor in flight; a
+    DDP run shares its GSM8K eval over the ranks and both exit cleanly (no teardown abort)."""
+    if not ctx["cuda"] or torch.cuda.device_count() < 2:
+        return {"skipped": "needs 2 CUDA GPUs (gloo runs of the same code: tests/test_ddp.py)"}
+    import subprocess
+
+    import yaml
+
+    from gpart_cli.recipe import from_dict
+
+    raw = {"model": {"name_or_path": str(ctx["model_dir"]), "dtype": "bfloat16"},
+           "method": {"name": "gpart", "d": 512, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]},
+           "data": {"family": "sft", "task": "gsm8k", "train_files": [str(ctx["train_file"])],
+                    "query_column": "question", "response_column": "answer", "dev_samples": 8, "max_length": 256},
+           "train": {"max_steps": 2, "batch_size": 2, "grad_accum": 2, "precision": "bf16", "eval_before": True},
+           "eval": {"task": "gsm8k", "files": [str(ctx["test_file"])], "limit": 8, "batch_size": 2,
+                    "max_new_tokens": 16}, "name": "multi"}
+    recipe = ctx["work"] / "multi.yaml"
+    recipe.write_text(yaml.safe_dump(from_dict(raw).to_dict()))
+    fsdp_recipe = ctx["work"] / "multi-fsdp.yaml"
+    fsdp_raw = {**raw, "train": {**raw["train"], "distributed": "fsdp"}}
+    fsdp_recipe.write_text(yaml.safe_dump(from_dict(fsdp_raw).to_dict()))
+    script = ctx["work"] / "multi_gpu.py"
+    script.write_text(MULTI_GPU_SCRIPT)
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    placed = subprocess.run([*launch, str(script), str(fsdp_recipe), str(ctx["work"] / "multi-fsdp")],
+                            capture_output=True, text=True, timeout=600)
+    ranks = [json.loads(line) for line in placed.stdout.splitlines() if line.startswith("{")]
+    ddp = subprocess.run([*launch, "-m", "gpart_cli", "train", str(recipe), "--output", str(ctx["work"] / "multi-ddp"),
+                          "--overwrite"], capture_output=True, text=True, timeout=600)
+    results = ctx["work"] / "multi-ddp" / "results.json"
+    after = json.loads(results.read_text())["after"] if results.is_file() else None
+    clean = all(p.returncode == 0 and "terminate called" not in p.stderr for p in (placed, ddp))
+    bounded = len(ranks) == 2 and all(r["peak"] <= r["share"] + r["replicated"] + 2 * r["largest"] + 2**24
+                                      for r in ranks)
+    return {"ok": clean and bounded and bool(after) and after.get("n") == 8, "fsdp_ranks": ranks,
+            "ddp_after": after, "stderr_tail": (placed.stderr + ddp.stderr)[-1500:] if not clean else ""}
 
 
 def environment(device: torch.device) -> dict:

@@ -100,26 +100,71 @@ def load_model(source: ModelSource, task_type: str, num_labels: int | None = Non
     elif device.type == "cuda":
         kwargs["device_map"] = {"": str(device)}
     if num_labels is not None and task_type in ("sequence_classification", "image_classification"):
-        kwargs["num_labels"] = num_labels
         # A head for another label count (e.g. fine-tuning on classes held out of pretraining) starts fresh,
         # as the head of a headless checkpoint does; matching heads still load.
-        kwargs["ignore_mismatched_sizes"] = True
-        if num_labels == 1:
-            kwargs["problem_type"] = "regression"
-        if labels:
-            kwargs["id2label"] = dict(enumerate(labels))
-            kwargs["label2id"] = {name: i for i, name in enumerate(labels)}
+        kwargs.update(_label_fields(num_labels, labels), ignore_mismatched_sizes=True)
     path = resolve(source.name_or_path)
     try:
         model = _auto_class(task_type).from_pretrained(path, **kwargs)
     except (OSError, ValueError) as e:
-        raise GpartError(f"could not load model {source.name_or_path!r}: {first_line(e)}. Check "
-                         f"model.name_or_path (a local dir, a hub id, or pkg:PACKAGE/dir); offline machines "
-                         f"need a local copy") from None
+        raise _unloadable(source, e) from None
     if task_type == "sequence_classification":
         # A run's recipe (adapters on a plain base) or the saved model's own record (merged and full-FT dirs).
         apply_pooling(model, source.pooling or recorded_pooling(model))
     return model
+
+
+def _unloadable(source: ModelSource, e: Exception) -> GpartError:
+    return GpartError(f"could not load model {source.name_or_path!r}: {first_line(e)}. Check model.name_or_path "
+                      f"(a local dir, a hub id, or pkg:PACKAGE/dir); offline machines need a local copy")
+
+
+def _label_fields(num_labels: int, labels: list[str] | None) -> dict:
+    """The config fields a classification head of `num_labels` classes (named `labels`) sets."""
+    fields: dict = {"num_labels": num_labels}
+    if num_labels == 1:
+        fields["problem_type"] = "regression"
+    if labels:
+        fields["id2label"] = dict(enumerate(labels))
+        fields["label2id"] = {name: i for i, name in enumerate(labels)}
+    return fields
+
+
+def load_skeleton(source: ModelSource, task_type: str, num_labels: int | None = None,
+                  labels: list[str] | None = None):
+    """The model `load_model` would return, with every parameter on the meta device: no memory, no weights read.
+
+    Buffers are real: they are small, and some (rotary frequencies) are computed at init and stored nowhere.
+    FSDP ranks other than 0 shard this and receive their shards of the weights from rank 0 (`train.fsdp`).
+    """
+    from transformers import AutoConfig
+
+    fields = _label_fields(num_labels, labels) if num_labels is not None and task_type in (
+        "sequence_classification", "image_classification") else {}
+    if source.gguf_file:
+        fields["gguf_file"] = source.gguf_file
+    try:
+        config = AutoConfig.from_pretrained(resolve(source.name_or_path), revision=source.revision,
+                                            trust_remote_code=source.trust_remote_code, **fields)
+    except (OSError, ValueError) as e:
+        raise _unloadable(source, e) from None
+    model = skeleton_from_config(config, task_type, source.dtype, source.trust_remote_code)
+    if task_type == "sequence_classification":
+        apply_pooling(model, source.pooling or recorded_pooling(model))
+    return model
+
+
+def skeleton_from_config(config, task_type: str, dtype: str = "float32", trust_remote_code: bool = False):
+    """A model of `config` with its parameters on the meta device (see `load_skeleton`)."""
+    from accelerate import init_empty_weights
+
+    if dtype == "auto":  # what the checkpoint is stored in, as from_pretrained(dtype="auto") reads it
+        stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
+        resolved = stored if isinstance(stored, torch.dtype) else torch_dtype(str(stored))
+    else:
+        resolved = torch_dtype(dtype)
+    with init_empty_weights():
+        return _auto_class(task_type).from_config(config, dtype=resolved, trust_remote_code=trust_remote_code)
 
 
 def load_tokenizer(source: ModelSource):
@@ -154,15 +199,16 @@ def config_from_dict(raw: dict):
         raise GpartError(f"model.config: {e}") from None
 
 
-def build_from_config(raw: dict, task_type: str, num_labels: int | None = None, labels: list[str] | None = None):
-    """A randomly initialised model for `task_type` from a config mapping (seeded by the caller)."""
+def build_from_config(raw: dict, task_type: str, num_labels: int | None = None, labels: list[str] | None = None,
+                      config_only: bool = False):
+    """A randomly initialised model for `task_type` from a config mapping (seeded by the caller), or its config."""
     config = config_from_dict(raw)
     if num_labels is not None:
         config.num_labels = num_labels
         if labels:
             config.id2label = dict(enumerate(labels))
             config.label2id = {name: i for i, name in enumerate(labels)}
-    return _auto_class(task_type).from_config(config)
+    return config if config_only else _auto_class(task_type).from_config(config)
 
 
 def recorded_source(name_or_path: str, recipe: dict | None, dtype: str = "float32",

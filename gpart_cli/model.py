@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -206,6 +207,8 @@ def apply(model: nn.Module, config: GPartConfig) -> nn.Module:
     if any(is_quantized(m) for _, m in found):
         keep_autograd_layout(model)
     device = next((m.weight.device for _, m in found), torch.device("cpu"))
+    if device.type == "meta":  # a skeleton (FSDP ranks but 0): θ and the group scales stay real (d values)
+        device = torch.device("cpu")
     state = GPartState(config, spec, n_params).to(device)
     model.add_module(STATE_NAME, state)
     model.register_forward_pre_hook(_forget_shared_theta)
@@ -298,3 +301,37 @@ def merge(model: nn.Module) -> nn.Module:
         if hook is _forget_shared_theta:
             del model._forward_pre_hooks[key]
     return model
+
+
+@contextmanager
+def merged_for_decoding(model: nn.Module):
+    """Inside: each GPart layer's W_eff folded into its base layer, as `merge` does; after: the model as it was.
+
+    An unmerged layer builds W_eff on every call, so decoding would rebuild every adapted weight for every token.
+    The merged weights are the bits the unmerged forward builds (W0 + ΔW summed in fp32, rounded once to the base
+    dtype), so outputs are the same. W0 is kept on the CPU meanwhile (no extra GPU memory) and put back exactly:
+    W_eff - ΔW would not round back to it. Quantized layers stay unmerged (see `merge`); a model without GPart
+    passes through.
+    """
+    layers = [(name, layer) for name, layer in gpart_layers(model) if not layer.quantized] \
+        if isinstance(getattr(model, STATE_NAME, None), GPartState) else []
+    kept = []
+    try:
+        for name, layer in layers:
+            w, b = layer.merged_weights()  # detached: no graph
+            base = layer.base_layer
+            originals = (base.weight.data, base.bias.data if layer.adapt_bias else None)
+            kept.append((name, layer, tuple(None if t is None else t.to("cpu") for t in originals)))
+            base.weight.data = w
+            if layer.adapt_bias:
+                base.bias.data = b
+            layer.groups.release()
+            _set_module(model, name, base)
+        yield model
+    finally:
+        for name, layer, (weight, bias) in kept:
+            base = layer.base_layer
+            base.weight.data = weight.to(base.weight.device)
+            if bias is not None:
+                base.bias.data = bias.to(base.bias.device)
+            _set_module(model, name, layer)

@@ -86,10 +86,65 @@ def hashes(start: int, count: int, key: int) -> np.ndarray:
     return out
 
 
+# Elements per chunk of the on-device hash: bounds its int64 temporaries to a few hundred MB on a 70B layer.
+_TORCH_CHUNK = 1 << 24
+
+
+def _mul32_(x: torch.Tensor, factor: int) -> torch.Tensor:
+    """x = x * factor mod 2**32, in place on int64 values in [0, 2**32): the product is split at 16 bits of
+    `factor` so that no intermediate leaves int64 (a signed overflow would be undefined)."""
+    low = x * (factor & 0xFFFF)
+    return x.mul_(factor >> 16).bitwise_and_(0xFFFF).bitwise_left_shift_(16).add_(low).bitwise_and_(_MASK32)
+
+
+def _lowbias32_torch(x: torch.Tensor) -> torch.Tensor:
+    """`_lowbias32` in place on an int64 tensor of values in [0, 2**32)."""
+    x ^= x >> 16
+    _mul32_(x, LOWBIAS_A)
+    x ^= x >> 15
+    _mul32_(x, LOWBIAS_B)
+    x ^= x >> 16
+    return x
+
+
+def _torch_chunks(start: int, count: int, key: int, device: torch.device | str):
+    """(position, u(i) as int64) for the chunks of [start, start + count), hashed on `device` with torch ops."""
+    k0, k1 = key & _MASK32, key >> 32
+    pos = 0
+    while pos < count:  # one chunk at most per 2**32-aligned span (the high word is constant inside it)
+        i = start + pos
+        span = min(count - pos, (1 << 32) - (i & _MASK32), _TORCH_CHUNK)
+        salt = lowbias32_int((i >> 32) ^ k1) ^ k0
+        chunk = torch.arange(i & _MASK32, (i & _MASK32) + span, dtype=torch.int64, device=device)
+        yield pos, _lowbias32_torch(chunk.bitwise_xor_(salt))
+        pos += span
+
+
+def hashes_torch(start: int, count: int, key: int, device: torch.device | str) -> torch.Tensor:
+    """`hashes` computed on `device` with torch integer ops (the same bits): int64 [count] in [0, 2**32)."""
+    out = torch.empty(count, dtype=torch.int64, device=device)
+    for pos, u in _torch_chunks(start, count, key, device):
+        out[pos:pos + u.numel()] = u
+    return out
+
+
 def drop_mask(start: int, count: int, key: int, threshold: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """Bool [count]: True where weight i of [start, start + count) is dropped."""
-    drop = torch.from_numpy(hashes(start, count, key) < np.uint32(threshold))
-    return drop.to(device)
+    """Bool [count]: True where weight i of [start, start + count) is dropped.
+
+    Built where it is used: with NumPy on the CPU, with torch integer ops on any other device (a GPU without the
+    Triton kernels), so no W-sized mask is hashed on the host and copied over on every call.
+    """
+    if torch.device(device).type == "cpu":
+        return torch.from_numpy(hashes(start, count, key) < np.uint32(threshold))
+    return torch_drop_mask(start, count, key, threshold, device)
+
+
+def torch_drop_mask(start: int, count: int, key: int, threshold: int, device: torch.device | str) -> torch.Tensor:
+    """`drop_mask` computed on `device` by torch ops, a chunk at a time."""
+    drop = torch.empty(count, dtype=torch.bool, device=device)
+    for pos, u in _torch_chunks(start, count, key, device):
+        torch.lt(u, threshold, out=drop[pos:pos + u.numel()])
+    return drop
 
 
 def uniform(count: int, key: int) -> torch.Tensor:

@@ -190,6 +190,16 @@ def test_fsdp_two_processes_match_single_process_and_the_adapter_merges(sft, tin
         torch.testing.assert_close(merged(input_ids=ids).logits, adapted.eval()(input_ids=ids).logits)
 
 
+def test_ddp_shares_the_generation_eval_and_scores_as_one_process(sft, tmp_path):
+    # Every rank decodes its batches of the GSM8K eval (before and after training); rank 0 writes the scores.
+    recipe, one = sft
+    torchrun(2, recipe, tmp_path / "ddp", "--set", "train.distributed=ddp", "--set", "train.eval_before=true")
+    assert_same_adapter(tmp_path / "ddp", one, overridden=("distributed", "eval_before"))
+    got, want = (json.loads((d / "results.json").read_text()) for d in (tmp_path / "ddp", one))
+    assert got["after"] == want["after"] and got["after"]["n"] == 2 and got["before"]["n"] == 2
+    assert (tmp_path / "ddp" / "predictions.jsonl").read_text() == (one / "predictions.jsonl").read_text()
+
+
 def test_fsdp_three_processes_with_uneven_and_empty_shares_and_checkpointing(sft, tmp_path):
     # 3 ranks split each micro-batch: 4 rows -> 1, 1, 2; the epoch's last 2 rows -> 0 (weight 0), 1, 1.
     recipe, one = sft
@@ -252,3 +262,127 @@ def test_files_read_on_rank_0_reach_every_rank_and_so_do_its_errors(tmp_path):
     lines = sorted(res.stdout.splitlines())
     assert lines == ["0 error: checkpoint X is unreadable", "0 ok",
                      "1 error: rank 0 could not read the checkpoint; see its error message above", "1 ok"]
+
+
+FSDP_PLACEMENT = """
+import json, os, sys
+import torch
+import torch.distributed as dist
+import torch.distributed.fsdp as torch_fsdp
+from torch.distributed.tensor import DTensor
+from gpart_cli.methods import prepare
+from gpart_cli.recipe import load_recipe
+from gpart_cli.train import fsdp
+from gpart_cli.train.setup import build
+from gpart_cli.train.trainer import Trainer
+
+
+def local_bytes(model):
+    # parameter bytes this rank holds: its shards of the sharded ones, whole replicated ones, nothing for meta
+    total = 0
+    for p in model.parameters():
+        t = p.to_local() if isinstance(p, DTensor) else p
+        total += 0 if t.is_meta else t.numel() * t.element_size()
+    return total
+
+
+seen = []
+real_shard, real_fully_shard = fsdp.shard, torch_fsdp.fully_shard
+
+
+def shard(model, *args):
+    seen.append(local_bytes(model))  # as the trainer hands it over
+    def fully_shard(module, **kwargs):
+        out = real_fully_shard(module, **kwargs)
+        seen.append(local_bytes(model))  # after each unit
+        return out
+    torch_fsdp.fully_shard = fully_shard
+    try:
+        return real_shard(model, *args)
+    finally:
+        torch_fsdp.fully_shard = real_fully_shard
+
+
+fsdp.shard = shard
+recipe = load_recipe(sys.argv[1])
+trainer = Trainer(recipe, sys.argv[2])
+trainer.setup()
+world, rank = dist.get_world_size(), dist.get_rank()
+keep = fsdp.replicated(trainer.model)
+share = sum(-(-p.shape[0] // world) * p[0].numel() * p.element_size()
+            for p in trainer.model.parameters() if p not in keep)
+replicated = sum(p.numel() * p.element_size() for p in keep)
+# Every rank holds exactly rank 0's weights: the plain single-process model, gathered.
+torch.manual_seed(recipe.train.seed)
+want = prepare(build(recipe).model, recipe.method, recipe.train, "causal_lm").model.state_dict()
+got = {k: (v.full_tensor() if isinstance(v, DTensor) else v) for k, v in trainer.model.state_dict().items()}
+same = sorted(want) == sorted(got) and all(torch.equal(got[k], want[k]) for k in want)
+full = sum(v.numel() * v.element_size() for k, v in want.items() if "rotary" not in k)
+os.write(1, (json.dumps({"rank": rank, "seen": seen, "after": local_bytes(trainer.model), "share": share,
+                         "replicated": replicated, "same": same, "full": full}) + "\\n").encode())
+trainer.release()
+dist.destroy_process_group()
+"""
+
+
+def test_fsdp_ranks_never_hold_more_than_their_share_of_the_base(sft, tmp_path):
+    """Rank 0 loads on the CPU; the other ranks build on the meta device and receive only their shards."""
+    recipe, _ = sft
+    script = tmp_path / "placement.py"
+    script.write_text(FSDP_PLACEMENT)
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                          "127.0.0.1", "--master_port", str(_free_port()), str(script), str(recipe),
+                          str(tmp_path / "run")], capture_output=True, text=True, timeout=300,
+                         env={**ENV, "PYTHONPATH": str(ROOT)})
+    assert res.returncode == 0, res.stderr[-3000:]
+    ranks = sorted((json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")),
+                   key=lambda r: r["rank"])
+    assert [r["rank"] for r in ranks] == [0, 1]
+    for r in ranks:
+        assert r["same"]
+        assert r["share"] < r["full"] / 2 + 4096  # shards of dim 0: half the base, up to an odd row each
+        assert r["after"] <= r["share"] + r["replicated"]
+    # Rank 1 never held a weight of the base: a skeleton, then its shards.
+    assert ranks[1]["seen"][0] <= ranks[1]["replicated"]
+    assert max(ranks[1]["seen"]) <= ranks[1]["share"] + ranks[1]["replicated"]
+    assert ranks[0]["seen"][0] >= ranks[0]["full"]  # rank 0 loaded the checkpoint (on the CPU) to broadcast it
+
+
+SHARDED_GENERATION = """
+import json, os, sys
+import torch
+import torch.distributed as dist
+from transformers import AutoModelForCausalLM, AutoTokenizer
+import gpart_cli as gpart
+from gpart_cli.evaluation.tasks import load_task_rows, run_generation
+from gpart_cli.train import distributed
+
+rank, world = distributed.world()
+model = gpart.apply(AutoModelForCausalLM.from_pretrained(sys.argv[1]),
+                    gpart.GPartConfig(d=64, target_modules=("q_proj", "v_proj")))
+with torch.no_grad():
+    gpart.theta(model).copy_(torch.randn(64, generator=torch.Generator().manual_seed(0)))
+tok = AutoTokenizer.from_pretrained(sys.argv[1])
+rows = load_task_rows("gsm8k", [sys.argv[2]], None, 7)  # batches of 2: 4 batches, 2 per rank, the last of 1 row
+got = run_generation("gsm8k", model, tok, rows, 2, 6, part=(rank, world))
+os.write(1, (json.dumps({"rank": rank, "got": got}) + "\\n").encode())
+if rank == 0:
+    os.write(1, (json.dumps({"alone": run_generation("gsm8k", model, tok, rows, 2, 6)}) + "\\n").encode())
+distributed.shutdown(ok=True)
+"""
+
+
+def test_generation_eval_is_shared_out_over_the_ranks_and_scores_as_one_process(tiny_llama_dir, tmp_path):
+    script = tmp_path / "sharded_generation.py"
+    script.write_text(SHARDED_GENERATION)
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                          "127.0.0.1", "--master_port", str(_free_port()), str(script), str(tiny_llama_dir),
+                          str(ASSETS / "gsm8k" / "test.jsonl")], capture_output=True, text=True, timeout=300,
+                         env={**ENV, "PYTHONPATH": str(ROOT)})
+    assert res.returncode == 0, res.stderr[-3000:]
+    lines = [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
+    alone = next(line["alone"] for line in lines if "alone" in line)
+    ranks = [line["got"] for line in lines if "got" in line]
+    assert len(ranks) == 2 and alone[0]["n"] == 7
+    assert ranks[0] == ranks[1] == alone  # the same scores and per-example outputs on every rank
+    assert len({r["output"] for r in alone[1]}) > 1  # the outputs differ: a mix-up of rows would show

@@ -58,6 +58,25 @@ def test_vectorised_hash_matches_the_scalar_definition_across_the_32_bit_boundar
     assert rng.hash_one(0, 0) == 0 and rng.hash_one(1, 0) == rng.lowbias32_int(1)  # the definition's fixed points
 
 
+def test_the_on_device_hash_gives_the_same_bits_as_numpy(monkeypatch):
+    """GPUs without the Triton kernels hash masks with torch ops where the weights are (no host copy per call)."""
+    monkeypatch.setattr(rng, "_TORCH_CHUNK", 37)  # many chunks, one of them across the 32-bit boundary
+    key, thr = rng.micro_batch_key(7, 123), rng.drop_threshold(0.3)
+    for start, n in ((0, 1000), (2**32 - 50, 100), (3 * 2**32 + 5, 200)):
+        assert torch.equal(rng.hashes_torch(start, n, key, "cpu"), torch.from_numpy(rng.hashes(start, n, key)).long())
+        want = rng.drop_mask(start, n, key, thr)
+        assert torch.equal(rng.torch_drop_mask(start, n, key, thr, "cpu"), want) and 0 < int(want.sum()) < n
+
+
+def test_a_mask_for_another_device_is_not_hashed_on_the_host(monkeypatch):
+    def host(*a):
+        raise AssertionError("hashed with NumPy on the host")
+
+    monkeypatch.setattr(rng, "hashes", host)
+    mask = rng.drop_mask(0, 10_000, rng.micro_batch_key(0, 0), rng.drop_threshold(0.1), "meta")
+    assert mask.device.type == "meta" and mask.dtype == torch.bool and mask.shape == (10_000,)
+
+
 def test_drop_rate_and_independence():
     n, thr = 1_000_000, rng.drop_threshold(0.1)
     a = rng.drop_mask(0, n, rng.micro_batch_key(0, 0), thr)

@@ -1,5 +1,6 @@
 """FSDP2 wrapping of GPart models, in-process on a one-rank gloo group (the multi-process runs are in test_ddp.py)."""
 
+import re
 import socket
 
 import pytest
@@ -112,3 +113,48 @@ def test_the_recipe_field_is_validated():
     assert from_dict(base).train.distributed == "ddp"
     with pytest.raises(GpartError, match="train.distributed = 'fsd' is not one of ddp, fsdp.*did you mean 'fsdp'"):
         from_dict({**base, "train": {"distributed": "fsd"}})
+
+
+@pytest.mark.parametrize("version", ["2.4.1+cu121", "2.6.0"])
+def test_fsdp_refuses_a_torch_without_ignored_params(version):
+    with pytest.raises(GpartError, match=rf"fsdp needs torch>=2\.7 .*torch {re.escape(version)} is installed"):
+        fsdp.check_torch(version)
+
+
+@pytest.mark.parametrize("version", ["2.7.0", "2.13.0+cpu", torch.__version__])
+def test_fsdp_accepts_torch_2_7_and_later(version):
+    fsdp.check_torch(version)
+
+
+def test_a_skeleton_is_the_loaded_model_without_its_weights(tmp_path):
+    """What FSDP ranks but 0 build: load_model's parameters on the meta device, its buffers real and equal."""
+    from gpart_cli.loading import ModelSource, load_model, load_skeleton
+
+    tiny_llama().save_pretrained(tmp_path)
+    source = ModelSource(str(tmp_path))
+    loaded, skeleton = load_model(source, "causal_lm"), load_skeleton(source, "causal_lm")
+    assert type(skeleton) is type(loaded)
+    assert {n: (p.shape, p.dtype) for n, p in skeleton.named_parameters()} == \
+        {n: (p.shape, p.dtype) for n, p in loaded.named_parameters()}
+    assert all(p.is_meta for p in skeleton.parameters())
+    buffers = dict(loaded.named_buffers())
+    assert buffers and all(torch.equal(b, buffers[n]) for n, b in skeleton.named_buffers())
+
+
+def test_the_process_group_gets_a_timeout_long_enough_for_rank_0_alone(monkeypatch):
+    from datetime import timedelta
+
+    from gpart_cli.train import distributed
+
+    calls = []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(dist, "is_initialized", lambda: bool(calls))
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, **kw: calls.append(kw))
+    monkeypatch.setattr(dist, "get_rank", lambda: 1)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    assert distributed.world() == (1, 2) and calls == [{"timeout": timedelta(hours=1)}]
+    monkeypatch.setenv("GPART_DIST_TIMEOUT", "7200")
+    assert distributed.timeout() == timedelta(hours=2)
+    monkeypatch.setenv("GPART_DIST_TIMEOUT", "2h")
+    with pytest.raises(GpartError, match="GPART_DIST_TIMEOUT='2h': give the collective timeout in whole seconds"):
+        distributed.timeout()

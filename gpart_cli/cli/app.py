@@ -132,14 +132,17 @@ def evaluate(task: Annotated[str, typer.Option(help="glue/<task>, vision/<datase
              backend: Annotated[str, typer.Option(help="Generation tasks: hf (transformers generate) or vllm (pip "
                                                        "install 'gpart[vllm]'; adapters are merged first).")] = "hf",
              tensor_parallel_size: Annotated[int, typer.Option(min=1, help="--backend vllm: GPUs to split the "
-                                                                         "model over.")] = 1):
+                                                                         "model over.")] = 1,
+             merged_dir: Annotated[Optional[Path], typer.Option(help="--backend vllm: merge an adapter into this "
+                                                                     "new dir and keep it (default: a temporary dir "
+                                                                     "under $TMPDIR).")] = None):
     """Score a model, an adapter, or given predictions on a task."""
     from ..evaluation.runner import EvalRequest, evaluate as run_eval
 
     req = EvalRequest(task=task, adapter=adapter, model=model, data=data, split=split, limit=limit,
                       batch_size=batch_size, max_new_tokens=max_new_tokens, predictions=predictions, output=output,
                       trust_remote_code=trust_remote_code, gguf_file=gguf_file, device=device, dtype=dtype,
-                      backend=backend, tensor_parallel_size=tensor_parallel_size)
+                      backend=backend, tensor_parallel_size=tensor_parallel_size, merged_dir=merged_dir)
     err_console.print(f"evaluating {task} …")  # generation tasks show their own progress bar
     doc = run_eval(req)
     table = Table(title=f"{task}" + (f" · {limit} examples" if limit else ""))

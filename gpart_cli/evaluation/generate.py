@@ -35,7 +35,12 @@ def _eos_ids(model, tokenizer) -> set[int]:
 
 
 def _stopping_criteria(tokenizer, prompt_width: int, eos_ids: set[int], stops: Sequence[str]):
-    """A StoppingCriteria marking each sequence done once it has emitted eos or a stop string."""
+    """A StoppingCriteria marking each sequence done once it has emitted eos or a stop string.
+
+    generate() keeps a row finished once it is, so each step only looks at what that step added: eos as the last
+    token, or a stop string completed in the last few tokens. One device-to-host copy per step (the tails of all
+    rows at once); none without stop strings, where eos ends rows through the generation config.
+    """
     from transformers import StoppingCriteria
 
     # Only the last few tokens can complete a stop string, so decode a tail, not the whole text, each step.
@@ -44,14 +49,14 @@ def _stopping_criteria(tokenizer, prompt_width: int, eos_ids: set[int], stops: S
 
     class _StopOnTextOrEos(StoppingCriteria):
         def __call__(self, input_ids, scores, **kwargs):
-            new = input_ids[:, prompt_width:]
-            done = torch.zeros(new.shape[0], dtype=torch.bool, device=input_ids.device)
-            if eos_ids:
-                done |= torch.isin(new, torch.tensor(sorted(eos_ids), device=new.device)).any(dim=1)
-            for i in (~done).nonzero().flatten().tolist() if stops else []:
-                tail = tokenizer.decode(new[i, -window:], skip_special_tokens=False)
-                done[i] = any(s in tail for s in stops)
-            return done  # generate() ends the batch once every row is done
+            rows = input_ids.shape[0]
+            if not stops or input_ids.shape[1] <= prompt_width:
+                return torch.zeros(rows, dtype=torch.bool, device=input_ids.device)
+            tails = input_ids[:, max(prompt_width, input_ids.shape[1] - window):].tolist()
+            texts = tokenizer.batch_decode(tails, skip_special_tokens=False)
+            done = [tail[-1] in eos_ids or any(s in text for s in stops) for tail, text in zip(tails, texts)]
+            # generate() ends the batch once every row is done
+            return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
     return _StopOnTextOrEos()
 
@@ -89,8 +94,13 @@ def _generate_batch(model, tokenizer, token_ids: list[list[int]], max_new_tokens
 
 
 def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int, batch_size: int,
-             stop: Sequence[str] = (), on_batch: Callable[[int], None] | None = None) -> list[str]:
-    """Greedy completions of `prompts` (new text only, cut at the first stop string), in input order."""
+             stop: Sequence[str] = (), on_batch: Callable[[int], None] | None = None,
+             part: tuple[int, int] = (0, 1)) -> list[str | None]:
+    """Greedy completions of `prompts` (new text only, cut at the first stop string), in input order.
+
+    `part` (k, n): decode only batches k, k + n, k + 2n, ... of the single-process batching (None for the other
+    prompts), so n data-parallel ranks together decode exactly the batches one process would (`gather_outputs`).
+    """
     if not prompts:
         return []
     stops = [s for s in stop if s]
@@ -108,7 +118,7 @@ def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int, batch
         # Longest first: similar lengths share a batch, and an out-of-memory shows on the first batch.
         order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
         with torch.inference_mode():
-            for start in range(0, len(order), batch_size):
+            for start in range(part[0] * batch_size, len(order), part[1] * batch_size):
                 batch = order[start:start + batch_size]
                 texts = _generate_batch(model, tokenizer, [encoded[i] for i in batch], max_new_tokens, stops,
                                         pad_id, eos_ids)
@@ -119,3 +129,15 @@ def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int, batch
     finally:
         model.train(was_training)
     return outputs
+
+
+def gather_outputs(outputs: list[str | None]) -> list[str]:
+    """Every rank's share of `generate(part=...)` outputs, merged in input order on every rank."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return outputs
+    shares: list = [None] * dist.get_world_size()
+    dist.all_gather_object(shares, {i: text for i, text in enumerate(outputs) if text is not None})
+    merged = {i: text for share in shares for i, text in share.items()}
+    return [merged[i] for i in range(len(outputs))]

@@ -96,13 +96,18 @@ def load_scored(req, what: Scored, task_type: str, device: torch.device, precisi
         return load_model(source, task_type, device=device), source
     from peft import PeftModel
 
-    recorded = ((what.recipe or {}).get("model") or {}).get("name_or_path") or \
-        json.loads((what.path / "adapter_config.json").read_text()).get("base_model_name_or_path")
-    base = req.model or recorded_base(recorded, what.path)
-    source = recorded_source(base, what.recipe, precision.weights, req.trust_remote_code)
+    source = peft_base(req, what, precision.weights)
     task = _run_info(what.path).get("task") or {}
     model = load_model(source, task_type, task.get("num_labels"), task.get("labels"), device)
     return PeftModel.from_pretrained(model, str(what.path)), source
+
+
+def peft_base(req, what: Scored, dtype: str) -> ModelSource:
+    """The base a PEFT adapter applies to (--model, else the one its run or adapter_config.json records), in `dtype`."""
+    recorded = ((what.recipe or {}).get("model") or {}).get("name_or_path") or \
+        json.loads((what.path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    base = req.model or recorded_base(recorded, what.path)
+    return recorded_source(base, what.recipe, dtype, req.trust_remote_code)
 
 
 def image_processor_for(source: ModelSource):

@@ -42,6 +42,7 @@ class EvalRequest:
     dtype: str | None = None         # None: the precision the run trained in
     backend: str = "hf"              # generation tasks: hf (transformers generate) | vllm (see vllm_backend)
     tensor_parallel_size: int = 1    # vllm: GPUs one model is split over
+    merged_dir: Path | None = None   # vllm: where an adapter is merged (kept); None: a temporary dir under $TMPDIR
 
 
 def parse_task(task: str) -> tuple[str, str]:
@@ -122,6 +123,10 @@ def _read_predictions(path: Path, n: int) -> list[str]:
 def _generation(req: EvalRequest, name: str, what: Scored, device, precision):
     rows = load_task_rows(name, req.data, req.split, req.limit)
     model, source = load_scored(req, what, "causal_lm", device, precision)
+    if what.kind == "gpart":  # decode merged: an unmerged layer would rebuild its W_eff for every token
+        from ..model import merge
+
+        model = merge(model)
     scores, records = run_generation(name, model, load_tokenizer(source), rows, req.batch_size, req.max_new_tokens,
                                      autocast=precision.autocast)
     return scores, records, model
@@ -148,7 +153,7 @@ def evaluate(req: EvalRequest) -> dict:
         precision = eval_precision(device, what.recipe, req.dtype)
         if family == "generation" and req.backend == "vllm":
             rows = load_task_rows(name, req.data, req.split, req.limit)
-            scores, records = vllm_backend.run_generation(req, name, rows, what, precision)
+            scores, records = vllm_backend.run_generation(req, name, rows, what, precision, device=device)
             run.update({"device": f"cuda (vLLM, tensor_parallel_size {req.tensor_parallel_size})",
                         "dtype": vllm_backend.vllm_dtype(precision), "autocast": None})
         else:

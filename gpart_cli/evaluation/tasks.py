@@ -121,20 +121,25 @@ def score_outputs(name: str, rows: list[dict], outputs: list[str]) -> tuple[dict
 
 
 def run_generation(name: str, model, tokenizer, rows: list[dict], batch_size: int, max_new_tokens: int | None,
-                   console=None, autocast=None) -> tuple[dict, list[dict]]:
-    """Greedy-decode every prompt (under `autocast`, with a progress bar: examples done, rate, ETA) and score it."""
+                   console=None, autocast=None, part: tuple[int, int] = (0, 1)) -> tuple[dict, list[dict]]:
+    """Greedy-decode every prompt (under `autocast`, with a progress bar: examples done, rate, ETA) and score it.
+
+    With `part` (rank, world size) of a process group, each rank decodes its share of the batches (no bar but on
+    rank 0) and every rank gets all outputs and the scores (`generate.gather_outputs`).
+    """
     import torch
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from .generate import MATH_STOPS, generate, model_device
+    from .generate import MATH_STOPS, gather_outputs, generate, model_device
 
     progress = Progress(TextColumn(f"[bold]{name}"), BarColumn(), MofNCompleteColumn(), TextColumn("examples · eta"),
-                        TimeRemainingColumn(), console=console or Console(stderr=True), transient=True)
+                        TimeRemainingColumn(), console=console or Console(stderr=True), transient=True,
+                        disable=part[0] != 0)
     device = model_device(model)
     with progress, torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
         bar = progress.add_task(name, total=len(rows))
         outputs = generate(model, tokenizer, prompts_for(name, rows),
                            max_new_tokens=max_new_tokens_for(name, max_new_tokens), batch_size=batch_size,
-                           stop=MATH_STOPS, on_batch=lambda done: progress.update(bar, completed=done))
-    return score_outputs(name, rows, outputs)
+                           stop=MATH_STOPS, on_batch=lambda done: progress.update(bar, completed=done), part=part)
+    return score_outputs(name, rows, gather_outputs(outputs) if part[1] > 1 else outputs)

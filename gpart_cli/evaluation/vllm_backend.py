@@ -3,15 +3,19 @@
 Everything but the decoding loop is the HF path's: the same prompts tokenized by the same tokenizer call (vLLM
 receives token ids, so both backends start from identical inputs), greedy decoding, the same eos ids, stop
 strings and `max_new_tokens`, the new tokens decoded by the HF tokenizer and cut at the first stop string, and the
-same scoring and predictions JSONL. vLLM only loads plain model dirs, so a `.gpart` or PEFT adapter is first merged
-into a temporary dir (under $TMPDIR), removed afterwards even when decoding fails.
+same scoring and predictions JSONL. vLLM only loads plain model dirs, so a `.gpart` or PEFT adapter is first merged,
+on the --device of the evaluation and in the dtype vLLM will run in (`vllm_dtype`), into --merged-dir (kept) or a
+temporary dir under $TMPDIR (removed afterwards, even when decoding fails). The disk must hold the merged model:
+that is checked before the merge, from the model's config.
 
-vLLM is an optional extra for CUDA machines: `pip install 'gpart[vllm]'`.
+vLLM is an optional extra for CUDA machines: `pip install 'gpart[vllm]'`. It pins its own torch, so the safe setup is a
+separate virtual environment for it.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -29,6 +33,8 @@ def check(req, family: str) -> None:
     if req.backend not in BACKENDS:
         raise GpartError(f"--backend {req.backend!r} is not one of {', '.join(BACKENDS)}")
     if req.backend == "hf":
+        if getattr(req, "merged_dir", None) is not None:
+            raise GpartError("--merged-dir names where --backend vllm merges an adapter; add --backend vllm or drop it")
         return
     if family != "generation":
         raise GpartError(f"--backend vllm decodes text: it applies to gsm8k, math and mawps, not {req.task}; "
@@ -50,8 +56,9 @@ def _vllm():
 
 
 @contextmanager
-def model_dir(req, what) -> Iterator[Path]:
-    """A dir vLLM can load: the merged or base model as given, or the adapter merged into a temporary dir."""
+def model_dir(req, what, precision=None, device=None) -> Iterator[Path]:
+    """A dir vLLM can load: the merged or base model as given, or the adapter merged on `device` (default cpu) in
+    vLLM's dtype (`vllm_dtype(precision)`; default: the run's) into --merged-dir or a temporary dir."""
     from ..loading import resolve
 
     if what.kind is None:
@@ -62,38 +69,87 @@ def model_dir(req, what) -> Iterator[Path]:
     if what.kind == "merged":
         yield what.path
         return
+    dtype = vllm_dtype(precision) if precision is not None else None
+    merge = _merge_gpart if what.kind == "gpart" else _merge_peft
+    if req.merged_dir is not None:
+        out = Path(req.merged_dir)
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            raise GpartError(f"--merged-dir {out} already holds files; name a new or empty directory (the merged "
+                             f"model is written there and kept)")
+        merge(req, what, out, dtype, device)
+        yield out
+        return
     with tempfile.TemporaryDirectory(prefix="gpart-vllm-") as tmp:
         out = Path(tmp) / "merged"
-        if what.kind == "gpart":
-            _merge_gpart(req, what.path, out)
-        else:
-            _merge_peft(req, what, out)
+        merge(req, what, out, dtype, device)
         yield out
 
 
-def _merge_gpart(req, adapter: Path, out: Path) -> None:
-    """W0 + Pθ in fp32, saved in the dtype the adapter was trained on (what `gpart merge` writes)."""
+def check_disk_space(source, out: Path, dtype: str, named: bool = False) -> None:
+    """Refuse to start a merge whose output cannot fit: the model's parameter count (from its config, nothing
+    loaded) times the dtype's size, against the free space where `out` goes."""
+    import torch
+
+    from ..loading import load_skeleton, torch_dtype
+
+    count = sum(p.numel() for p in load_skeleton(source, "causal_lm").parameters())
+    need = count * torch.empty((), dtype=torch_dtype(dtype)).element_size()
+    where = next(p for p in (out, *out.parents) if p.exists())
+    free = shutil.disk_usage(where).free
+    if need * 1.02 + 2**26 > free:  # + tokenizer files and slack
+        hint = "free some space there or name a --merged-dir on a disk with room" if named \
+            else "pass --merged-dir DIR on a disk with room (the default is under $TMPDIR)"
+        raise GpartError(f"merging for vLLM writes about {need / 2**30:.1f} GiB ({count:,} parameters in {dtype}) to "
+                         f"{where}, which has {free / 2**30:.1f} GiB free; {hint}")
+
+
+def _release_gpu() -> None:
+    """Give the merge's GPU memory back before vLLM sizes its KV cache from what is free."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _merge_gpart(req, what, out: Path, dtype: str | None, device) -> None:
+    """W0 + Pθ in fp32, saved in `dtype` (default: the dtype the adapter was trained on, what `gpart merge` writes)."""
     from ..artifact import read_artifact
+    from ..devices import check_dtype
     from ..export import merge_to_dir
+    from ..loading import recorded_source
+
     from .models import recorded_base
 
-    base = req.model or recorded_base((read_artifact(adapter).meta.get("base_model") or {}).get("name_or_path"),
-                                      adapter)
-    merge_to_dir(base, adapter, out, None, req.trust_remote_code)
+    art = read_artifact(what.path)
+    base = req.model or recorded_base((art.meta.get("base_model") or {}).get("name_or_path"), what.path)
+    target = check_dtype(dtype or (art.meta.get("base_model") or {}).get("dtype") or "float32")
+    check_disk_space(recorded_source(base, what.recipe, target, req.trust_remote_code), out, target,
+                     req.merged_dir is not None)
+    merge_to_dir(base, what.path, out, target, req.trust_remote_code, device)
+    _release_gpu()
 
 
-def _merge_peft(req, what, out: Path) -> None:
-    """LoRA / Uni-LoRA folded into the base by PEFT (on the CPU, fp32), saved in the dtype the run trained in."""
+def _merge_peft(req, what, out: Path, dtype: str | None, device) -> None:
+    """LoRA / Uni-LoRA folded into the base by PEFT on `device`, saved in `dtype` (default: the run's)."""
     import torch
 
     from ..devices import Precision
+    from ..export import _load_dtype
     from ..loading import load_tokenizer, torch_dtype
-    from .models import load_scored
+    from .models import load_scored, peft_base
 
-    model, source = load_scored(req, what, "causal_lm", torch.device("cpu"), Precision("float32"))
-    dtype = (((what.recipe or {}).get("model") or {}).get("dtype")) or "float32"
-    model.merge_and_unload().to(torch_dtype(dtype)).save_pretrained(out, safe_serialization=True)
+    target = dtype or (((what.recipe or {}).get("model") or {}).get("dtype")) or "float32"
+    check_disk_space(peft_base(req, what, target), out, target, req.merged_dir is not None)
+    # Loaded in the target dtype when the checkpoint is stored in it (nothing to round), else in fp32.
+    load = _load_dtype(peft_base(req, what, target), target)
+    model, source = load_scored(req, what, "causal_lm", device or torch.device("cpu"), Precision(load))
+    model.merge_and_unload().to(torch_dtype(target)).save_pretrained(out, safe_serialization=True)
     load_tokenizer(source).save_pretrained(out)
+    del model
+    _release_gpu()
 
 
 def vllm_dtype(precision) -> str:
@@ -145,10 +201,12 @@ def generate(path: Path, prompts: list[str], *, max_new_tokens: int, stop: list[
     return [cut_at_stop(t, stop) for t in texts]
 
 
-def run_generation(req, name: str, rows: list[dict], what, precision, console=None) -> tuple[dict, list[dict]]:
+def run_generation(req, name: str, rows: list[dict], what, precision, console=None, device=None
+                   ) -> tuple[dict, list[dict]]:
     """Decode every prompt of task `name` with vLLM and score it like `tasks.run_generation`.
 
-    `what` is the scored model or adapter (`models.scored`), `precision` the one its run trained in.
+    `what` is the scored model or adapter (`models.scored`), `precision` the one its run trained in (or --dtype),
+    `device` where an adapter is merged.
     """
     from rich.console import Console
 
@@ -156,7 +214,7 @@ def run_generation(req, name: str, rows: list[dict], what, precision, console=No
     from .tasks import max_new_tokens_for, prompts_for, score_outputs
 
     console = console or Console(stderr=True)
-    with model_dir(req, what) as path, console.status(f"{name}: {len(rows)} prompts through vLLM"):
+    with model_dir(req, what, precision, device) as path, console.status(f"{name}: {len(rows)} prompts through vLLM"):
         outputs = generate(path, prompts_for(name, rows), max_new_tokens=max_new_tokens_for(name, req.max_new_tokens),
                            stop=MATH_STOPS, tensor_parallel_size=req.tensor_parallel_size,
                            dtype=vllm_dtype(precision), trust_remote_code=req.trust_remote_code)

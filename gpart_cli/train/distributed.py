@@ -7,8 +7,10 @@ under FSDP every forward is collective, so all ranks evaluate together (see `fsd
 
 from __future__ import annotations
 
+import gc
 import json
 import os
+from datetime import timedelta
 from typing import Callable
 
 import torch
@@ -17,13 +19,32 @@ import torch.distributed as dist
 from ..errors import GpartError
 
 
+# How long a collective waits for a rank that is busy alone. Generation evals run on every rank (each decodes its
+# share of the prompts), but under DDP rank 0 still scores the dev split and writes checkpoints while the others
+# wait in the next step's all-reduce: NCCL's default of 10 minutes is too short for a large dev split on a 70B.
+DEFAULT_TIMEOUT_S = 3600
+TIMEOUT_ENV = "GPART_DIST_TIMEOUT"
+
+
+def timeout() -> timedelta:
+    """The process group's timeout: `GPART_DIST_TIMEOUT` seconds, or an hour."""
+    raw = os.environ.get(TIMEOUT_ENV, str(DEFAULT_TIMEOUT_S))
+    try:
+        seconds = int(raw)
+    except ValueError:
+        seconds = 0
+    if seconds <= 0:
+        raise GpartError(f"{TIMEOUT_ENV}={raw!r}: give the collective timeout in whole seconds (e.g. 7200)")
+    return timedelta(seconds=seconds)
+
+
 def world() -> tuple[int, int]:
     """(rank, world size), initialising the process group when launched by torchrun (WORLD_SIZE > 1)."""
     size = int(os.environ.get("WORLD_SIZE", "1"))
     if size <= 1:
         return 0, 1
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=timeout())
     return dist.get_rank(), dist.get_world_size()
 
 
@@ -45,13 +66,12 @@ def _comm_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
-def mean(value: float, device: torch.device) -> float:
-    """The mean of `value` over ranks (the value itself without a process group)."""
-    if not dist.is_initialized():
-        return value
-    t = torch.tensor([value], dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return float(t) / dist.get_world_size()
+def mean_(value: torch.Tensor) -> torch.Tensor:
+    """`value` replaced in place by its mean over ranks (left as it is without a process group); no host sync."""
+    if dist.is_initialized():
+        dist.all_reduce(value)
+        value /= dist.get_world_size()
+    return value
 
 
 def average_gradients(params: list[torch.Tensor]) -> None:
@@ -104,19 +124,35 @@ def from_rank0(read: Callable[[], dict[str, bytes]]) -> dict[str, bytes]:
     return out
 
 
-def wrap(model: torch.nn.Module, device: torch.device, mode: str = "ddp", method: str = "gpart") -> torch.nn.Module:
-    """The module to call for training: DDP around `model`, `model` sharded in place (FSDP), or `model` itself."""
+def wrap(model: torch.nn.Module, device: torch.device, mode: str = "ddp", method: str = "gpart",
+         weights: dict | None = None) -> torch.nn.Module:
+    """The module to call for training: DDP around `model`, `model` sharded in place (FSDP; `weights`: see
+    `fsdp.shard`), or `model` itself."""
     if not dist.is_initialized():
         return model
     if mode == "fsdp":
         from .fsdp import shard
 
-        return shard(model, device, method)
+        return shard(model, device, method, weights)
     from torch.nn.parallel import DistributedDataParallel
 
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
-def shutdown() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
+def shutdown(ok: bool = False) -> None:
+    """Leave the process group (the caller has dropped its model and optimizer).
+
+    After a run that went right every rank first meets the others at a barrier, monitored under gloo (a rank that
+    is gone is named instead of waited for), and frees what FSDP still holds: destroying the group while another
+    rank's gloo threads still use it, or while tensors that hold its work are alive, aborts the process at exit
+    ("terminate called without an active exception"). After an error no barrier: the other ranks may never come.
+    """
+    if not dist.is_initialized():
+        return
+    if ok:
+        if dist.get_backend() == "gloo":
+            dist.monitored_barrier(timeout=timeout())
+        else:
+            dist.barrier()
+    gc.collect()
+    dist.destroy_process_group()

@@ -14,6 +14,12 @@
   layer's own global index range. Outside, weights are DTensor shards that no GPart code reads.
 - An unmerged GPart layer builds W_eff for each call and keeps no copy of it after (in eval as in training), so
   nothing unsharded outlives its block's forward.
+- Placement (torch's FSDP2 pattern of meta init, `to_empty`, then a rank-0 broadcast): rank 0 loads the checkpoint
+  on the CPU; the other ranks build the same model with every parameter on the meta device (no memory). Each rank
+  shards its model, the meta ranks allocate only their shards (`to_empty`), and rank 0 broadcasts the weights one
+  tensor at a time; each rank keeps its slice (`set_model_state_dict(broadcast_from_rank0=True)`). Per GPU: the
+  shards, plus one whole tensor in flight; in host memory: one copy of the model on rank 0's node. (Loading on the
+  CPU on every rank and sharding would hold a copy per rank: 8 x 140 GB of host memory for a 70B model in bf16.)
 """
 
 from __future__ import annotations
@@ -23,9 +29,21 @@ from torch import nn
 
 from ..errors import GpartError
 from ..layer import is_quantized
+from ..versions import release
 
 # Methods whose result is small enough to be written from replicated tensors (full/linear_probe save every weight).
 FSDP_METHODS = ("gpart", "lora", "unilora")
+# fully_shard became public in torch 2.6 and took ignored_params (θ and the heads stay whole) in 2.7.
+FSDP_TORCH = "2.7"
+
+
+def check_torch(version: str | None = None) -> None:
+    """Refuse `train.distributed: fsdp` on a torch without what `shard` calls, naming the version and the fix."""
+    version = version or torch.__version__
+    if release(version) < release(FSDP_TORCH):
+        raise GpartError(f"train.distributed: fsdp needs torch>={FSDP_TORCH} (fully_shard with ignored_params); "
+                         f"torch {version} is installed. Upgrade it (pip install -U 'torch>={FSDP_TORCH}') or use "
+                         f"train.distributed: ddp")
 
 
 def blocks(model: nn.Module) -> list[nn.Module]:
@@ -67,20 +85,25 @@ def _check(model: nn.Module, method: str, units: list[nn.Module]) -> None:
                          f"nn.ModuleList of layers); use train.distributed: ddp")
 
 
-def shard(model: nn.Module, device: torch.device, method: str = "gpart") -> nn.Module:
+def shard(model: nn.Module, device: torch.device, method: str = "gpart", weights: dict | None = None) -> nn.Module:
     """Shard `model` in place over the default process group and return it (it is also the module to call).
 
     `model` may sit on the CPU: each unit is moved to `device` as it is sharded, so no rank ever holds the
-    whole model on its GPU.
+    whole model on its GPU. With `weights` (rank 0: its model's full state dict, taken before sharding; other ranks:
+    {}), the ranks other than 0 pass a model whose parameters are on the meta device, and every rank ends with
+    rank 0's weights in its shards (see the module docstring).
     """
     from torch.distributed.fsdp import fully_shard
 
+    check_torch()
     units = blocks(model)
     _check(model, method, units)
     keep = replicated(model)
     with torch.no_grad():
         for p in keep:  # FSDP moves what it shards; quantized weights were placed on the GPU at load
-            if p.device != device:
+            if p.is_meta:  # a skeleton's head or LoRA factor: storage here, the same Parameter (the optimizer's)
+                torch.utils.swap_tensors(p, nn.Parameter(torch.empty_like(p, device=device), p.requires_grad))
+            elif p.device != device:
                 p.data = p.data.to(device)
     for unit in [*units, *_embeddings(model)]:
         if any(p not in keep for p in unit.parameters()):
@@ -89,4 +112,31 @@ def shard(model: nn.Module, device: torch.device, method: str = "gpart") -> nn.M
     # (an evaluation) leaves it gathered until something reshards it, and a `state_dict()` that rank 0 alone
     # calls while saving (PEFT does) would put the ranks out of step at the next forward.
     fully_shard(model, ignored_params=keep, reshard_after_forward=True)
+    if weights is not None:
+        _materialise(model, device)
+        _load_from_rank0(model, weights)
     return model
+
+
+def _materialise(model: nn.Module, device: torch.device) -> None:
+    """Give the meta parameters (this rank's shards, meta replicated ones) uninitialised storage on `device`.
+
+    `to_empty` renews every tensor, so the real ones (buffers such as rotary frequencies, which no checkpoint
+    holds, and θ) are kept aside and put back.
+    """
+    if not any(p.is_meta for p in model.parameters()):
+        return  # rank 0: its model is real
+    real = {name: t.detach().clone() for name, t in [*model.named_parameters(), *model.named_buffers()]
+            if not t.is_meta}
+    model.to_empty(device=device)
+    tensors = dict([*model.named_parameters(), *model.named_buffers()])
+    with torch.no_grad():
+        for name, value in real.items():
+            tensors[name].copy_(value)
+
+
+def _load_from_rank0(model: nn.Module, weights: dict) -> None:
+    """Every rank's shards (and replicated tensors) from rank 0's full state dict, one tensor at a time."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))

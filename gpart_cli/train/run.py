@@ -37,10 +37,14 @@ def run(recipe: Recipe, out: Path, *, resume: bool = False, overwrite: bool = Fa
     # Every rank reads the dir and reaches the same decision (a refusal too) before anything is loaded.
     plan = None if dry_run else run_dir.plan(out, recipe, resume=resume, overwrite=overwrite)
     trainer = Trainer(recipe, out, console, resume=bool(plan and plan.resume), device=device)
+    ok = False
     try:
-        return _run(trainer, recipe, out, plan, console)
+        results = _run(trainer, recipe, out, plan, console)
+        ok = True
+        return results
     finally:
-        distributed.shutdown()  # on errors too: a process that exits with its process group open aborts
+        trainer.release()
+        distributed.shutdown(ok)  # on errors too: a process that exits with its process group open aborts
 
 
 def _run(trainer: Trainer, recipe: Recipe, out: Path, plan: run_dir.RunDirPlan | None,
@@ -68,7 +72,7 @@ def _run(trainer: Trainer, recipe: Recipe, out: Path, plan: run_dir.RunDirPlan |
         console.print(f"\n[yellow]interrupted[/]: checkpoint saved. Resume with:\n  gpart train "
                       f"{out / 'recipe.yaml'} --output {out} --resume")
         raise
-    if not trainer.main and not trainer.fsdp:  # under DDP rank 0 finishes alone; under FSDP every rank takes part
+    if not trainer.main and not trainer.all_evaluate:  # rank 0 finishes alone, unless every rank evaluates
         return None
     results = trainer.finish()
     if not trainer.main:

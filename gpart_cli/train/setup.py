@@ -9,7 +9,8 @@ import torch
 from ..data.glue import build_glue_splits, glue_task
 from ..data.splits import Splits
 from ..errors import GpartError
-from ..loading import ModelSource, build_from_config, config_from_dict, load_model, load_tokenizer, resolve
+from ..loading import (ModelSource, build_from_config, config_from_dict, load_model, load_skeleton, load_tokenizer,
+                       resolve, skeleton_from_config)
 from ..pooling import apply_pooling
 from ..recipe import Recipe
 
@@ -36,8 +37,13 @@ def model_source(recipe: Recipe) -> ModelSource:
                        trust_remote_code=m.trust_remote_code, gguf_file=m.gguf_file, quantization=m.quantization)
 
 
-def _model(recipe: Recipe, task_type: str, num_labels=None, labels=None, device=None):
+def _model(recipe: Recipe, task_type: str, num_labels=None, labels=None, device=None, weights=True):
     torch.manual_seed(recipe.train.seed)  # a fresh head (or a config-built model) is seeded too
+    if not weights:  # parameters on the meta device (FSDP ranks that receive theirs from rank 0)
+        if recipe.model.config is None:
+            return load_skeleton(model_source(recipe), task_type, num_labels, labels)
+        config = build_from_config(recipe.model.config, task_type, num_labels, labels, config_only=True)
+        return skeleton_from_config(config, task_type)
     if recipe.model.config is not None:
         return build_from_config(recipe.model.config, task_type, num_labels, labels)
     return load_model(model_source(recipe), task_type, num_labels, labels, device)
@@ -59,8 +65,9 @@ def _vision_config(recipe: Recipe):
     return AutoConfig.from_pretrained(path, revision=source.revision), processor
 
 
-def build(recipe: Recipe, device: torch.device | None = None) -> Setup:
-    """Model (loaded onto `device`), tokenizer and splits for the recipe's task family."""
+def build(recipe: Recipe, device: torch.device | None = None, weights: bool = True) -> Setup:
+    """Model (loaded onto `device`; without `weights`, its parameters on the meta device), tokenizer and splits for
+    the recipe's task family."""
     family, data, seed = recipe.data.family, recipe.data, recipe.train.seed
     task_type = TASK_TYPE[family]
     if recipe.model.pooling != "cls" and family != "glue":
@@ -70,7 +77,7 @@ def build(recipe: Recipe, device: torch.device | None = None) -> Setup:
         task = glue_task(data.task)
         tokenizer = load_tokenizer(model_source(recipe))
         splits = build_glue_splits(data, tokenizer, seed)
-        model = apply_pooling(_model(recipe, task_type, task.num_labels, list(task.labels) or None, device),
+        model = apply_pooling(_model(recipe, task_type, task.num_labels, list(task.labels) or None, device, weights),
                               recipe.model.pooling)
     elif family == "vision":
         from ..data.vision import build_vision_splits
@@ -78,7 +85,7 @@ def build(recipe: Recipe, device: torch.device | None = None) -> Setup:
         tokenizer = None
         config, processor = _vision_config(recipe)
         splits = build_vision_splits(data, config, seed, processor)
-        model = _model(recipe, task_type, splits.num_labels, splits.labels, device)
+        model = _model(recipe, task_type, splits.num_labels, splits.labels, device, weights)
     elif family == "sft":
         from ..data.sft import build_sft_splits
 
@@ -86,7 +93,7 @@ def build(recipe: Recipe, device: torch.device | None = None) -> Setup:
             raise GpartError("data.family sft needs model.name_or_path for the tokenizer")
         tokenizer = load_tokenizer(model_source(recipe))
         splits = build_sft_splits(data, tokenizer, seed)
-        model = _model(recipe, task_type, device=device)
+        model = _model(recipe, task_type, device=device, weights=weights)
     else:
         raise GpartError(f"unknown data.family {family!r}")
     if getattr(model.config, "pad_token_id", None) is None and tokenizer is not None:

@@ -51,12 +51,19 @@ class Trainer:
         self.rank, self.world = distributed.world()
         self.main = self.rank == 0
         self.fsdp = self.world > 1 and recipe.train.distributed == "fsdp"  # every forward is collective
+        # Whether every rank takes part in the before/after evaluation: under FSDP (forwards are collective) and for
+        # a generation eval under DDP (each rank decodes its share of the prompts); else rank 0 evaluates alone.
+        self.all_evaluate = self.fsdp or (self.world > 1 and recipe.data.family == "sft" and bool(recipe.eval.task))
         # Under torchrun each rank owns its local GPU; alone, --device decides (default: cuda when available).
         self.device = distributed.local_device() if self.world > 1 else resolve_device(device)
         if self.world > 1 and device not in (None, "auto") and resolve_device(device).type != self.device.type:
             raise GpartError(f"--device {device}: under torchrun each process uses its local device "
                              f"({self.device.type}); drop --device")
         self.autocast_dtype = autocast_dtype(recipe.train.precision, self.device)
+        if self.fsdp:
+            from .fsdp import check_torch
+
+            check_torch()  # before anything is loaded
 
     # ---- setup ---------------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -65,15 +72,21 @@ class Trainer:
         if self.device.type == "cpu":
             cpu_alloc.keep_freed_memory()  # no page faults on every step's tensors (see cpu_alloc)
         torch.manual_seed(t.seed)
-        self.s: Setup = build(r, self.device)
+        # Under FSDP rank 0 loads the checkpoint on the CPU and the other ranks build the model on the meta device;
+        # sharding places each rank's slice on its GPU and fills it from rank 0 (`fsdp`). A quantized base is
+        # placed at load on every rank (its weights stay whole under FSDP anyway).
+        from_rank0 = self.fsdp and r.model.quantization is None
+        self.s: Setup = build(r, torch.device("cpu") if from_rank0 else self.device,
+                              weights=self.main or not from_rank0)
         prepared = prepare(self.s.model, r.method, t, self.s.task_type)
         quantized = getattr(prepared.model, "hf_quantizer", None) is not None  # placed at load, cannot .to()
-        # FSDP moves the model to the GPU one shard at a time.
+        weights = (prepared.model.state_dict() if self.main else {}) if from_rank0 else None
         self.model = prepared.model if quantized or self.fsdp else prepared.model.to(self.device)
         if t.gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         # DDP under torchrun (evals use self.model); FSDP shards self.model in place.
-        self.forward_model = distributed.wrap(self.model, self.device, t.distributed, r.method.name)
+        self.forward_model = distributed.wrap(self.model, self.device, t.distributed, r.method.name, weights)
+        del weights  # rank 0's whole CPU copy of the weights
         self.params = [p for g in prepared.groups for p in g["params"]]
         self.optimizer = torch.optim.AdamW(prepared.groups, betas=(0.9, 0.999), eps=1e-8)
         n = len(self.s.splits.train)
@@ -138,10 +151,13 @@ class Trainer:
                                        f"gpart eval --task {e.task} --adapter {self.out} --backend vllm")
                 return None, []
             from ..evaluation.tasks import load_task_rows, run_generation
+            from ..model import merged_for_decoding
 
             rows = load_task_rows(e.task, e.files, e.split, e.limit)
-            return run_generation(e.task, self.model, self.s.tokenizer, rows, e.batch_size, e.max_new_tokens,
-                                  self.console, self.autocast_dtype)
+            # Decoded merged (W_eff built once, not per token); training resumes on the unmerged layers.
+            with merged_for_decoding(self.model):
+                return run_generation(e.task, self.model, self.s.tokenizer, rows, e.batch_size, e.max_new_tokens,
+                                      self.console, self.autocast_dtype, part=(self.rank, self.world))
         if self.s.splits.eval is None:
             return None, []
         preds, refs = classify.predict(self.model, self.s.splits.eval, self.s.splits.collate, e.batch_size,
@@ -181,17 +197,22 @@ class Trainer:
 
     def _train_step(self, step: int) -> tuple[float, float]:
         t = self.recipe.train
-        total = 0.0
+        # Summed on the device (float64: Python's float arithmetic): no host sync per micro-batch.
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
         for micro, batch, weight in self.step_batches(step):
             # ΔW dropout keyed by the global micro-batch: the same masks on resume and on every world size
             set_dropout_key(self.model, t.seed, micro)
             with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
                 loss = self.forward_model(**batch).loss * weight / t.grad_accum
             loss.backward()
-            total += float(loss.detach())
-        total = distributed.mean(total, self.device)  # same value on every rank: they stop or skip together
+            total += loss.detach()
+        distributed.mean_(total)  # same value on every rank: they stop or skip together
         if self.fsdp:
             distributed.average_gradients(self.params)  # θ and heads are replicated, outside FSDP
+        # The norm is taken before the loss is looked at, so that one copy brings both to the host: one sync per
+        # step. A non-finite step throws its (clipped) gradients away below.
+        norm = torch.nn.utils.clip_grad_norm_(self.params, t.max_grad_norm or float("inf"))
+        total, norm = torch.stack([total, norm.to(total)]).tolist()
         if not math.isfinite(total):
             self.optimizer.zero_grad(set_to_none=True)
             if t.on_nan == "stop":
@@ -202,11 +223,10 @@ class Trainer:
             self.console.print(f"[yellow]warning:[/] loss {total} at step {step + 1}: step skipped (train.on_nan: skip)")
             self.scheduler.step()  # keep the schedule aligned with the step count
             return total, float("nan")
-        norm = torch.nn.utils.clip_grad_norm_(self.params, t.max_grad_norm or float("inf"))
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return total, float(norm)
+        return total, norm
 
     def _checkpoint(self, step: int) -> None:
         if not self.main:
@@ -245,7 +265,7 @@ class Trainer:
             if self.main:
                 self._truncate_log(start)
                 self.console.print(f"resuming {self.out} at step {start}/{self.total_steps}")
-        elif t.eval_before and (self.main or self.fsdp):
+        elif t.eval_before and (self.main or self.all_evaluate):
             self.state["before"], _ = self.evaluate_report()
         self.model.train()
         samples = t.batch_size * t.grad_accum
@@ -267,15 +287,21 @@ class Trainer:
         self._checkpoint(self.total_steps)
         distributed.barrier()
 
+    def release(self) -> None:
+        """Drop the model, optimizer and data (before the process group is destroyed: FSDP's tensors hold it)."""
+        for name in ("forward_model", "model", "optimizer", "scheduler", "params", "s"):
+            self.__dict__.pop(name, None)
+
     # ---- finishing -----------------------------------------------------------------------------------
     def finish(self) -> dict:
         """Restore the best dev checkpoint, save the result, score the eval split; returns results.json.
 
-        Under FSDP every rank calls it (forwards are collective); only rank 0 writes, and the others get {}.
+        Under FSDP, and for a generation eval, every rank calls it (`all_evaluate`); only rank 0 writes, and the
+        others get {}.
         """
         best = self.out / "checkpoints" / "best" / "trainable.safetensors"
         read = lambda: {"best": best.read_bytes()} if best.is_file() else {}  # noqa: E731
-        files = distributed.from_rank0(read) if self.fsdp else read()  # under FSDP every rank finishes
+        files = distributed.from_rank0(read) if self.all_evaluate else read()  # every rank finishes
         if files:
             from safetensors.torch import load
 

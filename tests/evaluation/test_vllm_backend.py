@@ -269,3 +269,50 @@ def test_vllm_runs_in_the_precision_the_run_trained_in():
     assert vllm_backend.vllm_dtype(Precision("bfloat16")) == "bfloat16"
     assert vllm_backend.vllm_dtype(Precision("float32")) == "float32"
     assert vllm_backend.vllm_dtype(Precision("auto")) == "auto"  # a plain model on a GPU: its checkpoint's dtype
+
+
+def test_the_adapter_is_merged_on_the_eval_device_in_vllms_dtype_into_merged_dir(install, adapter, llama_dir,
+                                                                                tmp_path, monkeypatch):
+    import gpart_cli.export as export
+
+    merges, real = [], export.merge_to_dir
+    monkeypatch.setattr(export, "merge_to_dir", lambda *a: merges.append(a[3:]) or real(*a))
+    fake = install(lambda engine, ids, params: [1])
+    out = tmp_path / "kept" / "merged"
+    res, _ = _eval(tmp_path, "--adapter", str(adapter), "--model", str(llama_dir), "--backend", "vllm", "--dtype",
+                   "bfloat16", "--device", "cpu", "--merged-dir", str(out), limit="1")
+    assert res.exit_code == 0, res.output
+    assert merges == [("bfloat16", False, torch.device("cpu"))]  # --dtype and --device, not $TMPDIR in float32
+    (engine,) = fake.engines
+    assert engine.kwargs["model"] == str(out) and engine.kwargs["dtype"] == "bfloat16"
+    config = json.loads((out / "config.json").read_text())  # kept after decoding, in the dtype vLLM runs
+    assert config.get("dtype", config.get("torch_dtype")) == "bfloat16"
+    res, _ = _eval(tmp_path, "--adapter", str(adapter), "--model", str(llama_dir), "--backend", "vllm",
+                   "--merged-dir", str(out), limit="1")
+    assert res.exit_code == 2 and "--merged-dir" in res.output and "already holds files" in res.output
+
+
+@pytest.mark.parametrize("named", [False, True])
+def test_a_merge_that_cannot_fit_on_disk_is_refused_before_it_starts(install, adapter, llama_dir, tmp_path,
+                                                                     monkeypatch, named):
+    import shutil
+
+    fake = install(lambda engine, ids, params: [1])
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: SimpleNamespace(total=2**30, used=2**30, free=2**20))
+    extra = ["--merged-dir", str(tmp_path / "m")] if named else []
+    res, _ = _eval(tmp_path, "--adapter", str(adapter), "--model", str(llama_dir), "--backend", "vllm", *extra,
+                   limit="1")
+    assert res.exit_code == 2 and fake.engines == [] and not (tmp_path / "m").exists()
+    message = " ".join(res.output.split())
+    from transformers import AutoModelForCausalLM
+
+    count = AutoModelForCausalLM.from_pretrained(llama_dir).num_parameters()
+    assert f"about {count * 4 / 2**30:.1f} GiB ({count:,} parameters in float32)" in message
+    assert "which has 0.0 GiB free" in message
+    hint = "name a --merged-dir on a disk with room" if named else "pass --merged-dir DIR on a disk with room"
+    assert hint in message
+
+
+def test_merged_dir_without_vllm_is_a_user_error(tmp_path, llama_dir):
+    res, _ = _eval(tmp_path, "--model", str(llama_dir), "--merged-dir", str(tmp_path / "m"))
+    assert res.exit_code == 2 and "--merged-dir names where --backend vllm merges" in " ".join(res.output.split())
