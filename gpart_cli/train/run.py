@@ -37,6 +37,9 @@ def run(recipe: Recipe, out: Path, *, resume: bool = False, overwrite: bool = Fa
     trainer = Trainer(recipe, out, console, resume=resume, device=device)
     try:
         return _run(trainer, recipe, out, resume, overwrite, dry_run, console)
+    except BaseException as e:
+        trainer.tracking.close("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+        raise
     finally:
         distributed.shutdown()  # on errors too: a process that exits with its process group open aborts
 
