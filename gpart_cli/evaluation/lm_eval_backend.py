@@ -65,14 +65,37 @@ def scores_of(results: dict) -> dict:
 
 
 def records_of(samples: dict) -> list[dict]:
-    """One predictions record per scored document: task, doc id, target, the model's filtered responses, metrics."""
+    """One predictions record per scored document: task, doc id, the prompt (its first request's context), target,
+    the model's filtered responses (log-likelihoods or generations) and the document's metrics."""
     records = []
     for task, docs in samples.items():
         for s in docs:
+            arguments = s.get("arguments") or [[None]]
             metrics = {m: s[m] for m in s.get("metrics", []) if m in s}
-            records.append({"task": task, "idx": s.get("doc_id"), "target": s.get("target"),
-                            "responses": s.get("filtered_resps"), **metrics})
+            records.append({"task": task, "idx": s.get("doc_id"), "filter": s.get("filter"), "prompt": arguments[0][0],
+                            "target": s.get("target"), "responses": s.get("filtered_resps"), **metrics})
     return records
+
+
+def task_manager(tasks: list[str], include: list[Path] | None):
+    """The harness's TaskManager that knows `tasks`: the --lm-eval-include dirs alone when they define them all (the
+    harness's ~15,000 built-in definitions take a minute to index), else those dirs and the built-in tasks."""
+    from lm_eval.tasks import TaskManager
+
+    missing = [str(p) for p in include or [] if not Path(p).is_dir()]
+    if missing:
+        raise GpartError(f"--lm-eval-include {', '.join(missing)}: not a directory of task YAML files")
+    paths = [str(p) for p in include or []] or None
+    if paths:
+        own = TaskManager(include_path=paths, include_defaults=False)
+        if all(t in own.all_tasks for t in tasks):
+            return own
+    manager = TaskManager(include_path=paths)
+    unknown = [t for t in tasks if t not in manager.all_tasks]
+    if unknown:
+        raise GpartError(f"--lm-eval: unknown task {', '.join(unknown)}; `lm-eval ls tasks` lists the harness's, "
+                         f"and --lm-eval-include DIR adds task YAMLs of your own")
+    return manager
 
 
 def _model(req, device, precision):
@@ -86,19 +109,11 @@ def _model(req, device, precision):
 
 def evaluate(req, tasks: list[str], num_fewshot: int | None = None, include: list[Path] | None = None) -> dict:
     """Run the harness's `tasks` on the model `req` names; write the scores JSON and predictions; return the doc."""
+    check(req)
     lm_eval = _lm_eval()
     from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
 
-    check(req)
-    missing = [str(p) for p in include or [] if not Path(p).is_dir()]
-    if missing:
-        raise GpartError(f"--lm-eval-include {', '.join(missing)}: not a directory of task YAML files")
-    manager = TaskManager(include_path=[str(p) for p in include] if include else None)
-    unknown = [t for t in tasks if t not in manager.all_tasks]
-    if unknown:
-        raise GpartError(f"--lm-eval: unknown task {', '.join(unknown)}; `lm-eval ls tasks` lists the harness's, "
-                         f"and --lm-eval-include DIR adds task YAMLs of your own")
+    manager = task_manager(tasks, include)
     device = resolve_device(req.device)
     precision = eval_precision(device, scored(req.adapter).recipe, req.dtype)
     model, tokenizer = _model(req, device, precision)
