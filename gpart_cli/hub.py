@@ -40,7 +40,7 @@ A [GPart](https://arxiv.org/abs/2605.14841) adapter{% if base %} for [{{ base }}
 |---|---:|---:|
 {% for name, before, after in rows %}| {{ name }} | {{ before }} | {{ after }} |
 {% endfor %}
-Scores on the eval split of the recipe (`results.json`); "before" is the base model with its untrained head.
+Scores on the recipe's eval split (`results.json`): "before" is the model as training started, "after" the adapter.
 
 ## Use it
 
@@ -58,7 +58,7 @@ import gpart_cli as gpart
 from huggingface_hub import hf_hub_download
 from transformers import {{ auto_class }}
 
-model = {{ auto_class }}.from_pretrained("{{ base or "BASE_MODEL" }}")
+model = {{ auto_class }}.from_pretrained("{{ base or "BASE_MODEL" }}"{% if num_labels %}, num_labels={{ num_labels }}{% endif %})
 model = gpart.load(model, hf_hub_download("{{ repo }}", "adapter.gpart"))   # W = W0 + Pθ, computed on the fly
 merged = gpart.merge(model)                                                  # or fold it into the weights
 ```
@@ -129,7 +129,7 @@ def _fmt(value) -> str:
     return "-" if value is None else (f"{value:.4f}" if isinstance(value, float) else str(value))
 
 
-def model_card(repo: str, results: dict, recipe: dict, adapter_file: bool):
+def model_card(repo: str, results: dict, recipe: dict, adapter_file: bool, num_labels: int | None = None):
     """The model card of a pushed run: Hub metadata and a README with the results table and usage."""
     from huggingface_hub import ModelCard, ModelCardData
 
@@ -142,14 +142,15 @@ def model_card(repo: str, results: dict, recipe: dict, adapter_file: bool):
     tags = ["gpart", "peft", method.get("name") or "gpart", data.get("family") or "", results.get("task") or ""]
     data_card = ModelCardData(base_model=base, library_name="gpart", pipeline_tag=_PIPELINE[task_type],
                               tags=[t for t in dict.fromkeys(tags) if t])
-    eval_task = (recipe.get("eval") or {}).get("task") or results.get("task") or "TASK"
+    eval_task = (recipe.get("eval") or {}).get("task") or \
+        (results.get("task") if data.get("family") != "sft" else None) or "TASK"  # sft/NAME is no eval task
     return ModelCard.from_template(data_card, template_str="---\n{{ card_data }}\n---\n" + CARD, repo=repo,
                                    base=base, base_local=None if base else model.get("name_or_path"),
                                    task=results.get("task"), method=method.get("name"),
                                    d=f"{method['d']:,}" if method.get("name") == "gpart" and method.get("d") else None,
                                    params=f"{results.get('trainable_params', 0):,}", steps=results.get("steps"),
                                    rows=rows, eval_task=eval_task, adapter_file=adapter_file,
-                                   auto_class=_AUTO_CLASS[task_type])
+                                   auto_class=_AUTO_CLASS[task_type], num_labels=num_labels)
 
 
 def push(run: str | Path, repo: str, private: bool = False) -> str:
@@ -161,7 +162,12 @@ def push(run: str | Path, repo: str, private: bool = False) -> str:
         raise GpartError(f"--repo {repo!r} should be a Hub repo id: user/name or org/name")
     results, recipe = _read_run(run)
     result = _result(run, results)
-    card = model_card(repo, results, recipe, adapter_file=result.name == ADAPTER_FILE)
+    num_labels = None
+    if result.name == ADAPTER_FILE:
+        from .artifact import read_artifact
+
+        num_labels = (read_artifact(result).meta.get("task") or {}).get("num_labels")
+    card = model_card(repo, results, recipe, adapter_file=result.name == ADAPTER_FILE, num_labels=num_labels)
     if get_token() is None:
         raise GpartError(f"gpart push {repo}: no Hugging Face token; {LOGIN}")
     api = HfApi()
