@@ -32,7 +32,12 @@ _PIPELINE = {"sequence_classification": "text-classification", "causal_lm": "tex
 CARD = """
 # {{ repo }}
 
-A [GPart](https://arxiv.org/abs/2605.14841) adapter{% if base %} for [{{ base }}](https://huggingface.co/{{ base }}){% elif base_local %} for `{{ base_local }}`{% endif %}, trained with [gpart](https://pypi.org/project/gpart/) on {{ task }} ({{ method }}{% if d %}, one vector θ of d = {{ d }} values{% endif %}; {{ params }} trainable parameters, {{ steps }} steps).
+A [GPart](https://arxiv.org/abs/2605.14841) adapter
+{%- if base %} for [{{ base }}](https://huggingface.co/{{ base }})
+{%- elif base_local %} for `{{ base_local }}`{% endif %},
+trained with [gpart](https://pypi.org/project/gpart/) on {{ task }}
+({{ method }}{% if d %}, one vector θ of d = {{ d }} values{% endif %}; {{ params }} trainable parameters,
+{{ steps }} steps).
 
 ## Results
 
@@ -58,7 +63,8 @@ import gpart_cli as gpart
 from huggingface_hub import hf_hub_download
 from transformers import {{ auto_class }}
 
-model = {{ auto_class }}.from_pretrained("{{ base or "BASE_MODEL" }}"{% if num_labels %}, num_labels={{ num_labels }}{% endif %})
+model = {{ auto_class }}.from_pretrained("{{ base or "BASE_MODEL" }}"
+{%- if num_labels %}, num_labels={{ num_labels }}{% endif %})
 model = gpart.load(model, hf_hub_download("{{ repo }}", "adapter.gpart"))   # W = W0 + Pθ, computed on the fly
 merged = gpart.merge(model)                                                  # or fold it into the weights
 ```

@@ -69,7 +69,8 @@ def test_a_missing_tracker_library_is_named_with_the_install_command(monkeypatch
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(yaml.safe_dump({"model": {"name_or_path": "x"}, "train": {"report_to": ["tensorboard", "wandb"]}}))
+    raw = {"model": {"name_or_path": "x"}, "train": {"report_to": ["tensorboard", "wandb"]}}
+    recipe.write_text(yaml.safe_dump(raw))
     res = runner.invoke(app, ["train", str(recipe), "--output", str(tmp_path / "run")])
     assert res.exit_code == 2
     assert "train.report_to names wandb, which is not installed: pip install 'gpart[track]'" in res.output

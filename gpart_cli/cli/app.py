@@ -150,8 +150,8 @@ def evaluate(task: Annotated[Optional[str], typer.Option(help="glue/<task>, visi
     if (task is None) == (lm_eval is None):
         raise GpartError("give either --task or --lm-eval TASKS" if task is None else
                          "--lm-eval runs harness tasks in place of --task; run them as two commands")
-    req = EvalRequest(task=task or "lm-eval", adapter=adapter_path(adapter), model=model, data=data, split=split, limit=limit,
-                      batch_size=batch_size, max_new_tokens=max_new_tokens, predictions=predictions, output=output,
+    req = EvalRequest(task=task or "lm-eval", adapter=adapter_path(adapter), model=model, data=data, split=split,
+                      limit=limit, batch_size=batch_size, max_new_tokens=max_new_tokens, predictions=predictions, output=output,
                       trust_remote_code=trust_remote_code, gguf_file=gguf_file, device=device, dtype=dtype,
                       backend=backend, tensor_parallel_size=tensor_parallel_size)
     err_console.print(f"evaluating {task or lm_eval} …")  # generation tasks show their own progress bar

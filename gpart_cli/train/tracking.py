@@ -1,7 +1,7 @@
 """Experiment tracking: what metrics.jsonl records, also sent to TensorBoard, Weights & Biases and MLflow.
 
 `train.report_to: [tensorboard, wandb, mlflow]` (default: none; metrics.jsonl is always written). Each backend is its
-own library, imported only when named. Only rank 0 reports. A new run logs the resolved recipe once; every
+own library, imported only when named. Only rank 0 reports. A new tracker run logs the resolved recipe once; every
 metrics.jsonl record follows under `train/...` and `dev/...`, and the eval split's scores under `eval/...` at step 0
 (before training) and at the last step (after).
 
@@ -64,7 +64,7 @@ def numbers(values: dict | None, prefix: str) -> dict[str, float]:
 
 
 def metrics_of(record: dict) -> dict[str, float]:
-    """A metrics.jsonl record as tracker metrics: {"step", "loss", ...} -> train/loss, {"step", "dev": {..}} -> dev/.."""
+    """A metrics.jsonl record as tracker metrics: {"step", "loss", ...} -> train/loss, {"dev": {...}} -> dev/..."""
     if "dev" in record:
         return numbers(record["dev"], "dev")
     return numbers({k: v for k, v in record.items() if k != "step"}, "train")
@@ -74,8 +74,9 @@ class _TensorBoard:
     def __init__(self, out: Path, recipe: dict, resume_step: int | None, ids: dict) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
+        fresh = not (out / "tensorboard").is_dir()  # a tracker first named on a --resume logs the recipe too
         self.writer = SummaryWriter(log_dir=str(out / "tensorboard"), purge_step=resume_step)
-        if resume_step is None:
+        if fresh:
             self.writer.add_text("recipe", "```yaml\n" + yaml.safe_dump(recipe, sort_keys=False) + "```", 0)
 
     def log(self, metrics: dict[str, float], step: int) -> None:
@@ -94,7 +95,7 @@ class _WandB:
         resumed = {"id": ids["wandb"], "resume": "allow"} if ids.get("wandb") else {}
         self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "gpart"), name=recipe.get("name"),
                               dir=os.environ.get("WANDB_DIR") or str(out),
-                              config=recipe if resume_step is None else None, **resumed)
+                              config=None if resumed else recipe, **resumed)
         ids["wandb"] = self.run.id
 
     def log(self, metrics: dict[str, float], step: int) -> None:
@@ -118,7 +119,6 @@ class _MLflow:
             experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(name)
             self.run_id = self.client.create_run(experiment_id, run_name=recipe.get("name")).info.run_id
             ids["mlflow"] = self.run_id
-        if resume_step is None:
             self._log_recipe(recipe)
 
     def _log_recipe(self, recipe: dict) -> None:
