@@ -151,3 +151,23 @@ def test_every_tracker_gets_every_metric_and_resume_continues_the_same_run(tiny_
     for name, series in expected.items():
         assert history[name] == series, name
     assert configs[0]["method"]["d"] == 256 and "method" not in configs[1]
+
+
+def test_tensorboard_resume_drops_points_past_the_checkpoint_and_logs_the_recipe_once(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    recipe = {"name": "r", "method": {"d": 8}}
+    first = tracking.start(["tensorboard"], tmp_path, recipe, None)
+    for step, loss in ((3, 1.0), (6, 0.5), (9, 0.25)):  # step 9 was logged after the last checkpoint (6)
+        first.log({"step": step, "loss": loss})
+    first.close("KILLED")
+    second = tracking.start(["tensorboard"], tmp_path, recipe, 6)  # --resume from step 6
+    for step, loss in ((9, 0.75), (12, 0.125)):
+        second.log({"step": step, "loss": loss})
+    second.close()
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert {e.step: e.value for e in events.Scalars("train/loss")} == {3: 1.0, 6: 0.5, 9: 0.75, 12: 0.125}
+    assert [t for t in events.Tags()["tensors"] if t.startswith("recipe")] == ["recipe/text_summary"]
+    assert len(events.Tensors("recipe/text_summary")) == 1
+    assert json.loads((tmp_path / tracking.IDS_FILE).read_text()) == {}

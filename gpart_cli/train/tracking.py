@@ -6,7 +6,7 @@ metrics.jsonl record follows under `train/...` and `dev/...`, and the eval split
 (before training) and at the last step (after).
 
 `--resume` continues the same run: the wandb and MLflow run ids are kept in the run dir (`tracking.json`), and
-TensorBoard reopens RUN/tensorboard with `purge_step` at the resumed step, so the steps a killed run logged after its
+TensorBoard reopens RUN/tensorboard with `purge_step` just past the resumed step, so the steps a killed run logged after its
 last checkpoint are dropped there as they are from metrics.jsonl. (wandb keeps them: it ignores steps it has seen.)
 
 Where the records go follows each library's own settings: WANDB_PROJECT (default "gpart"), WANDB_MODE, WANDB_DIR
@@ -75,7 +75,9 @@ class _TensorBoard:
         from torch.utils.tensorboard import SummaryWriter
 
         fresh = not (out / "tensorboard").is_dir()  # a tracker first named on a --resume logs the recipe too
-        self.writer = SummaryWriter(log_dir=str(out / "tensorboard"), purge_step=resume_step)
+        # Points past the checkpoint (logged before a kill) are dropped; the checkpoint's own step was done and stays.
+        purge = None if resume_step is None else resume_step + 1
+        self.writer = SummaryWriter(log_dir=str(out / "tensorboard"), purge_step=purge)
         if fresh:
             self.writer.add_text("recipe", "```yaml\n" + yaml.safe_dump(recipe, sort_keys=False) + "```", 0)
 
