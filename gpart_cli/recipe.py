@@ -24,6 +24,7 @@ PRECISIONS = ("auto", "fp32", "bf16")
 TRAIN_TRANSFORMS = ("random_resized_crop", "resize")   # vision: the authors' augmentation, or a plain resize
 EVAL_TRANSFORMS = ("center_crop", "resize")            # vision: resize the short side + center crop, or a plain resize
 DISTRIBUTED = ("ddp", "fsdp")
+REPORT_TO = ("tensorboard", "wandb", "mlflow", "none")  # experiment trackers (train/tracking.py)
 
 
 @dataclass(frozen=True)
@@ -103,6 +104,7 @@ class TrainSection:
     on_nan: str = "stop"                     # stop | skip
     distributed: str = "ddp"                 # under torchrun: ddp (model replicated) | fsdp (base weights sharded)
     deterministic: bool = False              # bit-reproducible GPU runs (deterministic algorithms; slower)
+    report_to: Optional[list] = None         # experiment trackers: tensorboard, wandb, mlflow (default none)
 
 
 @dataclass(frozen=True)
@@ -194,6 +196,12 @@ def _check_range(path: str, value: Any) -> None:
         raise GpartError(f"recipe field {path} = {value!r} must be >= 1")
     if path in _NON_NEGATIVE and value is not None and value < 0:
         raise GpartError(f"recipe field {path} = {value!r} must be >= 0")
+    if path == "train.report_to":
+        for item in value or []:
+            if item not in REPORT_TO:
+                hint = nearest(str(item), REPORT_TO)
+                raise GpartError(f"recipe field train.report_to: {item!r} is not one of {', '.join(REPORT_TO)}"
+                                 + (f" (did you mean {hint!r}?)" if hint else ""))
     if path in ("data.dev_fraction", "method.dropout") and not 0 <= value < 1:
         raise GpartError(f"recipe field {path} = {value!r} must be in [0, 1)")
 

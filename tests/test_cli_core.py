@@ -97,7 +97,7 @@ def test_inspect_of_a_corrupt_file_is_exit_code_2(tmp_path):
 
 def test_help_lists_every_command():
     result = runner.invoke(app, ["--help"])
-    for command in ("train", "eval", "merge", "inspect", "sweep-d"):
+    for command in ("train", "eval", "merge", "inspect", "push", "sweep-d"):
         assert command in result.output
 
 

@@ -43,13 +43,14 @@ Device = Annotated[Optional[str], typer.Option(help="auto | cpu | cuda | cuda:N 
 
 @app.command()
 @user_errors
-def inspect(adapter: Annotated[Path, typer.Argument(help="A .gpart adapter file.")],
+def inspect(adapter: Annotated[str, typer.Argument(help="A .gpart adapter file, or hf://user/name on the Hub.")],
             as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a table.")] = False):
     """Show an adapter: d, seed, partition, targets, N, base fingerprint, head, theta stats, recipe."""
     from ..artifact import read_artifact
+    from ..hub import adapter_path
     from ..inspection import render, summarize
 
-    summary = summarize(read_artifact(adapter))
+    summary = summarize(read_artifact(adapter_path(adapter)))
     if as_json:
         print(json.dumps(summary, indent=2))
     else:
@@ -59,7 +60,7 @@ def inspect(adapter: Annotated[Path, typer.Argument(help="A .gpart adapter file.
 @app.command()
 @user_errors
 def merge(base: Annotated[str, typer.Argument(help="Base model: a transformers dir, hub id or pkg:PACKAGE/dir.")],
-          adapter: Annotated[Path, typer.Argument(help="The .gpart adapter to fold in.")],
+          adapter: Annotated[str, typer.Argument(help="The .gpart adapter to fold in (a file, or hf://user/name).")],
           output: Annotated[Path, typer.Option("-o", "--output", help="Directory to write the merged model to.")],
           dtype: Annotated[Optional[str], typer.Option(help="float32 | bfloat16 | float16 (default: the "
                                                              "dtype the adapter was trained on).")] = None,
@@ -67,10 +68,12 @@ def merge(base: Annotated[str, typer.Argument(help="Base model: a transformers d
     """Write a standard transformers model dir with the target weights = W0 + Pθ and the head restored."""
     from ..devices import resolve_device
     from ..export import merge_to_dir
+    from ..hub import adapter_path
 
     where = resolve_device(device)
+    adapter_file = adapter_path(adapter)
     with console.status(f"merging on {where}"):
-        out = merge_to_dir(base, adapter, output, dtype, trust_remote_code, where)
+        out = merge_to_dir(base, adapter_file, output, dtype, trust_remote_code, where)
     console.print(f"merged model written to [bold]{out}[/] (loads with AutoModel*.from_pretrained)")
     if json.loads((out / "config.json").read_text()).get("gpart_pooling") == "mean":
         err_console.print("[yellow]note:[/] this model was trained with model.pooling: mean (recorded as gpart_pooling "
@@ -105,10 +108,10 @@ def train(recipe: Annotated[Path, typer.Argument(help="A recipe YAML file (see r
 
 @app.command(name="eval")
 @user_errors
-def evaluate(task: Annotated[str, typer.Option(help="glue/<task>, vision/<dataset>, gsm8k, math (the 5,000-problem "
-                                                  "test), math500 or mawps.")],
-             adapter: Annotated[Optional[Path], typer.Option(help="A .gpart file, PEFT adapter dir, merged model "
-                                                                  "dir, or gpart run dir.")] = None,
+def evaluate(task: Annotated[Optional[str], typer.Option(help="glue/<task>, vision/<dataset>, gsm8k, math (the "
+                                                            "5,000-problem test), math500 or mawps.")] = None,
+             adapter: Annotated[Optional[str], typer.Option(help="A .gpart file, PEFT adapter dir, merged model "
+                                                                 "dir, gpart run dir, or hf://user/name.")] = None,
              model: Annotated[Optional[str], typer.Option(help="Base or merged model: dir, hub id or "
                                                                "pkg:PACKAGE/dir.")] = None,
              gguf_file: Annotated[Optional[str], typer.Option(help="A GGUF file inside --model's dir (a quantized "
@@ -135,16 +138,33 @@ def evaluate(task: Annotated[str, typer.Option(help="glue/<task>, vision/<datase
                                                                          "model over.")] = 1,
              merged_dir: Annotated[Optional[Path], typer.Option(help="--backend vllm: merge an adapter into this "
                                                                      "new dir and keep it (default: a temporary dir "
-                                                                     "under $TMPDIR).")] = None):
+                                                                     "under $TMPDIR).")] = None,
+             lm_eval: Annotated[Optional[str], typer.Option("--lm-eval", help="lm-evaluation-harness tasks instead "
+                                                            "of --task, e.g. arc_easy,hellaswag (pip install "
+                                                            "'gpart[lm-eval]').")] = None,
+             num_fewshot: Annotated[Optional[int], typer.Option(min=0, help="--lm-eval: few-shot examples per "
+                                                                "prompt (default: each task's own).")] = None,
+             lm_eval_include: Annotated[Optional[list[Path]], typer.Option(help="--lm-eval: a dir of task YAML "
+                                                                           "files of your own (repeatable).")] = None):
     """Score a model, an adapter, or given predictions on a task."""
     from ..evaluation.runner import EvalRequest, evaluate as run_eval
+    from ..hub import adapter_path
 
-    req = EvalRequest(task=task, adapter=adapter, model=model, data=data, split=split, limit=limit,
-                      batch_size=batch_size, max_new_tokens=max_new_tokens, predictions=predictions, output=output,
-                      trust_remote_code=trust_remote_code, gguf_file=gguf_file, device=device, dtype=dtype,
+    if (task is None) == (lm_eval is None):
+        raise GpartError("give either --task or --lm-eval TASKS" if task is None else
+                         "--lm-eval runs harness tasks in place of --task; run them as two commands")
+    req = EvalRequest(task=task or "lm-eval", adapter=adapter_path(adapter), model=model, data=data, split=split,
+                      limit=limit, batch_size=batch_size, max_new_tokens=max_new_tokens, predictions=predictions,
+                      output=output, trust_remote_code=trust_remote_code, gguf_file=gguf_file, device=device, dtype=dtype,
                       backend=backend, tensor_parallel_size=tensor_parallel_size, merged_dir=merged_dir)
-    err_console.print(f"evaluating {task} …")  # generation tasks show their own progress bar
-    doc = run_eval(req)
+    err_console.print(f"evaluating {task or lm_eval} …")  # generation tasks show their own progress bar
+    if lm_eval is not None:
+        from ..evaluation import lm_eval_backend
+
+        doc = lm_eval_backend.evaluate(req, lm_eval_backend.parse_tasks(lm_eval), num_fewshot, lm_eval_include)
+        task = lm_eval_backend.TASK_LABEL
+    else:
+        doc = run_eval(req)
     table = Table(title=f"{task}" + (f" · {limit} examples" if limit else ""))
     table.add_column("metric")
     table.add_column("score", justify="right")
@@ -155,6 +175,19 @@ def evaluate(task: Annotated[str, typer.Option(help="glue/<task>, vision/<datase
         if "device" in doc else ""
     console.print(f"scores: {req.output or 'eval-' + task.replace('/', '-') + '.json'} · predictions: "
                   f"{doc['predictions_file']}{where}")
+
+
+@app.command()
+@user_errors
+def push(run: Annotated[Path, typer.Argument(help="A finished run dir (the --output of gpart train).")],
+         repo: Annotated[str, typer.Option(help="Hub model repo, user/name (created when missing).")],
+         private: Annotated[bool, typer.Option(help="Create the repo private.")] = False):
+    """Upload a run's adapter, recipe.yaml, results.json and a model card to the Hugging Face Hub."""
+    from ..hub import push as push_run
+
+    with console.status(f"pushing {run} to {repo}"):
+        url = push_run(run, repo, private)
+    console.print(f"pushed to [bold]{url}[/] · use it with --adapter hf://{repo}")
 
 
 @app.command(name="sweep-d")

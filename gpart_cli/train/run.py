@@ -42,6 +42,9 @@ def run(recipe: Recipe, out: Path, *, resume: bool = False, overwrite: bool = Fa
         results = _run(trainer, recipe, out, plan, console)
         ok = True
         return results
+    except BaseException as e:
+        trainer.tracking.close("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+        raise
     finally:
         trainer.release()
         distributed.shutdown(ok)  # on errors too: a process that exits with its process group open aborts

@@ -30,7 +30,7 @@ START_FILES = ("recipe.yaml",)
 
 # Recipe fields that may change between a run and its --resume without changing the result.
 _RESUME_SAFE = {"source", "name", "train.log_every", "train.on_nan", "eval.batch_size", "eval.limit",
-                "eval.max_new_tokens", "eval.dev_batch_size", "train.distributed"}
+                "eval.max_new_tokens", "eval.dev_batch_size", "train.distributed", "train.report_to"}
 # Fields newer than some recorded runs, and what a recipe without them meant: vision images were resized plainly
 # before augmentation existed. The transforms only matter for vision runs.
 _ADDED_FIELDS = {"data.train_transform": "resize", "data.eval_transform": "resize"}

@@ -26,7 +26,7 @@ from ..evaluation import classify
 from ..methods import prepare, save_result, trainable_count
 from ..model import set_dropout_key
 from ..recipe import Recipe
-from . import distributed, sharding
+from . import distributed, sharding, tracking
 from .checkpoint import load_trainable_state, read_checkpoint, restore_checkpoint, save_checkpoint
 from .dev_loss import mean_dev_loss
 from .progress import TrainProgress
@@ -64,6 +64,8 @@ class Trainer:
             from .fsdp import check_torch
 
             check_torch()  # before anything is loaded
+        tracking.check(recipe.train.report_to)
+        self.tracking = tracking.Tracking()  # opened by train() on rank 0
 
     # ---- setup ---------------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -179,6 +181,7 @@ class Trainer:
             return
         with open(self.out / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
+        self.tracking.log(record)
 
     def _truncate_log(self, step: int) -> None:
         """Keep metrics.jsonl up to the resumed step: no torn last line, no steps logged twice."""
@@ -267,6 +270,11 @@ class Trainer:
                 self.console.print(f"resuming {self.out} at step {start}/{self.total_steps}")
         elif t.eval_before and (self.main or self.all_evaluate):
             self.state["before"], _ = self.evaluate_report()
+        if self.main:
+            self.tracking = tracking.start(t.report_to, self.out, self.recipe.to_dict(),
+                                           start if self.resume else None)
+            if not self.resume:
+                self.tracking.scores(self.state["before"], 0)
         self.model.train()
         samples = t.batch_size * t.grad_accum
         with TrainProgress(self.console, self.total_steps, start, enabled=self.main) as progress:
@@ -317,4 +325,6 @@ class Trainer:
                    "best_step": self.state["best_step"], "best_dev": self.state["best_dev"],
                    "before": self.state["before"], "after": after}
         atomic.write_text(self.out / "results.json", json.dumps(results, indent=2))
+        self.tracking.scores(after, self.total_steps)
+        self.tracking.close()
         return results
