@@ -64,7 +64,7 @@ def model_dir(req, what) -> Iterator[Path]:
         return
     with tempfile.TemporaryDirectory(prefix="gpart-vllm-") as tmp:
         out = Path(tmp) / "merged"
-        if what.kind == "gpart":
+        if what.kind in ("gpart", "peft-gpart"):
             _merge_gpart(req, what.path, out)
         else:
             _merge_peft(req, what, out)
@@ -75,10 +75,14 @@ def _merge_gpart(req, adapter: Path, out: Path) -> None:
     """W0 + Pθ in fp32, saved in the dtype the adapter was trained on (what `gpart merge` writes)."""
     from ..artifact import read_artifact
     from ..export import merge_to_dir
+    from ..interop import convert, peft_gpart
     from .models import recorded_base
 
-    base = req.model or recorded_base((read_artifact(adapter).meta.get("base_model") or {}).get("name_or_path"),
-                                      adapter)
+    if convert.is_authors_adapter(adapter):
+        base = convert.base_for(peft_gpart.read(adapter), req.model)
+    else:
+        base = req.model or recorded_base((read_artifact(adapter).meta.get("base_model") or {}).get("name_or_path"),
+                                          adapter)
     merge_to_dir(base, adapter, out, None, req.trust_remote_code)
 
 
