@@ -215,7 +215,8 @@ def read(path: str | Path) -> AuthorsAdapter:
         directory=directory, raw=raw, d=d, seed=seed64(_int(directory, raw, "proj_seed", 42)),
         partition=_partition(directory, raw), target_modules=_targets(directory, raw), bias=_bias(directory, raw),
         isometric=bool(raw.get("isometric", True)), dropout=_number(directory, raw, "gpart_dropout", 0.0, 1.0),
-        init_bound=_number(directory, raw, "init_bound", 0.0, math.inf), head_modules=tuple(heads), theta=theta,
+        init_bound=_number(directory, raw, "init_bound", 0.0, math.inf), head_modules=tuple(dict.fromkeys(heads)),
+        theta=theta,
         head=head)
 
 

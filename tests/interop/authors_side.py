@@ -116,8 +116,15 @@ def save(spec_path: str, out: str) -> None:
                 p.add_(torch.randn(p.shape, generator=gen) * 0.1)
     model.save_pretrained(f"{out}/adapter")
     save_file({"logits": _logits(model.eval(), spec)}, f"{out}/logits.safetensors")
-    merged = model.merge_and_unload()
-    save_file({k: v.contiguous() for k, v in merged.state_dict().items()}, f"{out}/merged.safetensors")
+    # Their per-layer merge (GPart Linear.merge). merge_and_unload itself trips over a modules_to_save head that is
+    # not a Linear (a RoBERTa classification head), so the merged weights are read back from the layers.
+    model.base_model.merge_adapter()
+    merged = {}
+    for name, p in model.base_model.model.state_dict().items():
+        if ".original_module." in name:
+            continue
+        merged[name.replace(".base_layer.", ".").replace(".modules_to_save.default.", ".")] = p.contiguous()
+    save_file(merged, f"{out}/merged.safetensors")
 
 
 def logits(spec_path: str, adapter: str, out: str) -> None:
