@@ -46,8 +46,8 @@ class BuildCall:
     op = "build"
 
     def key(self) -> tuple:
-        return (self.op, self.algorithm, self.device, self.dtype, self.has_base, self.dropout, _spec(self.start),
-                _spec(self.count), _spec(self.n), _spec(self.d))
+        return (self.op, self.device, self.dtype, self.has_base, self.dropout, _spec(self.start), _spec(self.count),
+                _spec(self.n), _spec(self.d), self.algorithm)
 
 
 @dataclass(frozen=True)
@@ -72,9 +72,9 @@ class GradCall:
     op = "grad"
 
     def key(self) -> tuple:
-        return (self.op, self.algorithm, self.device, self.dtype, self.transposed, self.dropout, self.deterministic,
-                self.precision, _spec(self.T), _spec(self.M), _spec(self.N), _spec(self.start), _spec(self.n),
-                _spec(self.d))
+        return (self.op, self.device, self.dtype, self.transposed, self.dropout, self.deterministic, self.precision,
+                _spec(self.T), _spec(self.M), _spec(self.N), _spec(self.start), _spec(self.n), _spec(self.d),
+                self.algorithm)
 
 
 @dataclass(frozen=True)
@@ -93,8 +93,8 @@ class IdsCall:
     dtype = torch.int32
 
     def key(self) -> tuple:
-        return (self.op, self.algorithm, self.device, _spec(self.start), _spec(self.count), _spec(self.n),
-                _spec(self.d))
+        return (self.op, self.device, _spec(self.start), _spec(self.count), _spec(self.n), _spec(self.d),
+                self.algorithm)
 
 
 # Relative error (L2 norm) allowed against an fp64 reference. Products of bf16/fp16 values are exact in fp32.
