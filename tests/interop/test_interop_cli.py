@@ -159,3 +159,37 @@ def test_gpart_trains_with_their_partitions_and_exports(tmp_path, partition):
     peft_gpart.write(tmp_path / "o", art.meta, art.theta, art.head)
     assert json.loads((tmp_path / "o" / "adapter_config.json").read_text())["assignment_backend"] == \
         {SPLITMIX: "stateless", RANDINT: "materialized"}[partition]
+
+
+@pytest.mark.slow
+def test_eval_merge_and_init_from_accept_their_adapter(tmp_path, tiny_bert_dir, sst2_files):
+    import yaml
+
+    from transformers import AutoModelForSequenceClassification
+
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir)
+    adapter = write_theirs(tmp_path / "theirs", base, {"assignment_backend": "materialized", "bias": "none",
+                                                       "proj_seed": 11, "modules_to_save": ["classifier"]})
+    scores = {}
+    res = runner.invoke(app, ["merge", str(tiny_bert_dir), str(adapter), "-o", str(tmp_path / "merged")])
+    assert res.exit_code == 0, res.output
+    for name, args in {"adapter": ["--adapter", str(adapter), "--model", str(tiny_bert_dir)],
+                       "merged": ["--model", str(tmp_path / "merged")]}.items():
+        res = runner.invoke(app, ["eval", "--task", "glue/sst2", "--data", str(sst2_files[1]), *args, "--output",
+                                  str(tmp_path / f"{name}.json")])
+        assert res.exit_code == 0, res.output
+        scores[name] = json.loads((tmp_path / f"{name}.json").read_text())["scores"]
+    assert scores["adapter"] == scores["merged"]
+    recipe = {"model": {"name_or_path": str(tiny_bert_dir)},
+              "method": {"name": "gpart", "d": 37, "seed": 11, "partition": RANDINT, "target_modules": ["query", "value"],
+                         "init_from": str(adapter)},
+              "data": {"family": "glue", "task": "sst2", "train_files": [str(sst2_files[0])],
+                       "eval_files": [str(sst2_files[1])], "max_length": 128},
+              "train": {"max_steps": 1, "batch_size": 8}, "eval": {"batch_size": 16}, "name": "t"}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    res = runner.invoke(app, ["train", str(tmp_path / "r.yaml"), "--output", str(tmp_path / "run")])
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["before"] == scores["adapter"]
+    res = runner.invoke(app, ["train", str(tmp_path / "r.yaml"), "--output", str(tmp_path / "run2"), "--set",
+                              "method.seed=12"])
+    assert res.exit_code == 2 and "method.seed" in res.output and "11" in res.output, res.output
