@@ -9,7 +9,8 @@ where GPART_AUTHORS_PEFT is a directory holding their `peft/` package (a clone o
 root). Commands (arguments and results as JSON files):
 - `vectors`: print the pinned test vectors of tests/interop/test_partitions_pinned.py (ids, counts, scales).
 - `save SPEC OUT`: apply their GPart to the model dir in SPEC, set theta and the head from SPEC's seed, save the
-  adapter to OUT/adapter, their merged weights to OUT/merged.safetensors and their logits to OUT/logits.safetensors.
+  adapter to OUT/adapter, their logits to OUT/logits.safetensors and (unless SPEC says merge: false) their merged
+  weights to OUT/merged.safetensors.
 - `logits SPEC ADAPTER OUT`: load ADAPTER (written by gpart) with their PeftModel.from_pretrained, save logits.
 - `train SPEC OUT`: train theta from 0 for SPEC's steps with their layers, save theta after every step.
 """
@@ -116,6 +117,8 @@ def save(spec_path: str, out: str) -> None:
                 p.add_(torch.randn(p.shape, generator=gen) * 0.1)
     model.save_pretrained(f"{out}/adapter")
     save_file({"logits": _logits(model.eval(), spec)}, f"{out}/logits.safetensors")
+    if not spec.get("merge", True):
+        return  # their merge of a Conv1D (GPT-2) layer fails: it adds the transposed ΔW to the (in, out) weight
     # Their per-layer merge (GPart Linear.merge). merge_and_unload itself trips over a modules_to_save head that is
     # not a Linear (a RoBERTa classification head), so the merged weights are read back from the layers.
     model.base_model.merge_adapter()

@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 from typer.testing import CliRunner
 
 import gpart_cli as gpart
@@ -37,6 +38,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.skipif(
     not AUTHORS, reason="the authors' GPart fork is not available: git clone https://github.com/SamsungLabs/GPart "
                         "and set GPART_AUTHORS_PEFT to that directory (docs/interop.md)")]
 SCRIPT = Path(__file__).with_name("authors_side.py")
+AutoModel = {"seq_cls": AutoModelForSequenceClassification, "causal_lm": AutoModelForCausalLM}
 TOKENS = [[5, 17, 33, 8, 61, 2, 90, 44, 12], [71, 3, 29, 55, 10, 88, 6, 19, 40]]
 
 
@@ -66,8 +68,10 @@ CASES = {
     "roberta-stateless-bias-head": (lambda: tiny_roberta(num_labels=3),
                                     {"task": "seq_cls", "d": 37, "seed": 2**63 + 5, "backend": "stateless",
                                      "targets": ["query", "value"], "bias": "gpart_only", "heads": ["classifier"]}),
+    # Their merge of a Conv1D layer fails (it adds ΔW transposed to the (in, out) weight), so for GPT-2 the merged
+    # model is checked against their unmerged forward, which reads ΔW in the weight's storage order as gpart does.
     "gpt2-conv1d-materialized": (tiny_gpt2, {"task": "causal_lm", "d": 50, "seed": 42, "backend": "materialized",
-                                             "targets": ["c_attn"], "bias": "all", "heads": None}),
+                                             "targets": ["c_attn"], "bias": "all", "heads": None, "merge": False}),
 }
 
 
@@ -79,17 +83,21 @@ def test_their_adapter_merges_to_their_weights(case, tmp_path):
     res = CliRunner().invoke(app, ["merge", str(tmp_path / "base"), str(tmp_path / "adapter"), "-o",
                                    str(tmp_path / "merged"), "--dtype", "float32", "--device", "cpu"])
     assert res.exit_code == 0, res.output
-    their_weights = load_file(tmp_path / "merged.safetensors")
-    ours = load_file(tmp_path / "merged" / "model.safetensors")
-    shared = sorted(set(their_weights) & set(ours))
-    assert len(shared) >= len(ours) - 1  # every weight (a tied LM head may be stored once)
-    worst = max(float((their_weights[k] - ours[k]).abs().max()) for k in shared)
-    print(f"{case}: {len(shared)} tensors, max |ours - theirs| = {worst:.3g}")
-    assert worst == 0.0  # same fp32 products, same sums: bit for bit
+    if fields.get("merge", True):
+        their_weights = load_file(tmp_path / "merged.safetensors")
+        ours = load_file(tmp_path / "merged" / "model.safetensors")
+        shared = sorted(set(their_weights) & set(ours))
+        assert len(shared) == len(ours)
+        worst = max(float((their_weights[k] - ours[k]).abs().max()) for k in shared)
+        print(f"{case}: {len(shared)} tensors, max |ours - theirs| = {worst:.3g}")
+        assert worst == 0.0  # same fp32 products, same sums: bit for bit
     model, art, _ = load_adapted(str(tmp_path / "base"), tmp_path / "adapter")
     assert art.meta["partition"] == (SPLITMIX if fields["backend"] == "stateless" else RANDINT)
     their_logits = load_file(tmp_path / "logits.safetensors")["logits"]
-    torch.testing.assert_close(_our_logits(model), their_logits, rtol=1e-5, atol=1e-6)
+    merged = AutoModel[fields["task"]].from_pretrained(tmp_path / "merged").eval()
+    for ours in (_our_logits(model), _our_logits(merged)):
+        print(f"{case}: max |ours - theirs| logits = {float((ours - their_logits).abs().max()):.3g}")
+        torch.testing.assert_close(ours, their_logits, rtol=1e-5, atol=1e-6)
 
 
 def test_gpart_export_loads_in_their_code(tmp_path):
@@ -120,8 +128,6 @@ def test_theta_trajectories_agree(backend, partition, tmp_path):
                  targets=["q_proj", "v_proj"], bias="none", steps=steps, lr=lr)
     theirs("train", spec, tmp_path / "trajectory.safetensors")
     their_thetas = load_file(tmp_path / "trajectory.safetensors")
-    from transformers import AutoModelForCausalLM
-
     model = gpart.apply(AutoModelForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.float32),
                         gpart.GPartConfig(d=64, seed=2**63 + 3, target_modules=["q_proj", "v_proj"],
                                           partition=partition))
@@ -138,4 +144,4 @@ def test_theta_trajectories_agree(backend, partition, tmp_path):
         worst = max(worst, float((theta.detach() - theirs_now).abs().max()))
         torch.testing.assert_close(theta.detach(), theirs_now, rtol=1e-4, atol=1e-6)
     print(f"{partition}: {steps} AdamW steps, max |theta_ours - theta_theirs| = {worst:.3g}, "
-          f"|theta| = {float(theta.norm()):.3g}")
+          f"|theta| = {float(theta.detach().norm()):.3g}")
