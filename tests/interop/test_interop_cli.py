@@ -193,3 +193,27 @@ def test_eval_merge_and_init_from_accept_their_adapter(tmp_path, tiny_bert_dir, 
     res = runner.invoke(app, ["train", str(tmp_path / "r.yaml"), "--output", str(tmp_path / "run2"), "--set",
                               "method.seed=12"])
     assert res.exit_code == 2 and "method.seed" in res.output and "11" in res.output, res.output
+
+
+def test_recipe_partition_field():
+    from gpart_cli.errors import GpartError
+    from gpart_cli.recipe import from_dict
+
+    raw = {"model": {"name_or_path": "x"}, "method": {"partition": SPLITMIX}}
+    assert from_dict(raw).method.partition == SPLITMIX
+    assert from_dict({"model": {"name_or_path": "x"}}).method.partition == "feistel-v1"
+    with pytest.raises(GpartError, match="method.partition = 'splitmix64' is not one of .*did you mean "
+                                         "'splitmix64-mod-v1'"):
+        from_dict({"model": {"name_or_path": "x"}, "method": {"partition": "splitmix64"}})
+    with pytest.raises(GpartError, match="partition = 'xorshift' is not a known partition algorithm"):
+        gpart.GPartConfig(d=4, partition="xorshift")
+
+
+def test_init_from_is_gpart_only(tmp_path):
+    from gpart_cli.errors import GpartError
+    from gpart_cli.methods import prepare
+    from gpart_cli.recipe import MethodSection, TrainSection
+
+    method = MethodSection(name="lora", target_modules=["query"], init_from=str(tmp_path))
+    with pytest.raises(GpartError, match="method.init_from applies to method gpart, not lora"):
+        prepare(tiny_roberta(), method, TrainSection(), "sequence_classification")
