@@ -102,7 +102,8 @@ def load_scored(req, what: Scored, task_type: str, device: torch.device, precisi
         from ..interop import convert, peft_gpart
 
         base = convert.base_for(peft_gpart.read(what.path), req.model)
-        model, _, source = load_adapted(base, what.path, precision.weights, req.trust_remote_code, device)
+        model, _, source = convert.load_adapted(base, what.path, precision.weights, req.trust_remote_code, device,
+                                                task_type)
         return model, source
     if what.kind == "merged":
         source = recorded_source(str(what.path), what.recipe, precision.weights, req.trust_remote_code)

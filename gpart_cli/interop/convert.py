@@ -86,15 +86,27 @@ def source_for(adapter: AuthorsAdapter, base: str, dtype: str = "float32", trust
     return recorded_source(base, {"model": {"revision": adapter.raw.get("revision")}}, dtype, trust_remote_code)
 
 
+def task_type_for(adapter: AuthorsAdapter, source: ModelSource, config=None, hint: str | None = None) -> str:
+    """The model class family to load: `hint` (what an eval task needs), their task_type, else the base's
+    architecture; a headed adapter on a headless base (their GLUE and ViT scripts set no task_type and start from
+    roberta-base / a ViT backbone) is a classifier: of images when the config has an image size, else of text."""
+    from ..export import _base_config, infer_task_type
+
+    task_type = hint or adapter.task_type or infer_task_type(source)
+    if adapter.head and task_type not in ("sequence_classification", "image_classification", "causal_lm"):
+        config = config if config is not None else _base_config(source)
+        return "image_classification" if hasattr(config, "image_size") else "sequence_classification"
+    return task_type
+
+
 def load_adapted(base: str, path: str | os.PathLike, dtype: str = "float32", trust_remote_code: bool = False,
-                 device: torch.device | None = None):
+                 device: torch.device | None = None, task_type: str | None = None):
     """Load `base` and apply an authors' adapter to it: (model, artifact, source), as `export.load_adapted`."""
     from ..artifact import load
-    from ..export import infer_task_type
 
     adapter = peft_gpart.read(path)
     source = source_for(adapter, base, dtype, trust_remote_code)
-    task_type = adapter.task_type or infer_task_type(source)
+    task_type = task_type_for(adapter, source, hint=task_type)
     model = load_model(source, task_type, adapter.num_labels if adapter.head else None, None, device)
     art = to_artifact(adapter, model, base)
     return load(model, art), art, source
@@ -104,7 +116,6 @@ def meta_model(base: str, adapter: AuthorsAdapter, trust_remote_code: bool = Fal
     """The base model's modules on the meta device, from its config alone (no weights read)."""
     from transformers import AutoConfig
 
-    from ..export import infer_task_type
     from ..loading import _auto_class
 
     source = source_for(adapter, base, trust_remote_code=trust_remote_code)
@@ -114,7 +125,7 @@ def meta_model(base: str, adapter: AuthorsAdapter, trust_remote_code: bool = Fal
     except (OSError, ValueError) as e:
         raise GpartError(f"could not read the config of base model {base!r}: {e}. Pass --model with a local model "
                          f"dir") from None
-    task_type = adapter.task_type or infer_task_type(source)
+    task_type = task_type_for(adapter, source, config)
     if adapter.head and task_type in ("sequence_classification", "image_classification"):
         config.num_labels = adapter.num_labels
     with torch.device("meta"):
@@ -146,5 +157,7 @@ def to_gpart(src: str | os.PathLike, out: str | os.PathLike, model: str | None =
 
 def to_peft_gpart(src: str | os.PathLike, out: str | os.PathLike) -> Path:
     """`gpart convert x.gpart --to peft-gpart -o DIR`: write a `.gpart` in the authors' format."""
+    if is_authors_adapter(src):
+        raise GpartError(f"{src} is already in the authors' format; --to peft-gpart converts a .gpart file")
     art = read_artifact(src)
     return peft_gpart.write(out, art.meta, art.theta, art.head)

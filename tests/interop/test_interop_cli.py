@@ -217,3 +217,17 @@ def test_init_from_is_gpart_only(tmp_path):
     method = MethodSection(name="lora", target_modules=["query"], init_from=str(tmp_path))
     with pytest.raises(GpartError, match="method.init_from applies to method gpart, not lora"):
         prepare(tiny_roberta(), method, TrainSection(), "sequence_classification")
+
+
+def test_headed_adapter_without_task_type_on_a_headless_base(tmp_path, roberta_dir):
+    """Their GLUE and ViT scripts set no task_type and start from a backbone checkpoint (roberta-base)."""
+    base, model = roberta_dir
+    config = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps({**config, "architectures": ["RobertaForMaskedLM"]}))
+    adapter = write_theirs(tmp_path / "a", model, {"task_type": None})
+    res = runner.invoke(app, ["merge", str(base), str(adapter), "-o", str(tmp_path / "m"), "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    merged = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert merged["architectures"] == ["RobertaForSequenceClassification"] and len(merged["id2label"]) == 3
+    head = load_file(adapter / "adapter_model.safetensors")["base_model.model.classifier.out_proj.weight"]
+    assert torch.equal(load_file(tmp_path / "m" / "model.safetensors")["classifier.out_proj.weight"], head)
