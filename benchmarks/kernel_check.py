@@ -64,6 +64,14 @@ def check_selfcheck(device) -> dict:
         verdicts[f"delta {name}"] = run_check(BuildCall(device, dtype, False, False, 0, 4096 * 4096, n, d, seed),
                                               triton_gpart)
     verdicts["ids"] = run_check(IdsCall(device, 5, 4096, n, d, seed), triton_gpart)
+    # The authors' stateless partition (uint64 arithmetic in the kernels), with a seed >= 2**63.
+    split = "splitmix64-mod-v1"
+    verdicts["splitmix build bf16"] = run_check(BuildCall(device, torch.bfloat16, True, False, 4096 * 4096,
+                                                          4096 * 4096, n, d, 2**63 + 5, split), triton_gpart)
+    verdicts["splitmix grad bf16 deterministic"] = run_check(GradCall(
+        device, torch.bfloat16, False, False, True, dot_precision(torch.bfloat16, device)[0], 8192, 4096, 4096,
+        4096 * 4096, n, d, 2**63 + 5, split), triton_gpart)
+    verdicts["splitmix ids"] = run_check(IdsCall(device, 2**33 + 5, 4096, n, d, 2**63 + 5, split), triton_gpart)
     failed = {k: v for k, v in verdicts.items() if v is not None}
     return {"ok": not failed, "classes": len(verdicts), "failed": failed}
 

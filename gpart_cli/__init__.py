@@ -8,7 +8,7 @@ Public API (docs/design.md §8)::
     gpart.save(model, "run/adapter.gpart")
     model = gpart.load(base_model, "run/adapter.gpart")
     merged = gpart.merge(model)
-    ids = gpart.group_ids(n=1000, d=7, seed=0)
+    ids = gpart.group_ids(n=1000, d=7, seed=0)  # feistel-v1; gpart.Partition(...) for any of gpart.ALGORITHMS
 """
 
 from .versions import require as _require_versions
@@ -20,8 +20,9 @@ from .config import GPartConfig  # noqa: E402
 from .errors import GpartError  # noqa: E402
 from .model import apply, merge, theta  # noqa: E402
 from .partition import ALGORITHM, group_ids, group_sizes  # noqa: E402
+from .partitions import ALGORITHMS, Partition  # noqa: E402
 
 __version__ = "0.1.0"
 
-__all__ = ["ALGORITHM", "GPartConfig", "GpartError", "apply", "group_ids", "group_sizes", "load", "merge",
-           "read_artifact", "save", "theta", "__version__"]
+__all__ = ["ALGORITHM", "ALGORITHMS", "GPartConfig", "GpartError", "Partition", "apply", "group_ids", "group_sizes",
+           "load", "merge", "read_artifact", "save", "theta", "__version__"]

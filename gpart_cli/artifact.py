@@ -20,7 +20,7 @@ from . import atomic
 from .config import GPartConfig
 from .errors import GpartError
 from .model import apply, fingerprint, state_of
-from .partition import ALGORITHM
+from .partitions import ALGORITHMS, FEISTEL
 
 FORMAT = "gpart/1"
 HEAD_PREFIX = "head."
@@ -89,9 +89,6 @@ def save(model: nn.Module, path: str | os.PathLike, *, task: dict | None = None,
     """
     state = state_of(model)
     params = dict(model.named_parameters())
-    tensors = {"theta": state.theta.detach().float().cpu().contiguous()}
-    for name in state.head_names:
-        tensors[HEAD_PREFIX + name] = params[name].detach().cpu().contiguous()
     task = dict(task or {})
     task["head_modules"] = list(state.config.head_modules)
     meta = {
@@ -102,6 +99,14 @@ def save(model: nn.Module, path: str | os.PathLike, *, task: dict | None = None,
         "init_bound": state.config.init_bound, "init_seed": state.config.init_seed,
         "compute": state.compute.summary(),
     }
+    return write_artifact(path, meta, state.theta, {name: params[name] for name in state.head_names})
+
+
+def write_artifact(path: str | os.PathLike, meta: dict, theta: torch.Tensor, head: dict[str, torch.Tensor]) -> Path:
+    """Write theta (fp32), the head tensors and the metadata (JSON values) to `path` atomically."""
+    tensors = {"theta": theta.detach().float().cpu().contiguous()}
+    for name, value in head.items():
+        tensors[HEAD_PREFIX + name] = value.detach().cpu().contiguous()
     data = st_save(tensors, metadata={k: json.dumps(v) for k, v in meta.items()})
     atomic.write_bytes(path, data)
     return Path(path)
@@ -144,9 +149,9 @@ def _check_meta(path: Path, meta: dict, tensors: dict[str, torch.Tensor]) -> Non
     if meta["format"] != FORMAT:
         raise GpartError(f"{path} has format {meta['format']!r}; this gpart reads {FORMAT!r}. "
                          f"Upgrade gpart to read newer adapters")
-    if meta["partition"] != ALGORITHM:
+    if meta["partition"] not in ALGORITHMS:
         raise GpartError(f"{path} uses partition algorithm {meta['partition']!r}; this gpart knows "
-                         f"{ALGORITHM!r}. Upgrade gpart or re-train the adapter")
+                         f"{', '.join(ALGORITHMS)}. Upgrade gpart or re-train the adapter")
     for key in ("d", "seed", "n_params"):
         if isinstance(meta[key], bool) or not isinstance(meta[key], int) or meta[key] < (0 if key == "seed" else 1):
             raise _corrupt(path, f"metadata field {key!r} = {meta[key]!r} is not a valid integer")
@@ -162,7 +167,7 @@ def _check_meta(path: Path, meta: dict, tensors: dict[str, torch.Tensor]) -> Non
     if theta is None or theta.dtype != torch.float32 or tuple(theta.shape) != (meta["d"],):
         got = "missing" if theta is None else f"{theta.dtype} {tuple(theta.shape)}"
         raise _corrupt(path, f"tensor 'theta' should be float32 [{meta['d']}] (metadata d), got {got}")
-    if meta["d"] > meta["n_params"]:
+    if meta["d"] > meta["n_params"] and meta["partition"] == FEISTEL:
         raise _corrupt(path, f"d = {meta['d']} exceeds N = {meta['n_params']}")
     stray = [k for k in tensors if k != "theta" and not k.startswith(HEAD_PREFIX)]
     if stray:
@@ -205,13 +210,14 @@ def _spec_diff(expected: list[dict], found: list[dict]) -> str:
     return "; ".join(lines)
 
 
-def load(base_model: nn.Module, path: str | os.PathLike) -> nn.Module:
-    """Apply the adapter at `path` to `base_model` (in place) and restore theta and the head.
+def load(base_model: nn.Module, path: str | os.PathLike | Artifact) -> nn.Module:
+    """Apply the adapter at `path` (or an `Artifact` already read) to `base_model` (in place) and restore theta
+    and the head.
 
     Raises:
         GpartError: the file is invalid, or the model's target modules/shapes differ from the adapter's.
     """
-    art = read_artifact(path)
+    art = path if isinstance(path, Artifact) else read_artifact(path)
     try:
         model = apply(base_model, art.config)
     except GpartError as e:

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from .errors import GpartError
-from .partition import ALGORITHM
+from .partitions import FEISTEL, check_algorithm
 
 
 @dataclass(frozen=True)
@@ -22,7 +22,8 @@ class GPartConfig:
         bias: also adapt the biases of the target modules.
         isometric: scale group j by 1/sqrt(n_j) so that P^T P = I (False is the paper's ablation).
         head_modules: modules trained densely and stored beside theta (e.g. a classifier head).
-        partition: the partition algorithm id.
+        partition: the partition algorithm id: feistel-v1 (default), or the authors' splitmix64-mod-v1 /
+            torch-randint-v1 (see `gpart_cli.partitions`).
         dropout: probability p of dropping each weight of ΔW in training (the authors' `nn.Dropout` on ΔW;
             kept values scaled by 1/(1-p)); off in eval mode and in merge. 0 <= p < 1.
         init_bound: theta starts uniform in [-init_bound, init_bound]; 0 (default) starts at exactly 0.
@@ -35,7 +36,7 @@ class GPartConfig:
     bias: bool = False
     isometric: bool = True
     head_modules: tuple[str, ...] = field(default_factory=tuple)
-    partition: str = ALGORITHM
+    partition: str = FEISTEL
     dropout: float = 0.0
     init_bound: float = 0.0
     init_seed: Optional[int] = None
@@ -61,8 +62,7 @@ class GPartConfig:
             object.__setattr__(self, "init_seed", self.seed)
         elif isinstance(self.init_seed, bool) or not isinstance(self.init_seed, int) or self.init_seed < 0:
             raise GpartError(f"init_seed = {self.init_seed!r} is invalid: it must be a non-negative integer")
-        if self.partition != ALGORITHM:
-            raise GpartError(f"unknown partition algorithm {self.partition!r}; this gpart knows {ALGORITHM!r}")
+        check_algorithm(self.partition, "partition")
 
 
 def _number(value) -> bool:

@@ -43,8 +43,13 @@ def load_adapted(base: str, adapter: str | os.PathLike, dtype: str = "float32", 
                  device: torch.device | None = None):
     """Load `base` for the adapter's task onto `device` and apply the adapter; returns (model, artifact, source).
 
-    Merging and evaluation always load an unquantized copy: the recipe's quantization is not passed on.
+    Merging and evaluation always load an unquantized copy: the recipe's quantization is not passed on. `adapter`
+    may also be an authors' adapter (see `gpart_cli.interop`).
     """
+    from .interop import convert
+
+    if convert.is_authors_adapter(adapter):
+        return convert.load_adapted(base, adapter, dtype, trust_remote_code, device)
     art = read_artifact(adapter)
     source = recorded_source(base, art.meta.get("recipe"), dtype, trust_remote_code)
     task = art.meta.get("task") or {}
@@ -71,9 +76,11 @@ def merge_to_dir(base: str, adapter: str | os.PathLike, out: str | os.PathLike, 
 
     The saved config.json also carries the fields transformers 4.x and vLLM read (see `portable_config`).
     """
-    art = read_artifact(adapter)
-    target = check_dtype(dtype or (art.meta.get("base_model") or {}).get("dtype") or "float32")
-    probe = recorded_source(base, art.meta.get("recipe"), trust_remote_code=trust_remote_code)
+    from .interop import convert
+
+    meta = {} if convert.is_authors_adapter(adapter) else read_artifact(adapter).meta  # theirs: no dtype, no recipe
+    target = check_dtype(dtype or (meta.get("base_model") or {}).get("dtype") or "float32")
+    probe = recorded_source(base, meta.get("recipe"), trust_remote_code=trust_remote_code)
     model, _, source = load_adapted(base, adapter, _load_dtype(probe, target), trust_remote_code, device)
     model = merge(model).to(torch_dtype(target))
     out = Path(out)

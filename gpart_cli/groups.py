@@ -2,8 +2,9 @@
 
 A layer owns the global indices [offset, offset + n_weight + n_bias): its weight in storage order, then its bias.
 - Triton kernels (CUDA, see `kernels.dispatch`): no ids at all; the kernels recompute each group from
-  (index, seed, d, N) inside the W_eff build and inside the ∂L/∂W GEMM, whose tiles go straight into ∂L/∂θ
-  (0 bytes of partition state).
+  (algorithm, index, seed, d, N) inside the W_eff build and inside the ∂L/∂W GEMM, whose tiles go straight into
+  ∂L/∂θ (0 bytes of partition state). Only for algorithms with random access (feistel-v1, splitmix64-mod-v1):
+  torch-randint-v1 ids come from a sequential stream and are cached on every device.
 - The reference path (CPU, GPUs without Triton, a kernel that failed its self-check): the group ids of the
   range, built once on first use, drive a gather for ΔW and a grouped sum of ∂L/∂W for ∂L/∂θ. They are int32
   (4 bytes per adapted parameter), or uint16 (2 bytes) on the CPU when d ≤ 65,536, as in most recipes: the CPU
@@ -22,7 +23,8 @@ from . import rng
 from .kernels import cpu_native
 from .kernels.dispatch import ComputeLog, device_guard, dot_precision, use_kernel
 from .kernels.selfcheck import BuildCall, GradCall, IdsCall
-from .partition import group_ids
+from .partition import ALGORITHM
+from .partitions import Partition
 
 _UINT16_GROUPS = 2**16  # ids 0 .. 65,535 fit uint16
 Dropout = Optional[tuple[int, int]]  # (threshold, key): drop weight i iff rng u(i) < threshold
@@ -38,11 +40,18 @@ class LayerGroups:
     """The partition slice of one adapted layer."""
 
     def __init__(self, offset: int, n_weight: int, n_bias: int, n: int, d: int, seed: int,
-                 log: ComputeLog | None = None) -> None:
+                 log: ComputeLog | None = None, partition: Partition | None = None) -> None:
         self.offset, self.n_weight, self.n_bias = offset, n_weight, n_bias
         self.n, self.d, self.seed = n, d, seed
         self.log = log
+        self.partition = partition or Partition(ALGORITHM, n, d, seed)
+        self.algorithm = self.partition.algorithm
         self._ids: torch.Tensor | None = None
+
+    def _kernel(self, op: str, device: torch.device, dtype: torch.dtype, make_call, deterministic: bool = False
+                ) -> bool:
+        # torch-randint-v1 ids come from a sequential stream, not from the index: cached ids on every device.
+        return self.partition.on_the_fly and use_kernel(op, device, dtype, self.log, make_call, deterministic)
 
     # ---- the reference path's id cache ---------------------------------------------------------------
     def ids(self, device: torch.device) -> torch.Tensor:
@@ -50,8 +59,7 @@ class LayerGroups:
         there on a GPU, else with NumPy."""
         if self._ids is None or self._ids.device != device:
             gpu = device.type == "cuda"
-            ids = group_ids(self.n, self.d, self.seed, self.offset, self.n_weight + self.n_bias,
-                            device=device if gpu else None)
+            ids = self.partition.ids(self.offset, self.n_weight + self.n_bias, device=device if gpu else None)
             if device.type == "cpu" and self.d <= _UINT16_GROUPS:
                 ids = ids.to(torch.uint16)
             self._ids = ids if gpu else ids.to(device)
@@ -70,12 +78,12 @@ class LayerGroups:
         """W0 + ΔW in the base dtype (summed in fp32, rounded once), or ΔW alone (`weight` None) in `dtype`."""
         device = theta_s.device
         out_dtype = dtype if weight is None else weight.dtype
-        if use_kernel("build", device, out_dtype, self.log, lambda: BuildCall(
+        if self._kernel("build", device, out_dtype, lambda: BuildCall(
                 device, out_dtype, weight is not None, dropout is not None, self.offset, self.n_weight, self.n,
-                self.d, self.seed)):
+                self.d, self.seed, self.algorithm)):
             with device_guard(device):
                 return _kernels().build_weight(weight, theta_s, self.offset, self.n, self.d, self.seed,
-                                               shape=shape, dtype=dtype, dropout=dropout)
+                                               shape=shape, dtype=dtype, dropout=dropout, algorithm=self.algorithm)
         ids, drop = self.ids(device)[: self.n_weight], self._drop_mask(dropout, device)
         if weight is None:
             return _build(None, theta_s, ids, drop).view(shape).to(dtype)
@@ -91,10 +99,11 @@ class LayerGroups:
     def _bias_ids(self, device: torch.device) -> torch.Tensor:
         # A bias is small: on the kernel path its ids are recomputed rather than cached.
         start = self.offset + self.n_weight
-        if use_kernel("ids", device, torch.int32, self.log,
-                      lambda: IdsCall(device, start, self.n_bias, self.n, self.d, self.seed)):
+        if self._kernel("ids", device, torch.int32,
+                        lambda: IdsCall(device, start, self.n_bias, self.n, self.d, self.seed, self.algorithm)):
             with device_guard(device):
-                return _kernels().group_ids_triton(self.n, self.d, self.seed, start, self.n_bias, device)
+                return _kernels().group_ids_triton(self.n, self.d, self.seed, start, self.n_bias, device,
+                                                   algorithm=self.algorithm)
         return self.ids(device)[self.n_weight:].int()  # index_select / index_add_ take int32, not uint16
 
     # ---- ∂L/∂θ ---------------------------------------------------------------------------------------
@@ -104,15 +113,15 @@ class LayerGroups:
         x (T, in), fp32 [d]; ∂L/∂W is not kept."""
         device = gy.device
         deterministic = torch.are_deterministic_algorithms_enabled()
-        if use_kernel("grad", device, gy.dtype, self.log, lambda: GradCall(
+        if self._kernel("grad", device, gy.dtype, lambda: GradCall(
                 device, gy.dtype, transposed, dropout is not None, deterministic,
-                dot_precision(gy.dtype, device)[0], *gy.shape, x.shape[1], self.offset, self.n, self.d, self.seed),
-                deterministic):
+                dot_precision(gy.dtype, device)[0], *gy.shape, x.shape[1], self.offset, self.n, self.d, self.seed,
+                self.algorithm), deterministic):
             grad = torch.zeros(self.d, dtype=torch.float32, device=device)
             with device_guard(device):
                 _kernels().grad_from_gemm(grad, gy.contiguous(), x.contiguous(), self.offset, self.n, self.d,
                                           self.seed, transposed, dropout=dropout, deterministic=deterministic,
-                                          max_members=-(-self.n // self.d))
+                                          max_members=self.partition.max_members(), algorithm=self.algorithm)
             return grad
         gw = _weight_grad(gy, x, transposed).reshape(-1)  # in W's storage order, fp32
         return _grouped_sum(self.ids(device)[: self.n_weight], gw, self.d, self._drop_mask(dropout, device))

@@ -38,7 +38,7 @@ def summarize(art: Artifact) -> dict:
         "storage": {"gpart_bytes": art.size_bytes, f"lora_r{LORA_RANK}_params": lora + head_params,
                     f"lora_r{LORA_RANK}_bytes_fp32": 4 * (lora + head_params),
                     "ratio_vs_lora": (4 * (lora + head_params)) / max(art.size_bytes, 1)},
-        "versions": meta["versions"], "recipe": meta["recipe"],
+        "versions": meta["versions"], "recipe": meta["recipe"], "imported_from": meta.get("imported_from"),
     }
 
 
@@ -86,6 +86,12 @@ def render(summary: dict, console: Console) -> None:
         ("versions", ", ".join(f"{k} {v}" for k, v in s["versions"].items())),
         ("recipe", ", ".join(sorted(s["recipe"])) if s["recipe"] else "-"),
     ]
+    source = s.get("imported_from")
+    if source:
+        raw = source.get("adapter_config") or {}
+        rows.append(("imported from", f"{source.get('format')} (assignment_backend "
+                                      f"{raw.get('assignment_backend', 'stateless')}, proj_seed {raw.get('proj_seed')}, "
+                                      f"bias {raw.get('bias', 'none')})"))
     for key, value in rows:
         table.add_row(key, value if not isinstance(value, float) or math.isfinite(value) else "nan")
     console.print(table)

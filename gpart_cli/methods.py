@@ -58,10 +58,16 @@ def _peft_config(method, heads: list[str], task_type: str):
 def prepare(model: nn.Module, method, train, task_type: str) -> Prepared:
     """Make the method's parameters trainable and group them: adapter (lr_theta) and head (lr_head)."""
     heads = list(method.head_modules) if method.head_modules is not None else default_head_modules(model, task_type)
+    if method.init_from is not None and method.name != "gpart":
+        raise GpartError(f"method.init_from applies to method gpart, not {method.name}; remove it")
     if method.name == "gpart":
+        start = _start_adapter(model, method.init_from) if method.init_from else None  # spec read on the bare base
         model = apply(model, GPartConfig(d=method.d, seed=method.seed, target_modules=tuple(method.target_modules),
                                          bias=method.bias, isometric=method.isometric, head_modules=tuple(heads),
-                                         dropout=method.dropout, init_bound=method.init_bound, init_seed=train.seed))
+                                         dropout=method.dropout, init_bound=method.init_bound, init_seed=train.seed,
+                                         partition=method.partition))
+        if start is not None:
+            _start_from(model, start)
     elif method.name in ("lora", "unilora"):
         from peft import get_peft_model
 
@@ -82,6 +88,49 @@ def prepare(model: nn.Module, method, train, task_type: str) -> Prepared:
     groups = [{"name": "adapter", "params": adapter, "lr": train.lr_theta, "weight_decay": train.weight_decay},
               {"name": "head", "params": head, "lr": train.lr_head, "weight_decay": train.weight_decay}]
     return Prepared(model=model, groups=[g for g in groups if g["params"]], head_modules=heads)
+
+
+def _start_adapter(model: nn.Module, path: str):
+    """The adapter method.init_from names, as an `Artifact`: a .gpart file or an authors' adapter (resolved on the
+    base model about to be trained)."""
+    from .artifact import read_artifact
+    from .interop import convert, peft_gpart
+
+    if convert.is_authors_adapter(path):
+        return convert.to_artifact(peft_gpart.read(path), model)
+    return read_artifact(path)
+
+
+# (artifact metadata key, recipe field): what must agree for theta to mean the same thing in the new run.
+_SAME = (("partition", "method.partition"), ("d", "method.d"), ("seed", "method.seed"),
+         ("isometric", "method.isometric"))
+
+
+def _start_from(model: nn.Module, art) -> None:
+    """Copy theta and the head of `art` into a freshly applied model whose partition must be the same."""
+    import torch
+
+    from .artifact import _spec_diff
+    from .model import state_of
+
+    state = state_of(model)
+    ours = {"partition": state.config.partition, "d": state.config.d, "seed": state.config.seed,
+            "isometric": state.config.isometric}
+    for key, field in _SAME:
+        if art.meta[key] != ours[key]:
+            raise GpartError(f"method.init_from {art.path}: the adapter has {key} = {art.meta[key]!r} but the recipe "
+                             f"has {field} = {ours[key]!r}; set --set {field}={art.meta[key]}")
+    if art.meta["targets"] != state.targets:
+        raise GpartError(f"method.init_from {art.path}: the adapter adapts other modules than method.target_modules / "
+                         f"method.bias select ({_spec_diff(art.meta['targets'], state.targets)}); make them agree")
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        state.theta.copy_(art.theta.to(state.theta.device))
+        for name, value in art.head.items():
+            if name not in params or params[name].shape != value.shape:
+                raise GpartError(f"method.init_from {art.path}: head tensor {name!r} {tuple(value.shape)} does not fit "
+                                 f"the model; check method.head_modules and the task's label count")
+            params[name].copy_(value.to(params[name].device, params[name].dtype))
 
 
 def trainable_count(model: nn.Module) -> int:

@@ -20,7 +20,7 @@ from .errors import GpartError
 from .groups import LayerGroups
 from .kernels.dispatch import ComputeLog
 from .layer import GPartLinear, check_supported
-from .partition import group_sizes
+from .partitions import FEISTEL, Partition
 from .quantized import is_quantized, keep_autograd_layout, weight_shape
 
 STATE_NAME = "gpart_state"
@@ -41,15 +41,15 @@ class GPartState(nn.Module):
     records which path (Triton kernels or reference) each op ran on.
     """
 
-    def __init__(self, config: GPartConfig, targets: list[dict], n_params: int) -> None:
+    def __init__(self, config: GPartConfig, targets: list[dict], n_params: int,
+                 partition: Partition | None = None) -> None:
         super().__init__()
         self.config = config
         self.targets = targets  # module spec: [{"name", "shape", "bias"}] in canonical order
         self.n_params = n_params
+        self.partition = partition or Partition(config.partition, n_params, config.d, config.seed)
         self.theta = nn.Parameter(initial_theta(config))
-        scale = group_sizes(n_params, config.d).double().rsqrt().float() if config.isometric \
-            else torch.ones(config.d)
-        self.register_buffer("inv_sqrt_sizes", scale, persistent=False)
+        self.register_buffer("inv_sqrt_sizes", self.partition.scales(config.isometric), persistent=False)
         self.head_names: list[str] = []
         self.dropout_key: int | None = None
         self.compute = ComputeLog()
@@ -199,7 +199,9 @@ def apply(model: nn.Module, config: GPartConfig) -> nn.Module:
     spec = module_spec(found, config.bias)
     sizes = [_numel(m, entry["bias"]) for entry, (_, m) in zip(spec, found)]
     n_params = sum(sizes)
-    if not 1 <= config.d <= n_params:
+    # The authors' partitions assign weights independently and accept d > N (some groups stay empty); feistel-v1
+    # cuts a permutation into d non-empty groups.
+    if config.d > n_params and config.partition == FEISTEL:
         raise GpartError(f"d = {config.d:,} is out of range: the {len(spec)} target modules hold N = {n_params:,} "
                          f"parameters and d must satisfy 1 <= d <= N. Choose a smaller d or adapt more modules")
     for p in model.parameters():
@@ -209,13 +211,16 @@ def apply(model: nn.Module, config: GPartConfig) -> nn.Module:
     device = next((m.weight.device for _, m in found), torch.device("cpu"))
     if device.type == "meta":  # a skeleton (FSDP ranks but 0): θ and the group scales stay real (d values)
         device = torch.device("cpu")
-    state = GPartState(config, spec, n_params).to(device)
+    partition = Partition(config.partition, n_params, config.d, config.seed, sizes)
+    partition.counts(device if device.type == "cuda" else None)  # counted on the GPU where it is not closed-form
+    state = GPartState(config, spec, n_params, partition).to(device)
     model.add_module(STATE_NAME, state)
     model.register_forward_pre_hook(_forget_shared_theta)
     offset = 0
     for entry, count, (name, module) in zip(spec, sizes, found):
         n_bias = module.bias.numel() if entry["bias"] else 0
-        groups = LayerGroups(offset, count - n_bias, n_bias, n_params, config.d, config.seed, state.compute)
+        groups = LayerGroups(offset, count - n_bias, n_bias, n_params, config.d, config.seed, state.compute,
+                             partition)
         _set_module(model, name, GPartLinear(module, state, groups, entry["bias"]))
         offset += count
     state.head_names = _unfreeze_heads(model, config.head_modules)

@@ -16,6 +16,7 @@ from typing import Any, Optional
 import yaml
 
 from .errors import GpartError, nearest
+from .partitions import ALGORITHMS
 
 METHODS = ("gpart", "unilora", "lora", "full", "linear_probe")
 FAMILIES = ("glue", "vision", "sft")
@@ -52,6 +53,8 @@ class MethodSection:
     rank: int = 8                            # LoRA / Uni-LoRA rank
     alpha: float = 16.0                      # LoRA alpha
     head_modules: Optional[list] = None      # default: the task head the model class has
+    partition: str = "feistel-v1"            # gpart: feistel-v1 | splitmix64-mod-v1 | torch-randint-v1 (the authors')
+    init_from: Optional[str] = None          # gpart: start theta (and the head) from this .gpart or authors' adapter
 
 
 @dataclass(frozen=True)
@@ -136,7 +139,7 @@ _CHOICES = {"method.name": METHODS, "data.family": FAMILIES, "train.schedule": S
             "train.precision": PRECISIONS, "train.on_nan": ("stop", "skip"), "train.distributed": DISTRIBUTED,
             "model.dtype": ("float32", "bfloat16", "float16"), "model.quantization": ("nf4", "int8", None),
             "model.pooling": ("cls", "mean"), "data.train_transform": TRAIN_TRANSFORMS,
-            "data.eval_transform": EVAL_TRANSFORMS}
+            "data.eval_transform": EVAL_TRANSFORMS, "method.partition": ALGORITHMS}
 _POSITIVE = {"method.d", "method.rank", "train.batch_size", "train.grad_accum", "data.max_length",
              "train.log_every", "eval.batch_size", "eval.max_new_tokens", "train.max_steps", "train.eval_every",
              "train.save_every", "data.max_train_samples", "data.max_eval_samples", "eval.limit",

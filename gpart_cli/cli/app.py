@@ -43,14 +43,18 @@ Device = Annotated[Optional[str], typer.Option(help="auto | cpu | cuda | cuda:N 
 
 @app.command()
 @user_errors
-def inspect(adapter: Annotated[str, typer.Argument(help="A .gpart adapter file, or hf://user/name on the Hub.")],
-            as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a table.")] = False):
+def inspect(adapter: Annotated[str, typer.Argument(help="A .gpart adapter file, an authors' GPart adapter dir, or "
+                                                      "hf://user/name on the Hub.")],
+            as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a table.")] = False,
+            model: Annotated[Optional[str], typer.Option(help="Authors' adapters: the base model whose config resolves "
+                                                              "the targets (default: the one the adapter records).")]
+            = None, trust_remote_code: TrustRemoteCode = False):
     """Show an adapter: d, seed, partition, targets, N, base fingerprint, head, theta stats, recipe."""
-    from ..artifact import read_artifact
     from ..hub import adapter_path
     from ..inspection import render, summarize
+    from ..interop.convert import open_adapter
 
-    summary = summarize(read_artifact(adapter_path(adapter)))
+    summary = summarize(open_adapter(adapter_path(adapter), model, trust_remote_code))
     if as_json:
         print(json.dumps(summary, indent=2))
     else:
@@ -60,7 +64,8 @@ def inspect(adapter: Annotated[str, typer.Argument(help="A .gpart adapter file, 
 @app.command()
 @user_errors
 def merge(base: Annotated[str, typer.Argument(help="Base model: a transformers dir, hub id or pkg:PACKAGE/dir.")],
-          adapter: Annotated[str, typer.Argument(help="The .gpart adapter to fold in (a file, or hf://user/name).")],
+          adapter: Annotated[str, typer.Argument(help="The .gpart adapter to fold in (a file or hf://user/name), or "
+                                                      "an authors' GPart adapter (dir or either of its files).")],
           output: Annotated[Path, typer.Option("-o", "--output", help="Directory to write the merged model to.")],
           dtype: Annotated[Optional[str], typer.Option(help="float32 | bfloat16 | float16 (default: the "
                                                              "dtype the adapter was trained on).")] = None,
@@ -78,6 +83,29 @@ def merge(base: Annotated[str, typer.Argument(help="Base model: a transformers d
     if json.loads((out / "config.json").read_text()).get("gpart_pooling") == "mean":
         err_console.print("[yellow]note:[/] this model was trained with model.pooling: mean (recorded as gpart_pooling "
                           "in config.json). gpart eval applies it; plain transformers pools with [CLS] instead")
+
+
+@app.command()
+@user_errors
+def convert(source: Annotated[Path, typer.Argument(help="An authors' GPart adapter dir, or a .gpart file with "
+                                                        "--to peft-gpart.")],
+            output: Annotated[Path, typer.Option("-o", "--output", help="The .gpart file, or the dir to write.")],
+            to: Annotated[str, typer.Option(help="gpart (a .gpart file) or peft-gpart (the authors' format).")]
+            = "gpart",
+            model: Annotated[Optional[str], typer.Option(help="Base model whose config resolves the authors' "
+                                                              "target_modules (default: the one the adapter "
+                                                              "records).")] = None,
+            trust_remote_code: TrustRemoteCode = False):
+    """Convert between a .gpart adapter and the authors' PEFT-fork GPart format (their partitions only)."""
+    from ..interop.convert import to_gpart, to_peft_gpart
+
+    if to == "gpart":
+        out = to_gpart(source, output, model, trust_remote_code)
+    elif to == "peft-gpart":
+        out = to_peft_gpart(source, output)
+    else:
+        raise GpartError(f"--to {to!r}: use gpart or peft-gpart")
+    console.print(f"wrote [bold]{out}[/]")
 
 
 Overrides = Annotated[Optional[list[str]], typer.Option("--set", help="Override a recipe field: "
@@ -110,8 +138,9 @@ def train(recipe: Annotated[Path, typer.Argument(help="A recipe YAML file (see r
 @user_errors
 def evaluate(task: Annotated[Optional[str], typer.Option(help="glue/<task>, vision/<dataset>, gsm8k, math (the "
                                                             "5,000-problem test), math500 or mawps.")] = None,
-             adapter: Annotated[Optional[str], typer.Option(help="A .gpart file, PEFT adapter dir, merged model "
-                                                                 "dir, gpart run dir, or hf://user/name.")] = None,
+             adapter: Annotated[Optional[str], typer.Option(help="A .gpart file, PEFT adapter dir (the authors' GPart "
+                                                                 "ones too), merged model dir, gpart run dir, or "
+                                                                 "hf://user/name.")] = None,
              model: Annotated[Optional[str], typer.Option(help="Base or merged model: dir, hub id or "
                                                                "pkg:PACKAGE/dir.")] = None,
              gguf_file: Annotated[Optional[str], typer.Option(help="A GGUF file inside --model's dir (a quantized "

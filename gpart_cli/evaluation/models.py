@@ -17,8 +17,8 @@ from ..methods import RUN_INFO
 
 @dataclass(frozen=True)
 class Scored:
-    """What an --adapter names: its kind ("gpart" | "peft" | "merged" | None), path and the recipe it was trained
-    with (None for a plain --model)."""
+    """What an --adapter names: its kind ("gpart" | "peft-gpart" | "peft" | "merged" | None), path and the recipe it
+    was trained with (None for a plain --model, and for the authors' adapters, which record none)."""
 
     kind: str | None
     path: Path | None
@@ -31,7 +31,12 @@ def _run_info(path: Path) -> dict:
 
 
 def resolve_adapter(path: Path) -> tuple[str, Path]:
-    """("gpart" | "peft" | "merged", path) for an adapter file, a PEFT dir, a merged dir, or a run dir."""
+    """("gpart" | "peft-gpart" | "peft" | "merged", path) for an adapter file, an authors' GPart adapter (dir or
+    either file), a PEFT dir, a merged dir, or a run dir."""
+    from ..interop.convert import is_authors_adapter
+
+    if is_authors_adapter(path):
+        return "peft-gpart", path if path.is_dir() else path.parent
     if path.is_file():
         return "gpart", path
     if (path / "adapter.gpart").is_file():
@@ -56,6 +61,8 @@ def scored(adapter: Path | None) -> Scored:
         from ..artifact import read_artifact
 
         return Scored(kind, path, read_artifact(path).meta.get("recipe"))
+    if kind == "peft-gpart":
+        return Scored(kind, path, None)
     return Scored(kind, path, _run_info(path).get("recipe"))
 
 
@@ -90,6 +97,13 @@ def load_scored(req, what: Scored, task_type: str, device: torch.device, precisi
         art = read_artifact(what.path)
         base = req.model or recorded_base((art.meta.get("base_model") or {}).get("name_or_path"), what.path)
         model, _, source = load_adapted(base, what.path, precision.weights, req.trust_remote_code, device)
+        return model, source
+    if what.kind == "peft-gpart":
+        from ..interop import convert, peft_gpart
+
+        base = convert.base_for(peft_gpart.read(what.path), req.model)
+        model, _, source = convert.load_adapted(base, what.path, precision.weights, req.trust_remote_code, device,
+                                                task_type)
         return model, source
     if what.kind == "merged":
         source = recorded_source(str(what.path), what.recipe, precision.weights, req.trust_remote_code)

@@ -70,7 +70,7 @@ def model_dir(req, what, precision=None, device=None) -> Iterator[Path]:
         yield what.path
         return
     dtype = vllm_dtype(precision) if precision is not None else None
-    merge = _merge_gpart if what.kind == "gpart" else _merge_peft
+    merge = _merge_gpart if what.kind in ("gpart", "peft-gpart") else _merge_peft
     if req.merged_dir is not None:
         out = Path(req.merged_dir)
         if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -119,13 +119,17 @@ def _merge_gpart(req, what, out: Path, dtype: str | None, device) -> None:
     from ..artifact import read_artifact
     from ..devices import check_dtype
     from ..export import merge_to_dir
+    from ..interop import convert, peft_gpart
     from ..loading import recorded_source
 
     from .models import recorded_base
 
-    art = read_artifact(what.path)
-    base = req.model or recorded_base((art.meta.get("base_model") or {}).get("name_or_path"), what.path)
-    target = check_dtype(dtype or (art.meta.get("base_model") or {}).get("dtype") or "float32")
+    if convert.is_authors_adapter(what.path):  # the authors' PEFT-fork format (docs/interop.md)
+        base, recorded = convert.base_for(peft_gpart.read(what.path), req.model), {}
+    else:
+        recorded = read_artifact(what.path).meta.get("base_model") or {}
+        base = req.model or recorded_base(recorded.get("name_or_path"), what.path)
+    target = check_dtype(dtype or recorded.get("dtype") or "float32")
     check_disk_space(recorded_source(base, what.recipe, target, req.trust_remote_code), out, target,
                      req.merged_dir is not None)
     merge_to_dir(base, what.path, out, target, req.trust_remote_code, device)

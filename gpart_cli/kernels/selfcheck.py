@@ -14,7 +14,8 @@ from dataclasses import dataclass
 import torch
 
 from .. import rng
-from ..partition import group_ids
+from ..partition import ALGORITHM
+from ..partitions import group_ids
 
 
 def _spec(v: int) -> tuple[bool, bool, bool]:
@@ -40,12 +41,13 @@ class BuildCall:
     n: int
     d: int
     seed: int
+    algorithm: str = ALGORITHM
 
     op = "build"
 
     def key(self) -> tuple:
         return (self.op, self.device, self.dtype, self.has_base, self.dropout, _spec(self.start), _spec(self.count),
-                _spec(self.n), _spec(self.d))
+                _spec(self.n), _spec(self.d), self.algorithm)
 
 
 @dataclass(frozen=True)
@@ -65,12 +67,14 @@ class GradCall:
     n: int
     d: int
     seed: int
+    algorithm: str = ALGORITHM
 
     op = "grad"
 
     def key(self) -> tuple:
         return (self.op, self.device, self.dtype, self.transposed, self.dropout, self.deterministic, self.precision,
-                _spec(self.T), _spec(self.M), _spec(self.N), _spec(self.start), _spec(self.n), _spec(self.d))
+                _spec(self.T), _spec(self.M), _spec(self.N), _spec(self.start), _spec(self.n), _spec(self.d),
+                self.algorithm)
 
 
 @dataclass(frozen=True)
@@ -83,12 +87,14 @@ class IdsCall:
     n: int
     d: int
     seed: int
+    algorithm: str = ALGORITHM
 
     op = "ids"
     dtype = torch.int32
 
     def key(self) -> tuple:
-        return self.op, self.device, _spec(self.start), _spec(self.count), _spec(self.n), _spec(self.d)
+        return (self.op, self.device, _spec(self.start), _spec(self.count), _spec(self.n), _spec(self.d),
+                self.algorithm)
 
 
 # Relative error (L2 norm) allowed against an fp64 reference. Products of bf16/fp16 values are exact in fp32.
@@ -112,6 +118,11 @@ def _mismatch(what: str, got: torch.Tensor, ref: torch.Tensor, tol: float) -> st
     return None if err <= tol else f"{what} has relative error {err:.2e} against the reference (allowed {tol:.0e})"
 
 
+def _ids(call, count: int) -> torch.Tensor:
+    """The reference ids of the check problem's `count` weights from the call's start offset (CPU, int32)."""
+    return group_ids(call.algorithm, call.n, call.d, call.seed, call.start, count)
+
+
 def check_build(call: BuildCall, kernels) -> str | None:
     g = torch.Generator().manual_seed(11)
     count = _small(call.count)
@@ -119,8 +130,8 @@ def check_build(call: BuildCall, kernels) -> str | None:
     weight = _random(count, call.dtype, call.device, g) if call.has_base else None
     dropout = (_CHECK_DROP, _CHECK_KEY) if call.dropout else None
     got = kernels.build_weight(weight, theta, call.start, call.n, call.d, call.seed, shape=(count,),
-                               dtype=call.dtype, dropout=dropout)
-    delta = theta[group_ids(call.n, call.d, call.seed, call.start, count).long().to(call.device)]
+                               dtype=call.dtype, dropout=dropout, algorithm=call.algorithm)
+    delta = theta[_ids(call, count).long().to(call.device)]
     if call.dropout:
         delta = delta.masked_fill(rng.drop_mask(call.start, count, _CHECK_KEY, _CHECK_DROP, call.device), 0.0)
     ref = (delta + weight.float() if call.has_base else delta).to(call.dtype)
@@ -136,13 +147,14 @@ def check_grad(call: GradCall, kernels) -> str | None:
     for _ in range(2 if call.deterministic else 1):
         grad = torch.zeros(call.d, dtype=torch.float32, device=call.device)
         kernels.grad_from_gemm(grad, gy, x, call.start, call.n, call.d, call.seed, call.transposed,
-                               dropout=dropout, deterministic=call.deterministic, max_members=-(-call.n // call.d))
+                               dropout=dropout, deterministic=call.deterministic, max_members=M * N,
+                               algorithm=call.algorithm)
         runs.append(grad)
     gw = gy.double().t() @ x.double()
     flat = (gw.t() if call.transposed else gw).reshape(-1)
     if call.dropout:
         flat = flat.masked_fill(rng.drop_mask(call.start, M * N, _CHECK_KEY, _CHECK_DROP, call.device), 0.0)
-    ids = group_ids(call.n, call.d, call.seed, call.start, M * N).long().to(call.device)
+    ids = _ids(call, M * N).long().to(call.device)
     ref = torch.zeros(call.d, dtype=torch.float64, device=call.device).index_add_(0, ids, flat)
     if call.deterministic and not torch.equal(runs[0], runs[1]):
         return "two runs of the deterministic reduction gave different bits"
@@ -151,8 +163,9 @@ def check_grad(call: GradCall, kernels) -> str | None:
 
 def check_ids(call: IdsCall, kernels) -> str | None:
     count = _small(call.count)
-    got = kernels.group_ids_triton(call.n, call.d, call.seed, call.start, count, call.device)
-    ref = group_ids(call.n, call.d, call.seed, call.start, count).to(call.device)
+    got = kernels.group_ids_triton(call.n, call.d, call.seed, call.start, count, call.device,
+                                   algorithm=call.algorithm)
+    ref = _ids(call, count).to(call.device)
     return _mismatch("group ids", got, ref, 0)
 
 

@@ -1,8 +1,9 @@
 """Triton kernels for the GPU path (docs/design.md §3.3): group ids computed on the fly, zero bytes of partition state.
 
 - `build_weight`: W0 + ΔW (or ΔW alone, for a quantized base) with ΔW_i = theta_scaled[g(i)], g(i) from
-  (global index, seed, d, N) with the feistel-v1 arithmetic of `gpart_cli.partition` (bit-identical ids),
-  and the ΔW dropout mask of `gpart_cli.rng` when training with dropout.
+  (global index, seed, d, N) with the arithmetic of the adapter's algorithm (bit-identical ids): feistel-v1
+  (`gpart_cli.partition`) or splitmix64-mod-v1 (`gpart_cli.partition_authors`), chosen by the ALGO
+  compile-time switch; and the ΔW dropout mask of `gpart_cli.rng` when training with dropout.
 - `grad_from_gemm`: dL/dW = gy^T x computed tile by tile in registers and reduced straight into dL/dθ, so
   dL/dW is never written to memory. The reduction is either fp32 atomics (fast, order-dependent) or, when
   torch's deterministic algorithms are on, int64 fixed-point atomics: integer addition is associative, so
@@ -24,11 +25,15 @@ import triton
 import triton.language as tl
 
 from ..partition import _MASK32, _MUELLER, half_bits, round_keys
+from ..partition_authors import GAMMA, MIX1, MIX2, seed64
+from ..partitions import FEISTEL, ON_THE_FLY, SPLITMIX
 from ..rng import LOWBIAS_A, LOWBIAS_B
 from .dispatch import dot_precision
 
 # The jitted constants below mirror partition.py and rng.py.
 assert _MASK32 == 0xFFFFFFFF and _MUELLER == 0x45D9F3B and LOWBIAS_A == 0x7FEB352D and LOWBIAS_B == 0x846CA68B
+assert MIX1 == 0xBF58476D1CE4E5B9 and MIX2 == 0x94D049BB133111EB
+ALGO_ID = {FEISTEL: 0, SPLITMIX: 1}  # the ALGO switch of each kernel
 
 
 @triton.jit
@@ -54,14 +59,33 @@ def _feistel(x, half, hmask, k0, k1, k2, k3):
 
 
 @triton.jit
-def _group(idx, n, d, half, hmask, k0, k1, k2, k3):
-    """g(idx) for a 1-D int64 block of global indices (masked-out lanes must hold a valid index, e.g. 0)."""
+def _feistel_group(idx, n, d, half, hmask, k0, k1, k2, k3):
     x = _feistel(idx, half, hmask, k0, k1, k2, k3)
     outside = x >= n
     while tl.max(outside.to(tl.int32), axis=0) > 0:  # cycle-walking: few lanes, few passes
         x = tl.where(outside, _feistel(x, half, hmask, k0, k1, k2, k3), x)
         outside = x >= n
     return x * d // n
+
+
+@triton.jit
+def _splitmix_group(idx, d, base_hi, base_lo):
+    """splitmix64(seed + idx) mod d in uint64 lanes; base = seed + GAMMA (mod 2**64) arrives as two 32-bit halves."""
+    base = (base_hi.to(tl.uint64) << 32) | base_lo.to(tl.uint64)
+    z = idx.to(tl.uint64) + base
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EB
+    z = z ^ (z >> 31)
+    return (z % d.to(tl.uint64)).to(tl.int64)
+
+
+@triton.jit
+def _group(idx, n, d, half, hmask, k0, k1, k2, k3, ALGO: tl.constexpr):
+    """g(idx) for a 1-D int64 block of global indices (masked-out lanes must hold a valid index, e.g. 0)."""
+    if ALGO == 1:
+        return _splitmix_group(idx, d, k0, k1)
+    else:
+        return _feistel_group(idx, n, d, half, hmask, k0, k1, k2, k3)
 
 
 @triton.jit
@@ -82,11 +106,11 @@ def _dropped(idx, drop_thr, dk0, dk1):
 
 
 @triton.jit
-def _ids_kernel(out_ptr, start, count, n, d, half, hmask, k0, k1, k2, k3, BLOCK: tl.constexpr):
+def _ids_kernel(out_ptr, start, count, n, d, half, hmask, k0, k1, k2, k3, ALGO: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < count
     idx = tl.where(mask, start + offs, 0)
-    g = _group(idx, n, d, half, hmask, k0, k1, k2, k3)
+    g = _group(idx, n, d, half, hmask, k0, k1, k2, k3, ALGO)
     tl.store(out_ptr + offs, g.to(tl.int32), mask=mask)
 
 
@@ -100,11 +124,12 @@ def _to_bf16_rne(v):
 
 @triton.jit
 def _build_kernel(w_ptr, theta_ptr, out_ptr, start, count, n, d, half, hmask, k0, k1, k2, k3, drop_thr, dk0, dk1,
-                  HAS_BASE: tl.constexpr, DROPOUT: tl.constexpr, OUT_BF16: tl.constexpr, BLOCK: tl.constexpr):
+                  ALGO: tl.constexpr, HAS_BASE: tl.constexpr, DROPOUT: tl.constexpr, OUT_BF16: tl.constexpr,
+                  BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < count
     idx = tl.where(mask, start + offs, 0)
-    g = _group(idx, n, d, half, hmask, k0, k1, k2, k3)
+    g = _group(idx, n, d, half, hmask, k0, k1, k2, k3, ALGO)
     t = tl.load(theta_ptr + g, mask=mask, other=0.0)
     if DROPOUT:
         t = tl.where(_dropped(idx, drop_thr, dk0, dk1), 0.0, t)
@@ -119,8 +144,8 @@ def _build_kernel(w_ptr, theta_ptr, out_ptr, start, count, n, d, half, hmask, k0
 @triton.jit
 def _grad_kernel(gy_ptr, x_ptr, grad_ptr, fixed_ptr, T, M, N, stride_gt, stride_gm, stride_xt, stride_xn,
                  start, idx_sm, idx_sn, n, d, half, hmask, k0, k1, k2, k3, drop_thr, dk0, dk1,
-                 PRECISION: tl.constexpr, UPCAST: tl.constexpr, DROPOUT: tl.constexpr, FIXED: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                 ALGO: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, DROPOUT: tl.constexpr,
+                 FIXED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """One (BLOCK_M x BLOCK_N) tile of dL/dW = gy^T x, reduced into grad[g(i)] with atomics."""
     rm = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -140,7 +165,7 @@ def _grad_kernel(gy_ptr, x_ptr, grad_ptr, fixed_ptr, T, M, N, stride_gt, stride_
     idx = tl.where(mask, start + rm[:, None] * idx_sm + rn[None, :] * idx_sn, 0)
     # _group's cycle-walking loop reduces over one axis: run it on the flattened tile.
     flat = tl.reshape(idx, (BLOCK_M * BLOCK_N,))
-    g = tl.reshape(_group(flat, n, d, half, hmask, k0, k1, k2, k3), (BLOCK_M, BLOCK_N))
+    g = tl.reshape(_group(flat, n, d, half, hmask, k0, k1, k2, k3, ALGO), (BLOCK_M, BLOCK_N))
     if DROPOUT:
         acc = tl.where(_dropped(idx, drop_thr, dk0, dk1), 0.0, acc)
     if FIXED:
@@ -160,7 +185,14 @@ _BLOCK = 1024
 GRAD_BLOCKS = (64, 64, 32)
 
 
-def partition_args(n: int, seed: int) -> tuple[int, ...]:
+def partition_args(n: int, seed: int, algorithm: str = FEISTEL) -> tuple[int, ...]:
+    """(half, hmask, k0, k1, k2, k3) of `_group`: feistel-v1's domain and round keys, or, for splitmix64-mod-v1,
+    k0/k1 = the high/low 32 bits of seed + GAMMA (mod 2**64) and zeros elsewhere."""
+    if algorithm not in ON_THE_FLY:
+        raise ValueError(f"partition {algorithm!r} has no on-the-fly kernel")
+    if algorithm == SPLITMIX:
+        base = (seed64(seed) + GAMMA) & ((1 << 64) - 1)
+        return 0, 0, base >> 32, base & _MASK32, 0, 0
     half = half_bits(n)
     return (half, (1 << half) - 1, *round_keys(seed))
 
@@ -173,21 +205,25 @@ def dropout_args(dropout: tuple[int, int] | None) -> tuple[int, int, int]:
     return threshold, key & _MASK32, key >> 32
 
 
-def group_ids_triton(n: int, d: int, seed: int, start: int, count: int, device) -> torch.Tensor:
+def group_ids_triton(n: int, d: int, seed: int, start: int, count: int, device, algorithm: str = FEISTEL
+                     ) -> torch.Tensor:
     out = torch.empty(count, dtype=torch.int32, device=device)
-    _ids_kernel[(triton.cdiv(count, _BLOCK),)](out, start, count, n, d, *partition_args(n, seed), BLOCK=_BLOCK)
+    _ids_kernel[(triton.cdiv(count, _BLOCK),)](out, start, count, n, d, *partition_args(n, seed, algorithm),
+                                               ALGO=ALGO_ID[algorithm], BLOCK=_BLOCK)
     return out
 
 
 def build_weight(weight: torch.Tensor | None, theta_scaled: torch.Tensor, start: int, n: int, d: int, seed: int,
-                 *, shape=None, dtype=None, dropout: tuple[int, int] | None = None) -> torch.Tensor:
+                 *, shape=None, dtype=None, dropout: tuple[int, int] | None = None, algorithm: str = FEISTEL
+                 ) -> torch.Tensor:
     """W0 + ΔW in the base dtype (summed in fp32, one rounding), or ΔW alone (`weight` None: give shape, dtype)."""
     theta_scaled = theta_scaled.float().contiguous()
     w = weight.contiguous() if weight is not None else theta_scaled  # a placeholder pointer without a base
     out = torch.empty(shape if weight is None else w.shape, dtype=dtype or w.dtype, device=theta_scaled.device)
     count = out.numel()
-    _build_kernel[(triton.cdiv(count, _BLOCK),)](w, theta_scaled, out, start, count, n, d, *partition_args(n, seed),
-                                                 *dropout_args(dropout), HAS_BASE=weight is not None,
+    _build_kernel[(triton.cdiv(count, _BLOCK),)](w, theta_scaled, out, start, count, n, d,
+                                                 *partition_args(n, seed, algorithm), *dropout_args(dropout),
+                                                 ALGO=ALGO_ID[algorithm], HAS_BASE=weight is not None,
                                                  DROPOUT=dropout is not None, OUT_BF16=out.dtype == torch.bfloat16,
                                                  BLOCK=_BLOCK)
     return out
@@ -206,7 +242,7 @@ def fixed_point_scale(gy: torch.Tensor, x: torch.Tensor, max_members: int) -> to
 
 def grad_from_gemm(grad_theta: torch.Tensor, gy: torch.Tensor, x: torch.Tensor, start: int, n: int, d: int,
                    seed: int, transposed: bool, *, dropout: tuple[int, int] | None = None,
-                   deterministic: bool = False, max_members: int = 1) -> None:
+                   deterministic: bool = False, max_members: int = 1, algorithm: str = FEISTEL) -> None:
     """grad_theta[g(i)] += (gy^T x)_i for the layer's weights; gy (T, out), x (T, in), grad_theta fp32 [d].
 
     nn.Linear stores W as (out, in): weight (m, k) has global index start + m*in + k. Conv1D stores (in, out).
@@ -223,8 +259,8 @@ def grad_from_gemm(grad_theta: torch.Tensor, gy: torch.Tensor, x: torch.Tensor, 
     else:
         target, scale = grad_theta, grad_theta  # the scale pointer is unused without FIXED
     _grad_kernel[grid](gy, x, target, scale, T, M, N, gy.stride(0), gy.stride(1), x.stride(0), x.stride(1),
-                       start, idx_sm, idx_sn, n, d, *partition_args(n, seed), *dropout_args(dropout),
-                       PRECISION=precision, UPCAST=upcast, DROPOUT=dropout is not None, FIXED=deterministic,
+                       start, idx_sm, idx_sn, n, d, *partition_args(n, seed, algorithm), *dropout_args(dropout),
+                       ALGO=ALGO_ID[algorithm], PRECISION=precision, UPCAST=upcast, DROPOUT=dropout is not None, FIXED=deterministic,
                        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
     if deterministic:
         grad_theta += (target.double() / scale).float()
