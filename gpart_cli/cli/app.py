@@ -63,14 +63,19 @@ def merge(base: Annotated[str, typer.Argument(help="Base model: a transformers d
           output: Annotated[Path, typer.Option("-o", "--output", help="Directory to write the merged model to.")],
           dtype: Annotated[Optional[str], typer.Option(help="float32 | bfloat16 | float16 (default: the "
                                                              "dtype the adapter was trained on).")] = None,
-          trust_remote_code: TrustRemoteCode = False, device: Device = None):
+          trust_remote_code: TrustRemoteCode = False, device: Device = None,
+          check: Annotated[bool, typer.Option("--check", help="Print the largest difference between merged and "
+                                                              "unmerged logits on a few fixed inputs.")] = False):
     """Write a standard transformers model dir with the target weights = W0 + Pθ and the head restored."""
     from ..devices import resolve_device
     from ..export import merge_to_dir
 
     where = resolve_device(device)
     with console.status(f"merging on {where}"):
-        out = merge_to_dir(base, adapter, output, dtype, trust_remote_code, where)
+        out = merge_to_dir(base, adapter, output, dtype, trust_remote_code, where, check=check)
+    if check:
+        out, result = out
+        console.print(result.describe())
     console.print(f"merged model written to [bold]{out}[/] (loads with AutoModel*.from_pretrained)")
     if json.loads((out / "config.json").read_text()).get("gpart_pooling") == "mean":
         err_console.print("[yellow]note:[/] this model was trained with model.pooling: mean (recorded as gpart_pooling "
@@ -108,7 +113,8 @@ def train(recipe: Annotated[Path, typer.Argument(help="A recipe YAML file (see r
 def evaluate(task: Annotated[str, typer.Option(help="glue/<task>, vision/<dataset>, gsm8k, math (the 5,000-problem "
                                                   "test), math500 or mawps.")],
              adapter: Annotated[Optional[Path], typer.Option(help="A .gpart file, PEFT adapter dir, merged model "
-                                                                  "dir, or gpart run dir.")] = None,
+                                                                  "dir, or gpart run dir; a,b,... scores several "
+                                                                  ".gpart adapters on one loaded base.")] = None,
              model: Annotated[Optional[str], typer.Option(help="Base or merged model: dir, hub id or "
                                                                "pkg:PACKAGE/dir.")] = None,
              gguf_file: Annotated[Optional[str], typer.Option(help="A GGUF file inside --model's dir (a quantized "
@@ -141,6 +147,15 @@ def evaluate(task: Annotated[str, typer.Option(help="glue/<task>, vision/<datase
                       trust_remote_code=trust_remote_code, gguf_file=gguf_file, device=device, dtype=dtype,
                       backend=backend, tensor_parallel_size=tensor_parallel_size)
     err_console.print(f"evaluating {task} …")  # generation tasks show their own progress bar
+    from ..evaluation.multi import evaluate_many, split_adapters, summary_table
+
+    many = split_adapters(adapter)
+    if many:
+        summary = evaluate_many(req, many)
+        console.print(summary_table(summary))
+        console.print(f"scores: {req.output or 'eval-' + task.replace('/', '-') + '.json'} (one JSON per adapter "
+                      f"beside it)")
+        return
     doc = run_eval(req)
     table = Table(title=f"{task}" + (f" · {limit} examples" if limit else ""))
     table.add_column("metric")

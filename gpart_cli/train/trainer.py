@@ -39,7 +39,9 @@ _RESUME_SAFE = {"source", "name", "train.log_every", "train.on_nan", "eval.batch
                 "eval.max_new_tokens", "eval.dev_batch_size", "train.distributed"}
 # Fields newer than some recorded runs, and what a recipe without them meant: vision images were resized plainly
 # before augmentation existed. The transforms only matter for vision runs.
-_ADDED_FIELDS = {"data.train_transform": "resize", "data.eval_transform": "resize"}
+_ADDED_FIELDS = {"data.train_transform": "resize", "data.eval_transform": "resize", "data.format": "pairs",
+                 "data.chat_template": "auto", "data.messages_column": "messages", "data.packing": False,
+                 "data.labels": None}
 _VISION_ONLY = {"data.train_transform", "data.eval_transform"}
 
 
@@ -158,8 +160,9 @@ class Trainer:
         for piece in sharding.step_plan(self.rank, self.world, t.grad_accum):
             rows, weight = sharding.share(self.micro_batch_rows(step * t.grad_accum + piece.micro), piece,
                                           self.world, units)
-            batch = self.s.splits.collate([data[i] for i in rows])
-            yield step * t.grad_accum + piece.micro, {key: v.to(self.device) for key, v in batch.items()}, weight
+            batch = (self.s.splits.train_collate or self.s.splits.collate)([data[i] for i in rows])
+            yield step * t.grad_accum + piece.micro, {key: v.to(self.device) if torch.is_tensor(v) else v
+                                                      for key, v in batch.items()}, weight
 
     # ---- evaluation ----------------------------------------------------------------------------------
     def evaluate_split(self, dataset) -> dict:
@@ -181,11 +184,13 @@ class Trainer:
                     self.console.print(f"generation eval is not run inside an FSDP job; score the result with: "
                                        f"gpart eval --task {e.task} --adapter {self.out} --backend vllm")
                 return None, []
+            from ..data.chat import resolve_rendering
             from ..evaluation.tasks import load_task_rows, run_generation
 
             rows = load_task_rows(e.task, e.files, e.split, e.limit)
             return run_generation(e.task, self.model, self.s.tokenizer, rows, e.batch_size, e.max_new_tokens,
-                                  self.console, self.autocast_dtype)
+                                  self.console, self.autocast_dtype,
+                                  resolve_rendering(self.recipe.data, self.s.tokenizer))
         if self.s.splits.eval is None:
             return None, []
         preds, refs = classify.predict(self.model, self.s.splits.eval, self.s.splits.collate, e.batch_size,
