@@ -32,9 +32,10 @@ def infer_labels(values: list, declared: list | None, source: str, column: str) 
     """Class names in id order: `declared`, else "0".."k-1" for integer labels or the sorted strings."""
     kinds = {_kind(v) for v in values}
     bad = next((v for v in values if _kind(v) == "bad"), None)
-    if bad is not None or len(kinds) > 1:
-        example = bad if bad is not None else values[0]
-        raise GpartError(f"{source}: label {example!r} in column {column!r}: labels should be all integers 0..k-1 or "
+    if bad is None and len(kinds) > 1:
+        bad = next(v for v in values if _kind(v) != _kind(values[0]))  # the first that breaks the pattern
+    if bad is not None:
+        raise GpartError(f"{source}: label {bad!r} in column {column!r}: labels should be all integers 0..k-1 or "
                          f"all strings (class names); fix the column or set data.label_column")
     if declared:
         return [str(name) for name in declared]

@@ -26,7 +26,8 @@ def predict(model, dataset, collate, batch_size: int, device, autocast_dtype=Non
 
 
 def score(family: str, task: str, preds: list, refs: list) -> dict[str, float]:
-    """GLUE metrics per task (DESIGN §7), accuracy and macro F1 for your own text classes, top-1 accuracy for vision."""
+    """GLUE metrics per task (DESIGN §7), accuracy and macro F1 for your own text classes (text_classification),
+    top-1 accuracy for vision."""
     if family == "glue":
         return glue_metrics(task, preds, refs)
     if family == "text_classification":

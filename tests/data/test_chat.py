@@ -1,4 +1,4 @@
-"""Chat and instruction SFT data (data/chat.py): formats, templates, assistant-only label masks, fingerprints, packing."""
+"""Chat and instruction SFT data (data/chat.py): formats, templates, assistant-only labels, fingerprints, packing."""
 
 from __future__ import annotations
 
