@@ -201,3 +201,52 @@ def test_recipe_fields_validate():
         from_dict({**base, "data": {"chat_template": "chatml"}})
     recipe = from_dict({**base, "data": {"family": "sft", "format": "messages", "packing": True}})
     assert dataclasses.asdict(recipe.data)["chat_template"] == "auto"
+
+
+# ---------------------------------------------------------------- end to end
+
+
+@pytest.mark.slow
+def test_chat_sft_run_records_its_template_and_eval_warns_on_drift(tiny_llama_dir, tmp_path):
+    import json
+    import shutil
+
+    from transformers import AutoTokenizer
+    from typer.testing import CliRunner
+
+    from conftest import ASSETS, head_rows
+    from gpart_cli.artifact import read_artifact
+    from gpart_cli.cli.app import app
+    from gpart_cli.recipe import from_dict
+    from gpart_cli.train.run import run
+
+    chat_dir = tmp_path / "chat-llama"
+    shutil.copytree(tiny_llama_dir, chat_dir)
+    tok = AutoTokenizer.from_pretrained(chat_dir)
+    tok.chat_template = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>\n{% endfor %}"
+                         "{% if add_generation_prompt %}<s>assistant: {% endif %}")
+    tok.save_pretrained(chat_dir)
+    rows = [{"messages": [{"role": "user", "content": r["question"]}, {"role": "assistant", "content": r["answer"]}]}
+            for r in head_rows(ASSETS / "gsm8k" / "train.jsonl", 12)]
+    gsm_test = str(ASSETS / "gsm8k" / "test.jsonl")
+    recipe = from_dict({
+        "model": {"name_or_path": str(chat_dir)},
+        "method": {"name": "gpart", "d": 64, "target_modules": ["q_proj", "v_proj"]},
+        "data": {"family": "sft", "task": "my_chats", "format": "messages", "packing": True,
+                 "train_files": [str(write_jsonl(tmp_path / "chats.jsonl", rows))], "dev_samples": 4,
+                 "max_length": 320},
+        "train": {"max_steps": 2, "batch_size": 4, "lr_theta": 1e-2, "eval_before": False},
+        "eval": {"task": "gsm8k", "files": [gsm_test], "limit": 2, "batch_size": 2, "max_new_tokens": 4},
+        "name": "chat"})
+    results = run(recipe, tmp_path / "run")
+    recorded = read_artifact(tmp_path / "run" / "adapter.gpart").meta["task"]["template"]
+    assert recorded == Rendering("chat", None).fingerprint(AutoTokenizer.from_pretrained(chat_dir))
+    common = ["eval", "--task", "gsm8k", "--adapter", str(tmp_path / "run"), "--data", gsm_test, "--limit", "2",
+              "--max-new-tokens", "4"]
+    res = CliRunner().invoke(app, common + ["--model", str(chat_dir), "--output", str(tmp_path / "ev.json")])
+    assert res.exit_code == 0 and "drift" not in res.output, res.output
+    assert json.loads((tmp_path / "ev.json").read_text())["scores"] == results["after"]
+    # the same adapter on a copy of the base whose tokenizer lost its chat template: other prompts, a warning
+    res = CliRunner().invoke(app, common + ["--model", str(tiny_llama_dir), "--output", str(tmp_path / "ev2.json")])
+    assert res.exit_code == 0, res.output
+    assert "prompt template drift" in res.output and "trained with chat" in res.output
