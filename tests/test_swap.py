@@ -3,6 +3,7 @@
 import copy
 import json
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -150,3 +151,12 @@ def test_merge_check_reports_the_logit_gap(bert_adapters, tiny_bert_dir, tmp_pat
     fp32, bf16 = gap(), gap("--dtype", "bfloat16")
     assert fp32 == 0.0  # the merge writes the very W0 + Pθ the unmerged forward builds
     assert fp32 < bf16 < 0.1  # bf16 weights: visible, still small
+
+
+def test_adapter_lists_parse(tmp_path):
+    from gpart_cli.evaluation.multi import split_adapters
+
+    assert split_adapters(None) is None and split_adapters(tmp_path / "a.gpart") is None
+    assert split_adapters("runs/a, runs/b,") == [Path("runs/a"), Path("runs/b")]
+    with pytest.raises(GpartError, match="list two or more adapters"):
+        split_adapters("runs/a,")
