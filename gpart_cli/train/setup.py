@@ -88,13 +88,12 @@ def build(recipe: Recipe, device: torch.device | None = None) -> Setup:
         splits = build_vision_splits(data, config, seed, processor)
         model = _model(recipe, task_type, splits.num_labels, splits.labels, device)
     elif family == "sft":
+        from ..data.chat import resolve_rendering
         from ..data.sft import build_sft_splits
 
         if recipe.model.config is not None and recipe.model.name_or_path is None:
             raise GpartError("data.family sft needs model.name_or_path for the tokenizer")
         tokenizer = load_tokenizer(model_source(recipe))
-        from ..data.chat import resolve_rendering
-
         splits = build_sft_splits(data, tokenizer, seed)
         extra["template"] = resolve_rendering(data, tokenizer).fingerprint(tokenizer)  # gpart eval checks it
         model = _model(recipe, task_type, device=device)
