@@ -114,9 +114,17 @@ def test_eval_several_adapters_loads_the_base_once_and_scores_as_separate_runs(
         bert_adapters, tiny_bert_dir, sst2_files, tmp_path, monkeypatch):
     import gpart_cli.loading as loading
 
-    loads = []
-    load_model = loading.load_model
-    monkeypatch.setattr(loading, "load_model", lambda *a, **k: loads.append(a[0].name_or_path) or load_model(*a, **k))
+    loads, auto_class = [], loading._auto_class
+
+    class Counted:  # every base load goes through _auto_class(task_type).from_pretrained
+        def __init__(self, task_type):
+            self.cls = auto_class(task_type)
+
+        def from_pretrained(self, *args, **kwargs):
+            loads.append(args[0])
+            return self.cls.from_pretrained(*args, **kwargs)
+
+    monkeypatch.setattr(loading, "_auto_class", Counted)
     common = ["eval", "--task", "glue/sst2", "--model", str(tiny_bert_dir), "--data", str(sst2_files[1])]
     separate = []
     for path in bert_adapters:
