@@ -8,6 +8,7 @@ Public API (docs/design.md §8)::
     gpart.save(model, "run/adapter.gpart")
     model = gpart.load(base_model, "run/adapter.gpart")
     merged = gpart.merge(model)
+    gpart.swap(merged, "other.gpart")         # W += P(θ_other - θ), one fp32 pass; on an unmerged model: θ replaced
     ids = gpart.group_ids(n=1000, d=7, seed=0)  # feistel-v1; gpart.Partition(...) for any of gpart.ALGORITHMS
 """
 
@@ -21,8 +22,9 @@ from .errors import GpartError  # noqa: E402
 from .model import apply, merge, theta  # noqa: E402
 from .partition import ALGORITHM, group_ids, group_sizes  # noqa: E402
 from .partitions import ALGORITHMS, Partition  # noqa: E402
+from .swap import swap  # noqa: E402
 
 __version__ = "0.1.0"
 
 __all__ = ["ALGORITHM", "ALGORITHMS", "GPartConfig", "GpartError", "Partition", "apply", "group_ids", "group_sizes",
-           "load", "merge", "read_artifact", "save", "theta", "__version__"]
+           "load", "merge", "read_artifact", "save", "swap", "theta", "__version__"]

@@ -71,10 +71,11 @@ def _load_dtype(source: ModelSource, target: str) -> str:
 
 
 def merge_to_dir(base: str, adapter: str | os.PathLike, out: str | os.PathLike, dtype: str | None = None,
-                 trust_remote_code: bool = False, device: torch.device | None = None) -> Path:
+                 trust_remote_code: bool = False, device: torch.device | None = None, check: bool = False):
     """Merge (fp32 sums, one rounding), cast to `dtype` (default: the adapter's training dtype), save atomically.
 
     The saved config.json also carries the fields transformers 4.x and vLLM read (see `portable_config`).
+    Returns the output dir; with `check`, (dir, `merge_check.MergeCheck`): merged vs unmerged logits on a few inputs.
     """
     from .interop import convert
 
@@ -82,22 +83,34 @@ def merge_to_dir(base: str, adapter: str | os.PathLike, out: str | os.PathLike, 
     target = check_dtype(dtype or (meta.get("base_model") or {}).get("dtype") or "float32")
     probe = recorded_source(base, meta.get("recipe"), trust_remote_code=trust_remote_code)
     model, _, source = load_adapted(base, adapter, _load_dtype(probe, target), trust_remote_code, device)
+    if check:
+        from .merge_check import compare, probe_inputs, probe_logits
+
+        batch = probe_inputs(model, _tokenizer_or_none(source))
+        before = probe_logits(model, batch)
     model = merge(model).to(torch_dtype(target))
+    result = check and compare(before, probe_logits(model, batch))
     out = Path(out)
     with atomic.directory(out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         config = tmp / "config.json"
         config.write_text(json.dumps(make_portable(json.loads(config.read_text()), target), indent=2) + "\n")
         _save_preprocessors(source, tmp)
-    return out
+    return (out, result) if check else out
+
+
+def _tokenizer_or_none(source: ModelSource):
+    try:
+        return load_tokenizer(source)
+    except (GpartError, OSError, ValueError, TypeError):
+        return None
 
 
 def _save_preprocessors(source: ModelSource, out: Path) -> None:
     # A base without a tokenizer (a vision model) or image processor (a text model) is normal.
-    try:
-        load_tokenizer(source).save_pretrained(out)
-    except (GpartError, OSError, ValueError, TypeError):
-        pass
+    tokenizer = _tokenizer_or_none(source)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
     try:
         from transformers import AutoImageProcessor
 

@@ -24,6 +24,7 @@ from .partitions import FEISTEL, Partition
 from .quantized import is_quantized, keep_autograd_layout, weight_shape
 
 STATE_NAME = "gpart_state"
+MERGED = "gpart_merged"  # plain attribute of a merged model: the adapter folded in (`gpart.swap` takes it out)
 
 
 def initial_theta(config: GPartConfig) -> torch.Tensor:
@@ -301,6 +302,7 @@ def merge(model: nn.Module) -> nn.Module:
         del w, b
         layer.groups.release()
         _set_module(model, name, base)
+    _remember_merge(model, state_of(model))
     delattr(model, STATE_NAME)
     for key, hook in list(model._forward_pre_hooks.items()):  # a plain model again: no GPart hook left behind
         if hook is _forget_shared_theta:
@@ -340,3 +342,22 @@ def merged_for_decoding(model: nn.Module):
             if bias is not None:
                 base.bias.data = bias.to(base.bias.device)
             _set_module(model, name, layer)
+
+
+def merge_record(config: GPartConfig, targets: list[dict], n_params: int, theta: torch.Tensor) -> dict:
+    """What a merged model remembers of the adapter folded into it: its partition and θ (fp32, on the CPU)."""
+    return {"config": config, "targets": targets, "n_params": n_params, "theta": theta.detach().float().cpu().clone()}
+
+
+def _remember_merge(model: nn.Module, state: GPartState) -> None:
+    """Record the merged θ on the model for `gpart.swap`; a second merge of the same partition adds up, one of
+    another partition leaves a record that swap refuses (no single θ describes the weights then)."""
+    record = merge_record(state.config, state.targets, state.n_params, state.theta)
+    previous = getattr(model, MERGED, None)
+    if previous is not None:
+        key = lambda r: (r.get("targets"), r.get("n_params"), getattr(r.get("config"), "d", None),  # noqa: E731
+                         getattr(r.get("config"), "seed", None), getattr(r.get("config"), "isometric", None),
+                         getattr(r.get("config"), "partition", None))
+        same = key(previous) == key(record)
+        record = {**record, "theta": previous["theta"] + record["theta"]} if same else {"stacked": True}
+    setattr(model, MERGED, record)

@@ -19,13 +19,15 @@ from .errors import GpartError, nearest
 from .partitions import ALGORITHMS
 
 METHODS = ("gpart", "unilora", "lora", "full", "linear_probe")
-FAMILIES = ("glue", "vision", "sft")
+FAMILIES = ("glue", "vision", "sft", "text_classification")
 SCHEDULES = ("linear", "cosine", "constant")
 PRECISIONS = ("auto", "fp32", "bf16")
 TRAIN_TRANSFORMS = ("random_resized_crop", "resize")   # vision: the authors' augmentation, or a plain resize
 EVAL_TRANSFORMS = ("center_crop", "resize")            # vision: resize the short side + center crop, or a plain resize
 DISTRIBUTED = ("ddp", "fsdp")
 REPORT_TO = ("tensorboard", "wandb", "mlflow", "none")  # experiment trackers (train/tracking.py)
+SFT_FORMATS = ("pairs", "alpaca", "messages")                   # sft rows: (query, response), Alpaca, chat turns
+CHAT_TEMPLATES = ("auto", "none", "metamath", "question_answer")  # sft prompt rendering (see data/chat.py)
 
 
 @dataclass(frozen=True)
@@ -72,8 +74,9 @@ class DataSection:
     max_length: int = 128
     max_train_samples: Optional[int] = None
     max_eval_samples: Optional[int] = None
-    text_columns: Optional[list] = None      # GLUE: defaults per task
+    text_columns: Optional[list] = None      # GLUE: defaults per task; text_classification: default [text]
     label_column: str = "label"
+    labels: Optional[list] = None            # text_classification: class names in id order (default: inferred)
     image_column: str = "image"
     image_size: Optional[int] = None         # vision: defaults to the image processor's, then the model's
     train_transform: str = "random_resized_crop"  # vision: RandomResizedCrop + horizontal flip | resize
@@ -82,6 +85,10 @@ class DataSection:
     query_column: str = "query"              # SFT
     response_column: str = "response"
     prompt_template: str = "metamath"
+    format: str = "pairs"                    # SFT rows: pairs (data.task's converter) | alpaca | messages
+    chat_template: str = "auto"              # SFT: auto | none | metamath | question_answer (data/chat.py)
+    messages_column: str = "messages"        # SFT format messages: the column holding the chat turns
+    packing: bool = False                    # SFT: train on packed rows (DataCollatorWithFlattening), no padding
     dev_samples: Optional[int] = None        # SFT: held-out examples for the dev loss
 
 
@@ -139,7 +146,8 @@ _CHOICES = {"method.name": METHODS, "data.family": FAMILIES, "train.schedule": S
             "train.precision": PRECISIONS, "train.on_nan": ("stop", "skip"), "train.distributed": DISTRIBUTED,
             "model.dtype": ("float32", "bfloat16", "float16"), "model.quantization": ("nf4", "int8", None),
             "model.pooling": ("cls", "mean"), "data.train_transform": TRAIN_TRANSFORMS,
-            "data.eval_transform": EVAL_TRANSFORMS, "method.partition": ALGORITHMS}
+            "data.eval_transform": EVAL_TRANSFORMS, "data.format": SFT_FORMATS,
+            "data.chat_template": CHAT_TEMPLATES, "method.partition": ALGORITHMS}
 _POSITIVE = {"method.d", "method.rank", "train.batch_size", "train.grad_accum", "data.max_length",
              "train.log_every", "eval.batch_size", "eval.max_new_tokens", "train.max_steps", "train.eval_every",
              "train.save_every", "data.max_train_samples", "data.max_eval_samples", "eval.limit",

@@ -69,7 +69,9 @@ def merge(base: Annotated[str, typer.Argument(help="Base model: a transformers d
           output: Annotated[Path, typer.Option("-o", "--output", help="Directory to write the merged model to.")],
           dtype: Annotated[Optional[str], typer.Option(help="float32 | bfloat16 | float16 (default: the "
                                                              "dtype the adapter was trained on).")] = None,
-          trust_remote_code: TrustRemoteCode = False, device: Device = None):
+          trust_remote_code: TrustRemoteCode = False, device: Device = None,
+          check: Annotated[bool, typer.Option("--check", help="Print the largest difference between merged and "
+                                                              "unmerged logits on a few fixed inputs.")] = False):
     """Write a standard transformers model dir with the target weights = W0 + Pθ and the head restored."""
     from ..devices import resolve_device
     from ..export import merge_to_dir
@@ -78,7 +80,10 @@ def merge(base: Annotated[str, typer.Argument(help="Base model: a transformers d
     where = resolve_device(device)
     adapter_file = adapter_path(adapter)
     with console.status(f"merging on {where}"):
-        out = merge_to_dir(base, adapter_file, output, dtype, trust_remote_code, where)
+        out = merge_to_dir(base, adapter_file, output, dtype, trust_remote_code, where, check=check)
+    if check:
+        out, result = out
+        console.print(result.describe())
     console.print(f"merged model written to [bold]{out}[/] (loads with AutoModel*.from_pretrained)")
     if json.loads((out / "config.json").read_text()).get("gpart_pooling") == "mean":
         err_console.print("[yellow]note:[/] this model was trained with model.pooling: mean (recorded as gpart_pooling "
@@ -140,7 +145,8 @@ def evaluate(task: Annotated[Optional[str], typer.Option(help="glue/<task>, visi
                                                             "5,000-problem test), math500 or mawps.")] = None,
              adapter: Annotated[Optional[str], typer.Option(help="A .gpart file, PEFT adapter dir (the authors' GPart "
                                                                  "ones too), merged model dir, gpart run dir, or "
-                                                                 "hf://user/name.")] = None,
+                                                                 "hf://user/name; a,b,... scores several .gpart "
+                                                                 "adapters on one loaded base.")] = None,
              model: Annotated[Optional[str], typer.Option(help="Base or merged model: dir, hub id or "
                                                                "pkg:PACKAGE/dir.")] = None,
              gguf_file: Annotated[Optional[str], typer.Option(help="A GGUF file inside --model's dir (a quantized "
@@ -179,14 +185,26 @@ def evaluate(task: Annotated[Optional[str], typer.Option(help="glue/<task>, visi
     from ..evaluation.runner import EvalRequest, evaluate as run_eval
     from ..hub import adapter_path
 
+    from ..evaluation.multi import evaluate_many, split_adapters, summary_table
+
     if (task is None) == (lm_eval is None):
         raise GpartError("give either --task or --lm-eval TASKS" if task is None else
                          "--lm-eval runs harness tasks in place of --task; run them as two commands")
-    req = EvalRequest(task=task or "lm-eval", adapter=adapter_path(adapter), model=model, data=data, split=split,
-                      limit=limit, batch_size=batch_size, max_new_tokens=max_new_tokens, predictions=predictions,
-                      output=output, trust_remote_code=trust_remote_code, gguf_file=gguf_file, device=device, dtype=dtype,
-                      backend=backend, tensor_parallel_size=tensor_parallel_size, merged_dir=merged_dir)
+    many = split_adapters(adapter)
+    req = EvalRequest(task=task or "lm-eval", adapter=None if many else adapter_path(adapter), model=model, data=data,
+                      split=split, limit=limit, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                      predictions=predictions, output=output, trust_remote_code=trust_remote_code, gguf_file=gguf_file,
+                      device=device, dtype=dtype, backend=backend, tensor_parallel_size=tensor_parallel_size,
+                      merged_dir=merged_dir)
     err_console.print(f"evaluating {task or lm_eval} …")  # generation tasks show their own progress bar
+    if many:
+        if lm_eval is not None:
+            raise GpartError("--lm-eval scores one adapter at a time; run one command per adapter")
+        summary = evaluate_many(req, [adapter_path(str(p)) for p in many])
+        console.print(summary_table(summary))
+        console.print(f"scores: {req.output or 'eval-' + task.replace('/', '-') + '.json'} (one JSON per adapter "
+                      f"beside it)")
+        return
     if lm_eval is not None:
         from ..evaluation import lm_eval_backend
 

@@ -128,12 +128,13 @@ def tokenize_example(query: str, response: str, tokenizer, max_length: int) -> d
     return _assemble(prompt_ids, response_ids, max_length)
 
 
-def tokenize_pairs(pairs: list[tuple[str, str]], tokenizer, max_length: int) -> list[dict]:
-    """`tokenize_example` over many pairs in two batched tokenizer calls; dropped examples left out."""
+def tokenize_pairs(pairs: list[tuple[str, str]], tokenizer, max_length: int, prompt=format_prompt) -> list[dict]:
+    """`tokenize_example` over many pairs in two batched tokenizer calls (`prompt(query)` renders each prompt);
+    dropped examples left out."""
     if not pairs:
         return []
     eos = _eos_id(tokenizer)
-    prompts = tokenizer([format_prompt(q) for q, _ in pairs])["input_ids"]
+    prompts = tokenizer([prompt(q) for q, _ in pairs])["input_ids"]
     responses = tokenizer([" " + r for _, r in pairs], add_special_tokens=False)["input_ids"]
     examples = (_assemble(p, r + [eos], max_length) for p, r in zip(prompts, responses))
     return [e for e in examples if e is not None]
@@ -162,11 +163,13 @@ class SFTCollator:
 # ---------------------------------------------------------------- splits
 
 
-def _tokenized_dataset(rows, data, tokenizer, source: str, what: str):
+def _tokenized_dataset(rows, data, rendering, tokenizer, source: str, what: str):
     """A `datasets.Dataset` of input_ids/labels; GpartError if every example was truncated away."""
     import datasets
 
-    examples = tokenize_pairs(to_pairs(rows, data, source), tokenizer, data.max_length)
+    from .chat import to_conversations
+
+    examples = rendering.tokenize(to_conversations(rows, data, source), tokenizer, data.max_length)
     if not examples:
         raise GpartError(f"every {what} example of {source} was truncated away: the prompt alone is at least "
                          f"data.max_length = {data.max_length} tokens; raise data.max_length")
@@ -174,13 +177,20 @@ def _tokenized_dataset(rows, data, tokenizer, source: str, what: str):
 
 
 def build_sft_splits(data, tokenizer, seed: int) -> Splits:
-    """Train and dev (carved from train, seeded, before tokenization) for SFT; eval is generation-based."""
-    check_template(data.prompt_template)
-    _, columns = _converter(data)  # an unknown task fails before any data is read
+    """Train and dev (carved from train, seeded, before tokenization) for SFT; eval is generation-based.
+
+    `data.format` says how rows read and `data.chat_template` how they render (`chat`); `data.packing` packs the
+    training batches into one row each (the dev loss stays padded).
+    """
+    from .chat import PackingCollator, required_columns, resolve_rendering
+
+    rendering = resolve_rendering(data, tokenizer)  # an unknown template fails before any data is read
+    columns = required_columns(data) or _converter(data)[1]  # so does an unknown task
     rows, source = load_rows_with_source(data.train_files, data.path, data.config, data.train_split,
                                          data.max_train_samples, seed, "training data", data.revision)
     require_columns(rows, columns, source)  # fail before carving and tokenizing
     train, dev = carve_dev(rows, data.dev_fraction, seed, data.dev_samples)
-    return Splits(train=_tokenized_dataset(train, data, tokenizer, source, "training"),
-                  dev=None if dev is None else _tokenized_dataset(dev, data, tokenizer, source, "dev"),
-                  eval=None, collate=SFTCollator(tokenizer.pad_token_id))
+    return Splits(train=_tokenized_dataset(train, data, rendering, tokenizer, source, "training"),
+                  dev=None if dev is None else _tokenized_dataset(dev, data, rendering, tokenizer, source, "dev"),
+                  eval=None, collate=SFTCollator(tokenizer.pad_token_id),
+                  train_collate=PackingCollator() if data.packing else None)

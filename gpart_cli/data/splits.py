@@ -22,6 +22,7 @@ class Splits:
     collate: Callable[[list[dict]], dict]
     labels: Optional[list[str]] = None   # class names; None for regression and SFT
     num_labels: Optional[int] = None
+    train_collate: Optional[Callable[[list[dict]], dict]] = None  # training batches only (SFT packing); default collate
 
 
 def carve_dev(dataset, fraction: float, seed: int, count: int | None = None):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .metrics import GLUE_MAIN_METRIC, accuracy, glue_metrics
+from .metrics import GLUE_MAIN_METRIC, accuracy, glue_metrics, macro_f1
 
 
 @torch.no_grad()
@@ -26,9 +26,12 @@ def predict(model, dataset, collate, batch_size: int, device, autocast_dtype=Non
 
 
 def score(family: str, task: str, preds: list, refs: list) -> dict[str, float]:
-    """GLUE metrics per task (docs/design.md §7), top-1 accuracy for vision."""
+    """GLUE metrics per task (docs/design.md §7), accuracy and macro F1 for your own text classes (text_classification),
+    top-1 accuracy for vision."""
     if family == "glue":
         return glue_metrics(task, preds, refs)
+    if family == "text_classification":
+        return {"accuracy": accuracy(preds, refs), "f1_macro": macro_f1(preds, refs)}
     return {"accuracy": accuracy(preds, refs)}
 
 

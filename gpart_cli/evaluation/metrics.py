@@ -100,3 +100,11 @@ def glue_metrics(task: str, predictions, references) -> dict[str, float]:
     if task in ("mrpc", "qqp"):
         return {"accuracy": accuracy(preds, refs), "f1": _f1(preds, refs) if preds.size else 0.0}
     return {"accuracy": accuracy(preds, refs)}
+
+
+def macro_f1(predictions, references) -> float:
+    """F1 averaged over the classes that occur in references or predictions (sklearn's macro average)."""
+    from sklearn.metrics import f1_score
+
+    preds, refs = _as_arrays(predictions, references)
+    return float(f1_score(refs, preds, average="macro", zero_division=0.0)) if preds.size else 0.0

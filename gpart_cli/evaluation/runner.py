@@ -21,7 +21,8 @@ from . import classify, vllm_backend
 from .models import Scored, image_processor_for, load_scored, scored
 from .tasks import GENERATION_TASKS, load_task_rows, max_new_tokens_for, run_generation, score_outputs
 
-FAMILY_TASK_TYPE = {"glue": "sequence_classification", "vision": "image_classification"}
+FAMILY_TASK_TYPE = {"glue": "sequence_classification", "vision": "image_classification",
+                    "text_classification": "sequence_classification"}
 
 
 @dataclass(frozen=True)
@@ -52,8 +53,8 @@ def parse_task(task: str) -> tuple[str, str]:
         return family, name
     if task in GENERATION_TASKS:
         return "generation", task
-    raise GpartError(f"unknown task {task!r}; use glue/<task>, vision/<dataset>, or one of "
-                     f"{', '.join(GENERATION_TASKS)}")
+    raise GpartError(f"unknown task {task!r}; use glue/<task>, vision/<dataset>, text_classification/<name>, or "
+                     f"one of {', '.join(GENERATION_TASKS)}")
 
 
 def _data_section(req: EvalRequest, family: str, name: str, recipe: dict | None):
@@ -87,11 +88,16 @@ def _glue_dataset(data, name: str, tokenizer, limit: int | None):
         DataCollatorWithPadding(tokenizer)
 
 
-def _classification(req: EvalRequest, family: str, name: str, what: Scored, device, precision):
-    model, source = load_scored(req, what, FAMILY_TASK_TYPE[family], device, precision)
+def _classification(req: EvalRequest, family: str, name: str, what: Scored, device, precision, load=load_scored):
+    model, source = load(req, what, FAMILY_TASK_TYPE[family], device, precision)
     data = _data_section(req, family, name, what.recipe)
     if family == "glue":
         dataset, collate = _glue_dataset(data, name, load_tokenizer(source), req.limit)
+    elif family == "text_classification":
+        from ..data.text_classification import eval_dataset
+
+        names = [str(model.config.id2label[i]) for i in range(model.config.num_labels)]  # the run's class order
+        dataset, collate = eval_dataset(data, load_tokenizer(source), names, req.limit)
     else:
         from ..data.vision import collate_images, eval_items
 
@@ -120,20 +126,24 @@ def _read_predictions(path: Path, n: int) -> list[str]:
     return [outputs[i] for i in range(n)]
 
 
-def _generation(req: EvalRequest, name: str, what: Scored, device, precision):
+def _generation(req: EvalRequest, name: str, what: Scored, device, precision, load=load_scored):
     rows = load_task_rows(name, req.data, req.split, req.limit)
-    model, source = load_scored(req, what, "causal_lm", device, precision)
+    from .templates import eval_rendering
+
+    model, source = load(req, what, "causal_lm", device, precision)
     if what.kind == "gpart":  # decode merged: an unmerged layer would rebuild its W_eff for every token
         from ..model import merge
 
         model = merge(model)
-    scores, records = run_generation(name, model, load_tokenizer(source), rows, req.batch_size, req.max_new_tokens,
-                                     autocast=precision.autocast)
+    tokenizer = load_tokenizer(source)
+    scores, records = run_generation(name, model, tokenizer, rows, req.batch_size, req.max_new_tokens,
+                                     autocast=precision.autocast, rendering=eval_rendering(what, tokenizer))
     return scores, records, model
 
 
-def evaluate(req: EvalRequest) -> dict:
-    """Run the evaluation, write scores and predictions, return the scores document."""
+def evaluate(req: EvalRequest, load=load_scored) -> dict:
+    """Run the evaluation, write scores and predictions, return the scores document. `load` is how the model is
+    loaded (`models.load_scored`; `multi` passes one that keeps the base and swaps adapters)."""
     if req.gguf_file and (req.adapter is not None or Path(req.gguf_file).name != req.gguf_file):
         raise GpartError("--gguf-file takes a file name inside the --model dir, for a base scored without --adapter "
                          "(an adapter's run records its own GGUF file)")
@@ -158,9 +168,9 @@ def evaluate(req: EvalRequest) -> dict:
                         "dtype": vllm_backend.vllm_dtype(precision), "autocast": None})
         else:
             if family == "generation":
-                scores, records, model = _generation(req, name, what, device, precision)
+                scores, records, model = _generation(req, name, what, device, precision, load)
             else:
-                scores, records, model = _classification(req, family, name, what, device, precision)
+                scores, records, model = _classification(req, family, name, what, device, precision, load)
             run.update({"device": str(device), **precision.record(model)})
     output = req.output or Path(f"eval-{req.task.replace('/', '-')}.json")
     doc = {"task": req.task, "scores": scores, "adapter": str(req.adapter) if req.adapter else None,

@@ -100,10 +100,13 @@ def load_task_rows(name: str, files: list[str] | None, split: str | None, limit:
     return [dict(r) for r in rows]
 
 
-def prompts_for(name: str, rows: list[dict]) -> list[str]:
+def prompts_for(name: str, rows: list[dict], rendering=None, tokenizer=None) -> list[str]:
+    """Evaluation prompts: MetaMath's, or those of `rendering` (`data.chat.Rendering`, the run's) with `tokenizer`."""
     from ..data.sft import format_prompt
 
     column = generation_task(name).query_column
+    if rendering is not None:
+        return [rendering.eval_prompt(r[column], tokenizer) for r in rows]
     return [format_prompt(r[column], for_eval=True) for r in rows]
 
 
@@ -121,11 +124,13 @@ def score_outputs(name: str, rows: list[dict], outputs: list[str]) -> tuple[dict
 
 
 def run_generation(name: str, model, tokenizer, rows: list[dict], batch_size: int, max_new_tokens: int | None,
-                   console=None, autocast=None, part: tuple[int, int] = (0, 1)) -> tuple[dict, list[dict]]:
+                   console=None, autocast=None, part: tuple[int, int] = (0, 1),
+                   rendering=None) -> tuple[dict, list[dict]]:
     """Greedy-decode every prompt (under `autocast`, with a progress bar: examples done, rate, ETA) and score it.
 
     With `part` (rank, world size) of a process group, each rank decodes its share of the batches (no bar but on
-    rank 0) and every rank gets all outputs and the scores (`generate.gather_outputs`).
+    rank 0) and every rank gets all outputs and the scores (`generate.gather_outputs`). `rendering`
+    (`data.chat.Rendering`) makes the prompts and adds its stop strings; default MetaMath's prompt.
     """
     import torch
     from rich.console import Console
@@ -139,7 +144,8 @@ def run_generation(name: str, model, tokenizer, rows: list[dict], batch_size: in
     device = model_device(model)
     with progress, torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
         bar = progress.add_task(name, total=len(rows))
-        outputs = generate(model, tokenizer, prompts_for(name, rows),
+        stops = MATH_STOPS if rendering is None else rendering.stops(tokenizer, MATH_STOPS)
+        outputs = generate(model, tokenizer, prompts_for(name, rows, rendering, tokenizer),
                            max_new_tokens=max_new_tokens_for(name, max_new_tokens), batch_size=batch_size,
-                           stop=MATH_STOPS, on_batch=lambda done: progress.update(bar, completed=done), part=part)
+                           stop=stops, on_batch=lambda done: progress.update(bar, completed=done), part=part)
     return score_outputs(name, rows, gather_outputs(outputs) if part[1] > 1 else outputs)

@@ -214,12 +214,17 @@ def run_generation(req, name: str, rows: list[dict], what, precision, console=No
     """
     from rich.console import Console
 
+    from ..loading import ModelSource, load_tokenizer
     from .generate import MATH_STOPS
     from .tasks import max_new_tokens_for, prompts_for, score_outputs
+    from .templates import eval_rendering
 
     console = console or Console(stderr=True)
     with model_dir(req, what, precision, device) as path, console.status(f"{name}: {len(rows)} prompts through vLLM"):
-        outputs = generate(path, prompts_for(name, rows), max_new_tokens=max_new_tokens_for(name, req.max_new_tokens),
-                           stop=MATH_STOPS, tensor_parallel_size=req.tensor_parallel_size,
+        tokenizer = load_tokenizer(ModelSource(str(path), trust_remote_code=req.trust_remote_code))
+        rendering = eval_rendering(what, tokenizer, console)  # the run's prompts, as the hf backend renders them
+        outputs = generate(path, prompts_for(name, rows, rendering, tokenizer),
+                           max_new_tokens=max_new_tokens_for(name, req.max_new_tokens),
+                           stop=rendering.stops(tokenizer, MATH_STOPS), tensor_parallel_size=req.tensor_parallel_size,
                            dtype=vllm_dtype(precision), trust_remote_code=req.trust_remote_code)
     return score_outputs(name, rows, outputs)

@@ -33,7 +33,9 @@ _RESUME_SAFE = {"source", "name", "train.log_every", "train.on_nan", "eval.batch
                 "eval.max_new_tokens", "eval.dev_batch_size", "train.distributed", "train.report_to"}
 # Fields newer than some recorded runs, and what a recipe without them meant: vision images were resized plainly
 # before augmentation existed. The transforms only matter for vision runs.
-_ADDED_FIELDS = {"data.train_transform": "resize", "data.eval_transform": "resize"}
+_ADDED_FIELDS = {"data.train_transform": "resize", "data.eval_transform": "resize", "data.format": "pairs",
+                 "data.chat_template": "auto", "data.messages_column": "messages", "data.packing": False,
+                 "data.labels": None, "method.partition": "feistel-v1"}
 _VISION_ONLY = {"data.train_transform", "data.eval_transform"}
 
 

@@ -14,7 +14,8 @@ from ..loading import (ModelSource, build_from_config, config_from_dict, load_mo
 from ..pooling import apply_pooling
 from ..recipe import Recipe
 
-TASK_TYPE = {"glue": "sequence_classification", "vision": "image_classification", "sft": "causal_lm"}
+TASK_TYPE = {"glue": "sequence_classification", "vision": "image_classification", "sft": "causal_lm",
+             "text_classification": "sequence_classification"}
 
 
 @dataclass
@@ -70,15 +71,22 @@ def build(recipe: Recipe, device: torch.device | None = None, weights: bool = Tr
     the recipe's task family."""
     family, data, seed = recipe.data.family, recipe.data, recipe.train.seed
     task_type = TASK_TYPE[family]
-    if recipe.model.pooling != "cls" and family != "glue":
-        raise GpartError(f"model.pooling: {recipe.model.pooling} applies to text classification (data.family glue); "
-                         f"remove it for data.family {family}")
+    if recipe.model.pooling != "cls" and task_type != "sequence_classification":
+        raise GpartError(f"model.pooling: {recipe.model.pooling} applies to text classification (data.family glue "
+                         f"or text_classification); remove it for data.family {family}")
+    extra: dict = {}
     if family == "glue":
         task = glue_task(data.task)
         tokenizer = load_tokenizer(model_source(recipe))
         splits = build_glue_splits(data, tokenizer, seed)
         model = apply_pooling(_model(recipe, task_type, task.num_labels, list(task.labels) or None, device, weights),
                               recipe.model.pooling)
+    elif family == "text_classification":
+        from ..data.text_classification import build_text_classification_splits
+
+        tokenizer = load_tokenizer(model_source(recipe))
+        splits = build_text_classification_splits(data, tokenizer, seed)
+        model = apply_pooling(_model(recipe, task_type, splits.num_labels, splits.labels, device), recipe.model.pooling)
     elif family == "vision":
         from ..data.vision import build_vision_splits
 
@@ -87,17 +95,19 @@ def build(recipe: Recipe, device: torch.device | None = None, weights: bool = Tr
         splits = build_vision_splits(data, config, seed, processor)
         model = _model(recipe, task_type, splits.num_labels, splits.labels, device, weights)
     elif family == "sft":
+        from ..data.chat import resolve_rendering
         from ..data.sft import build_sft_splits
 
         if recipe.model.config is not None and recipe.model.name_or_path is None:
             raise GpartError("data.family sft needs model.name_or_path for the tokenizer")
         tokenizer = load_tokenizer(model_source(recipe))
         splits = build_sft_splits(data, tokenizer, seed)
+        extra["template"] = resolve_rendering(data, tokenizer).fingerprint(tokenizer)  # gpart eval checks it
         model = _model(recipe, task_type, device=device, weights=weights)
     else:
         raise GpartError(f"unknown data.family {family!r}")
     if getattr(model.config, "pad_token_id", None) is None and tokenizer is not None:
         model.config.pad_token_id = tokenizer.pad_token_id  # sequence classification pools at the last non-pad
     task = {"type": task_type, "name": f"{family}/{data.task}", "num_labels": splits.num_labels,
-            "labels": splits.labels}
+            "labels": splits.labels, **extra}
     return Setup(model=model, tokenizer=tokenizer, splits=splits, task_type=task_type, task=task)

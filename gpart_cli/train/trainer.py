@@ -129,8 +129,9 @@ class Trainer:
         for piece in sharding.step_plan(self.rank, self.world, t.grad_accum):
             rows, weight = sharding.share(self.micro_batch_rows(step * t.grad_accum + piece.micro), piece,
                                           self.world, units)
-            batch = self.s.splits.collate([data[i] for i in rows])
-            yield step * t.grad_accum + piece.micro, {key: v.to(self.device) for key, v in batch.items()}, weight
+            batch = (self.s.splits.train_collate or self.s.splits.collate)([data[i] for i in rows])
+            yield step * t.grad_accum + piece.micro, {key: v.to(self.device) if torch.is_tensor(v) else v
+                                                      for key, v in batch.items()}, weight
 
     # ---- evaluation ----------------------------------------------------------------------------------
     def evaluate_split(self, dataset) -> dict:
@@ -152,6 +153,7 @@ class Trainer:
                     self.console.print(f"generation eval is not run inside an FSDP job; score the result with: "
                                        f"gpart eval --task {e.task} --adapter {self.out} --backend vllm")
                 return None, []
+            from ..data.chat import resolve_rendering
             from ..evaluation.tasks import load_task_rows, run_generation
             from ..model import merged_for_decoding
 
@@ -159,7 +161,8 @@ class Trainer:
             # Decoded merged (W_eff built once, not per token); training resumes on the unmerged layers.
             with merged_for_decoding(self.model):
                 return run_generation(e.task, self.model, self.s.tokenizer, rows, e.batch_size, e.max_new_tokens,
-                                      self.console, self.autocast_dtype, part=(self.rank, self.world))
+                                      self.console, self.autocast_dtype, part=(self.rank, self.world),
+                                      rendering=resolve_rendering(self.recipe.data, self.s.tokenizer))
         if self.s.splits.eval is None:
             return None, []
         preds, refs = classify.predict(self.model, self.s.splits.eval, self.s.splits.collate, e.batch_size,

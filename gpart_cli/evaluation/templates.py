@@ -1,0 +1,53 @@
+"""The prompt rendering `gpart eval` uses for generation: the one the run trained with, checked against its record.
+
+A run stores `task.template` = {name, sha256} (`data.chat.Rendering.fingerprint`). Evaluation renders the same way
+from the run's recipe with the tokenizer it loads; a different hash means the prompts differ from training's (another
+tokenizer or chat template), and the scores may not measure what was trained, so gpart says so.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from rich.console import Console
+
+from ..data.chat import Rendering, default_rendering, resolve_rendering
+from .models import Scored, _run_info
+
+
+def recorded_task(what: Scored) -> dict:
+    """The task metadata the adapter or run dir recorded ({} for a plain model)."""
+    if what.kind is None or what.path is None:
+        return {}
+    if what.kind == "gpart":
+        from ..artifact import read_artifact
+
+        return read_artifact(what.path).meta.get("task") or {}
+    return _run_info(what.path).get("task") or {}
+
+
+def _sft_data(recipe: dict | None):
+    """The recipe's data section as a `DataSection` when it is an SFT recipe, else None."""
+    from ..recipe import DataSection
+
+    recorded = dict((recipe or {}).get("data") or {})
+    if recorded.get("family") != "sft":
+        return None
+    fields = {f.name for f in dataclasses.fields(DataSection)}
+    return DataSection(**{k: v for k, v in recorded.items() if k in fields})
+
+
+def eval_rendering(what: Scored, tokenizer, console: Console | None = None) -> Rendering:
+    """The run's rendering (MetaMath's prompt without an SFT recipe); a warning when it no longer hashes the same."""
+    data = _sft_data(what.recipe)
+    rendering = default_rendering() if data is None else resolve_rendering(data, tokenizer)
+    recorded = recorded_task(what).get("template")
+    if recorded:
+        now = rendering.fingerprint(tokenizer)
+        if now != recorded:
+            (console or Console(stderr=True)).print(
+                f"[yellow]warning:[/] prompt template drift: {what.path} trained with {recorded.get('name')} "
+                f"(sha256 {str(recorded.get('sha256'))[:12]}), this evaluation renders {now['name']} (sha256 "
+                f"{now['sha256'][:12]}). The tokenizer or its chat template differs from training's; scores may not "
+                f"reflect the adapter. Evaluate with the base the run trained on (--model)", highlight=False)
+    return rendering
