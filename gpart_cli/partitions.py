@@ -1,4 +1,4 @@
-"""Which partition algorithm an adapter uses (DESIGN §2), and one object that answers for it.
+"""Which partition algorithm an adapter uses (docs/design.md §2), and one object that answers for it.
 
 - `feistel-v1` (gpart's default, `gpart_cli.partition`): a seeded permutation cut into d near-equal groups,
   sizes closed-form.

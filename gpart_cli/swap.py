@@ -1,4 +1,4 @@
-"""Many adapters on one base (DESIGN §8): `swap` one GPart adapter for another without loading the base again.
+"""Many adapters on one base (docs/design.md §8): `swap` one GPart adapter for another without loading the base again.
 
 - A model with GPart applied (`gpart.apply` / `gpart.load`): the swap replaces θ and the head. Exact: the forward
   builds W0 + Pθ from the untouched base weights, as a fresh load would.
