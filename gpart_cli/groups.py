@@ -21,6 +21,7 @@ import torch
 from . import rng
 from .kernels import cpu_native
 from .kernels.dispatch import ComputeLog, device_guard, dot_precision, use_kernel
+from .kernels.reference import torch_build, torch_grouped_sum
 from .kernels.selfcheck import BuildCall, GradCall, IdsCall
 from .partition import group_ids
 
@@ -129,49 +130,11 @@ def _build(w0: torch.Tensor | None, table: torch.Tensor, ids: torch.Tensor, drop
     return torch_build(w0, table, ids, drop) if built is None else built
 
 
-def torch_build(w0: torch.Tensor | None, table: torch.Tensor, ids: torch.Tensor, drop: torch.Tensor | None
-                ) -> torch.Tensor:
-    delta = _gather(table, ids)  # one W-sized buffer, reused below
-    if drop is not None:
-        delta.masked_fill_(drop, 0.0)
-    return delta if w0 is None else delta.add_(w0 if w0.dtype == torch.float32 else w0.float())
-
-
-def _gather(table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """table[ids], 1-D. On the CPU as four (or two) rows of one `torch.gather`, which torch splits over its
-    threads, where `index_select` on a 1-D table is serial: about 1.3x faster on the cold data of a training
-    step. A copy, so the rows change no bits."""
-    rows = 4 if ids.numel() % 4 == 0 else 2 if ids.numel() % 2 == 0 else 1
-    if table.device.type != "cpu" or rows == 1:
-        return table.index_select(0, ids.int())  # uint16 ids widened; int32 ones pass as they are
-    return torch.gather(table.expand(rows, table.numel()), 1, ids.long().view(rows, -1)).view(-1)
-
-
 def _grouped_sum(ids: torch.Tensor, values: torch.Tensor, d: int, drop: torch.Tensor | None = None) -> torch.Tensor:
     """sums[j] = the sum of values[i] over ids[i] == j and not drop[i], a new fp32 [d] tensor, in a fixed order
     (deterministic): the compiled CPU loops where they apply (CPU tensors), else torch ops, with the same bits."""
     sums = cpu_native.grouped_sum(ids, values, d, drop)
     return torch_grouped_sum(ids, values, d, drop) if sums is None else sums
-
-
-def torch_grouped_sum(ids: torch.Tensor, values: torch.Tensor, d: int, drop: torch.Tensor | None = None
-                      ) -> torch.Tensor:
-    """The grouped sum with torch ops (`values` is overwritten where dropped).
-
-    On the CPU the two halves are summed into two rows by one scatter_add_, which torch runs on two threads
-    (the 1-D reductions are serial), and the second row is added into the first, which is returned: about 1.5x
-    faster on the cold data it meets in a training step. Always two rows, whatever the thread count, so the bits
-    do not depend on it. CUDA keeps index_add_, which torch's deterministic mode makes deterministic.
-    """
-    if drop is not None:
-        values.masked_fill_(drop, 0.0)
-    if values.device.type != "cpu":
-        return torch.zeros(d, dtype=values.dtype, device=values.device).index_add_(0, ids, values)
-    if values.numel() % 2:
-        return torch.zeros(d, dtype=values.dtype).scatter_add_(0, ids.long(), values)
-    rows = torch.zeros(2, d, dtype=values.dtype)
-    rows.scatter_add_(1, ids.long().view(2, -1), values.view(2, -1))
-    return rows[0].add_(rows[1])
 
 
 def _weight_grad(gy: torch.Tensor, x: torch.Tensor, transposed: bool) -> torch.Tensor:

@@ -31,6 +31,7 @@ import torch
 
 from ..errors import GpartError
 from .modes import read_mode
+from .reference import torch_build, torch_grouped_sum
 
 _SOURCE = r"""
 #include <stdint.h>
@@ -164,7 +165,7 @@ def _run_build(lib, w0, table, ids, drop) -> torch.Tensor:
 
 
 def _run_grouped_sum(lib, ids, values, d, drop) -> torch.Tensor:
-    chunks = 2 if values.numel() % 2 == 0 else 1  # the torch path's split (groups._grouped_sum)
+    chunks = 2 if values.numel() % 2 == 0 else 1  # the torch path's split (reference.torch_grouped_sum)
     rows = torch.zeros(chunks, d, dtype=torch.float32)
     getattr(lib, f"gpart_grouped_sum_{_ID_SUFFIX[ids.dtype]}")(
         rows.data_ptr(), values.data_ptr(), ids.data_ptr(), _ptr(drop), values.numel(), d, chunks,
@@ -174,8 +175,6 @@ def _run_grouped_sum(lib, ids, values, d, drop) -> torch.Tensor:
 
 def _self_check(lib) -> str | None:
     """None if the loops give the torch ops' bits on a small problem (both id widths, with and without a mask)."""
-    from ..groups import torch_build, torch_grouped_sum
-
     g = torch.Generator().manual_seed(0)
     d, n = 37, 1000
     table, w0, values = (torch.randn(k, generator=g, dtype=torch.float32) for k in (d, n, n))
