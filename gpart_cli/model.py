@@ -19,7 +19,7 @@ from .errors import GpartError
 from .groups import LayerGroups
 from .kernels.dispatch import ComputeLog
 from .layer import GPartLinear, check_supported
-from .partition import group_sizes
+from .partition import check_d, group_sizes
 from .quantized import is_quantized, keep_autograd_layout, weight_shape
 
 STATE_NAME = "gpart_state"
@@ -198,9 +198,7 @@ def apply(model: nn.Module, config: GPartConfig) -> nn.Module:
     spec = module_spec(found, config.bias)
     sizes = [_numel(m, entry["bias"]) for entry, (_, m) in zip(spec, found)]
     n_params = sum(sizes)
-    if not 1 <= config.d <= n_params:
-        raise GpartError(f"d = {config.d:,} is out of range: the {len(spec)} target modules hold N = {n_params:,} "
-                         f"parameters and d must satisfy 1 <= d <= N. Choose a smaller d or adapt more modules")
+    check_d(config.d, n_params, len(spec))
     for p in model.parameters():
         p.requires_grad_(False)
     if any(is_quantized(m) for _, m in found):

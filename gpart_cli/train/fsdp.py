@@ -23,9 +23,7 @@ from torch import nn
 
 from ..errors import GpartError
 from ..layer import is_quantized
-
-# Methods whose result is small enough to be written from replicated tensors (full/linear_probe save every weight).
-FSDP_METHODS = ("gpart", "lora", "unilora")
+from ..methods import FSDP_METHODS  # methods whose trainable tensors stay replicated (see methods.Method.fsdp)
 
 
 def blocks(model: nn.Module) -> list[nn.Module]:
