@@ -21,7 +21,7 @@ import torch
 from . import rng
 from .kernels import cpu_native
 from .kernels.dispatch import ComputeLog, device_guard, dot_precision, use_kernel
-from .kernels.reference import torch_build, torch_grouped_sum
+from .kernels.reference import Scaling, scale_grad, torch_build, torch_grouped_sum
 from .kernels.selfcheck import BuildCall, GradCall, IdsCall
 from .partition import group_ids
 
@@ -99,10 +99,11 @@ class LayerGroups:
         return self.ids(device)[self.n_weight:].int()  # index_select / index_add_ take int32, not uint16
 
     # ---- ∂L/∂θ ---------------------------------------------------------------------------------------
-    def weight_grad(self, gy: torch.Tensor, x: torch.Tensor, transposed: bool, dropout: Dropout = None
-                    ) -> torch.Tensor:
+    def weight_grad(self, gy: torch.Tensor, x: torch.Tensor, transposed: bool, dropout: Dropout = None,
+                    scaling: Scaling = None) -> torch.Tensor:
         """∂L/∂θ_scaled from this layer's weight: the grouped sum of ∂L/∂W = gy^T x for gy (T, out) and
-        x (T, in), fp32 [d]; ∂L/∂W is not kept."""
+        x (T, in), fp32 [d]; ∂L/∂W is not kept. With `scaling`, ∂L/∂θ itself (`reference.scale_grad` applied: the
+        compiled CPU loop fuses it into its last pass over d)."""
         device = gy.device
         deterministic = torch.are_deterministic_algorithms_enabled()
         if use_kernel("grad", device, gy.dtype, self.log, lambda: GradCall(
@@ -114,9 +115,9 @@ class LayerGroups:
                 _kernels().grad_from_gemm(grad, gy.contiguous(), x.contiguous(), self.offset, self.n, self.d,
                                           self.seed, transposed, dropout=dropout, deterministic=deterministic,
                                           max_members=-(-self.n // self.d))
-            return grad
+            return scale_grad(grad, scaling)
         gw = _weight_grad(gy, x, transposed).reshape(-1)  # in W's storage order, fp32
-        return _grouped_sum(self.ids(device)[: self.n_weight], gw, self.d, self._drop_mask(dropout, device))
+        return _grouped_sum(self.ids(device)[: self.n_weight], gw, self.d, self._drop_mask(dropout, device), scaling)
 
     def add_bias_grad(self, grad_theta: torch.Tensor, gb: torch.Tensor) -> None:
         grad_theta.index_add_(0, self._bias_ids(gb.device), gb.float())
@@ -130,11 +131,13 @@ def _build(w0: torch.Tensor | None, table: torch.Tensor, ids: torch.Tensor, drop
     return torch_build(w0, table, ids, drop) if built is None else built
 
 
-def _grouped_sum(ids: torch.Tensor, values: torch.Tensor, d: int, drop: torch.Tensor | None = None) -> torch.Tensor:
+def _grouped_sum(ids: torch.Tensor, values: torch.Tensor, d: int, drop: torch.Tensor | None = None,
+                 scaling: Scaling = None) -> torch.Tensor:
     """sums[j] = the sum of values[i] over ids[i] == j and not drop[i], a new fp32 [d] tensor, in a fixed order
-    (deterministic): the compiled CPU loops where they apply (CPU tensors), else torch ops, with the same bits."""
-    sums = cpu_native.grouped_sum(ids, values, d, drop)
-    return torch_grouped_sum(ids, values, d, drop) if sums is None else sums
+    (deterministic), times `scaling`: the compiled CPU loops where they apply (CPU tensors), else torch ops, with
+    the same bits."""
+    sums = cpu_native.grouped_sum(ids, values, d, drop, scaling)
+    return scale_grad(torch_grouped_sum(ids, values, d, drop), scaling) if sums is None else sums
 
 
 def _weight_grad(gy: torch.Tensor, x: torch.Tensor, transposed: bool) -> torch.Tensor:

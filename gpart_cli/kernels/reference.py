@@ -6,7 +6,24 @@ bit for bit. Both import them from here, so the kernels never import back into `
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
+
+# The chain rule of θ's scaling (`GPartState.scaled_theta`), applied to ∂L/∂θ_scaled: (the dropout factor 1/(1-p),
+# or None) and then the per-group scale 1/sqrt(n_j) (ones for the non-isometric ablation), a float32 [d] tensor.
+Scaling = Optional[tuple[Optional[float], torch.Tensor]]
+
+
+def scale_grad(grad: torch.Tensor, scaling: Scaling) -> torch.Tensor:
+    """∂L/∂θ from ∂L/∂θ_scaled, in place: × factor, then × scale, as autograd would through `scaled_theta`. The
+    compiled grouped sum fuses the same two fp32 multiplications, in this order, so both give the same bits."""
+    if scaling is not None:
+        factor, scale = scaling
+        if factor is not None:
+            grad.mul_(factor)
+        grad.mul_(scale)
+    return grad
 
 
 def torch_build(w0: torch.Tensor | None, table: torch.Tensor, ids: torch.Tensor, drop: torch.Tensor | None
