@@ -63,7 +63,6 @@ class GPartConfig:
         if self.partition != ALGORITHM:
             raise GpartError(f"unknown partition algorithm {self.partition!r}; this gpart knows {ALGORITHM!r}")
 
-
     @classmethod
     def from_fields(cls, source, **given) -> "GPartConfig":
         """The config from an object carrying the `FROM_RECIPE` fields by name (a recipe's method section), plus
