@@ -14,11 +14,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from . import atomic
 from .errors import GpartError, first_line
 from .run_info import RUN_INFO, write_run_info  # noqa: F401 (RUN_INFO: where a run's record lies, re-exported)
+
+if TYPE_CHECKING:  # torch is imported where a method runs: the recipe reads the registry's names without it
+    from torch import nn
 
 HEAD_CANDIDATES = ("classifier", "score")
 RESULTS = {"gpart": "adapter.gpart", "peft": "adapter", "model": "model"}  # result kind -> its name in the run dir
@@ -28,7 +31,7 @@ RESULTS = {"gpart": "adapter.gpart", "peft": "adapter", "model": "model"}  # res
 class Prepared:
     """A model ready to train and the AdamW parameter groups (each with a `name`)."""
 
-    model: object  # torch.nn.Module
+    model: nn.Module
     groups: list[dict]
     head_modules: list[str]
 
@@ -51,7 +54,7 @@ class Method:
     fsdp: bool = False
 
 
-def default_head_modules(model, task_type: str) -> list[str]:
+def default_head_modules(model: nn.Module, task_type: str) -> list[str]:
     """The task head a classification model class carries (trained densely, saved beside theta)."""
     from torch import nn
 
@@ -147,7 +150,7 @@ def method(name: str) -> Method:
     return METHODS[name]
 
 
-def prepare(model, method_section, train, task_type: str) -> Prepared:
+def prepare(model: nn.Module, method_section, train, task_type: str) -> Prepared:
     """Make the method's parameters trainable and group them: adapter (lr_theta) and head (lr_head)."""
     heads = list(method_section.head_modules) if method_section.head_modules is not None \
         else default_head_modules(model, task_type)
@@ -159,11 +162,11 @@ def prepare(model, method_section, train, task_type: str) -> Prepared:
     return Prepared(model=model, groups=[g for g in groups if g["params"]], head_modules=heads)
 
 
-def trainable_count(model) -> int:
+def trainable_count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def save_result(model, name: str, out_dir: Path, *, task: dict, recipe: dict, tokenizer=None) -> Path:
+def save_result(model: nn.Module, name: str, out_dir: Path, *, task: dict, recipe: dict, tokenizer=None) -> Path:
     """Write the trained result in the method's native format; returns the path written."""
     kind = method(name).result
     target = out_dir / RESULTS[kind]
