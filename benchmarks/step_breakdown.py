@@ -2,6 +2,7 @@
 
     python benchmarks/step_breakdown.py                 # preset small (see step_time.py), 31 rounds
     python benchmarks/step_breakdown.py --preset medium --rounds 21
+    python benchmarks/step_breakdown.py --preset compact      # 6x384, 896 tokens: the d-sized work weighs most
     GPART_CPU_KERNEL=0 python benchmarks/step_breakdown.py   # torch ops instead of the compiled CPU loops
 
 Variants, timed interleaved in one process after warm-up (ratios to the floor taken round by round, then the
@@ -37,7 +38,7 @@ def _no_build(self, weight, theta_s, **kwargs):
     return weight
 
 
-def _no_grouped_sum(self, gy, x, transposed, dropout=None):
+def _no_grouped_sum(self, gy, x, transposed, dropout=None, scaling=None):
     groups._weight_grad(gy, x, transposed)  # keep the ∂L/∂W GEMM the floor computes too
     return torch.zeros(self.d)
 

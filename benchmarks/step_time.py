@@ -2,6 +2,7 @@
 
     python benchmarks/step_time.py                      # preset medium: Llama 512x8, q/k/v/o, d=65,536, 4x256
     python benchmarks/step_time.py --preset small       # Llama 384x8, q/k/v/o, d=65,536, 2x384 (few tokens/step)
+    python benchmarks/step_time.py --preset compact     # Llama 384x6, q/k/v/o, d=65,536, 2x448 (896 tokens/step)
     python benchmarks/step_time.py --model tiny --d 4096 --steps 3
     python benchmarks/step_time.py --device cuda --dtype bf16 --model 1b --seq 2048 --batch 1
 
@@ -37,17 +38,20 @@ MODELS = {  # Llama configs built from scratch (random weights are fine for timi
     "tiny": dict(hidden_size=64, intermediate_size=172, num_hidden_layers=2, num_attention_heads=4),
     "small": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4),
     "w384": dict(hidden_size=384, intermediate_size=1024, num_hidden_layers=8, num_attention_heads=6),
+    "w384l6": dict(hidden_size=384, intermediate_size=1024, num_hidden_layers=6, num_attention_heads=6),
     "medium": dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8),
     "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                num_key_value_heads=8),
 }
 
 
-# Named CPU configurations (both in docs/performance.md's table): `small` has fewer tokens per step than `medium`, so
-# the per-weight work (building W_eff, reducing ∂L/∂W into ∂L/∂θ) weighs more against the GEMMs.
+# Named CPU configurations (in docs/performance.md's table): `small` has fewer tokens per step than `medium`, so
+# the per-weight work (building W_eff, reducing ∂L/∂W into ∂L/∂θ) weighs more against the GEMMs; `compact` fewer
+# still (896 tokens over 6 layers): the shape where the per-weight and per-call costs weigh most.
 PRESETS = {
     "medium": dict(model="medium", batch=4, seq=256, d=65_536),
     "small": dict(model="w384", batch=2, seq=384, d=65_536),
+    "compact": dict(model="w384l6", batch=2, seq=448, d=65_536),
 }
 
 

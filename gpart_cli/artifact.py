@@ -6,6 +6,7 @@ Everything is validated on read; every mismatch is a `GpartError` that says what
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -17,7 +18,7 @@ from safetensors.torch import save as st_save
 from torch import nn
 
 from . import atomic
-from .config import GPartConfig
+from .config import ADDED_LATER, STORED, GPartConfig, default
 from .errors import GpartError
 from .model import apply, fingerprint, state_of
 from .partitions import ALGORITHMS, FEISTEL
@@ -26,11 +27,12 @@ FORMAT = "gpart/1"
 HEAD_PREFIX = "head."
 # A .gpart header is a few KB; refuse absurd ones before parsing (a corrupted length field).
 _MAX_HEADER = 64 << 20
-_META_KEYS = ("format", "d", "seed", "partition", "isometric", "targets", "n_params", "base_model", "task",
+_META_KEYS = ("format", *(k for k in STORED if k not in ADDED_LATER), "targets", "n_params", "base_model", "task",
               "recipe", "versions")
 # Written since gpart 0.1 too, but optional on read (adapters from before they existed): the training-time knobs
-# and the compute path record. Their defaults are what those older adapters were trained with.
-_OPTIONAL = {"dropout": 0.0, "init_bound": 0.0, "init_seed": None, "compute": None}
+# (their defaults are what those older adapters were trained with), the compute path record, and the tensors'
+# checksums (files without them are read unchecked).
+_OPTIONAL = {**{k: default(k) for k in ADDED_LATER}, "compute": None, "sha256": None}
 
 
 @dataclass
@@ -46,12 +48,9 @@ class Artifact:
     def config(self) -> GPartConfig:
         """The config that rebuilds this adapter's partition (targets by exact name)."""
         targets = self.meta["targets"]
-        return GPartConfig(d=self.meta["d"], seed=self.meta["seed"],
-                           target_modules=tuple(t["name"] for t in targets),
-                           bias=any(t["bias"] for t in targets), isometric=self.meta["isometric"],
-                           head_modules=tuple((self.meta.get("task") or {}).get("head_modules") or ()),
-                           partition=self.meta["partition"], dropout=self.meta["dropout"],
-                           init_bound=self.meta["init_bound"], init_seed=self.meta["init_seed"])
+        return GPartConfig(**{k: self.meta[k] for k in STORED}, target_modules=tuple(t["name"] for t in targets),
+                           bias=any(t["bias"] for t in targets),
+                           head_modules=tuple((self.meta.get("task") or {}).get("head_modules") or ()))
 
     @property
     def size_bytes(self) -> int:
@@ -92,12 +91,9 @@ def save(model: nn.Module, path: str | os.PathLike, *, task: dict | None = None,
     task = dict(task or {})
     task["head_modules"] = list(state.config.head_modules)
     meta = {
-        "format": FORMAT, "d": state.config.d, "seed": state.config.seed, "partition": state.config.partition,
-        "isometric": state.config.isometric, "targets": state.targets, "n_params": state.n_params,
-        "base_model": base_model or base_model_info(model, state.targets), "task": task,
-        "recipe": recipe or {}, "versions": _versions(), "dropout": state.config.dropout,
-        "init_bound": state.config.init_bound, "init_seed": state.config.init_seed,
-        "compute": state.compute.summary(),
+        "format": FORMAT, **{k: getattr(state.config, k) for k in STORED}, "targets": state.targets,
+        "n_params": state.n_params, "base_model": base_model or base_model_info(model, state.targets), "task": task,
+        "recipe": recipe or {}, "versions": _versions(), "compute": state.compute.summary(),
     }
     return write_artifact(path, meta, state.theta, {name: params[name] for name in state.head_names})
 
@@ -107,9 +103,16 @@ def write_artifact(path: str | os.PathLike, meta: dict, theta: torch.Tensor, hea
     tensors = {"theta": theta.detach().float().cpu().contiguous()}
     for name, value in head.items():
         tensors[HEAD_PREFIX + name] = value.detach().cpu().contiguous()
+    meta = {**meta, "sha256": {name: _digest(t) for name, t in tensors.items()}}  # checked on read
     data = st_save(tensors, metadata={k: json.dumps(v) for k, v in meta.items()})
     atomic.write_bytes(path, data)
     return Path(path)
+
+
+def _digest(tensor: torch.Tensor) -> str:
+    """sha256 of a tensor's bytes as stored (contiguous, little-endian): safetensors itself checks only the header,
+    so a flipped bit in theta or the head would otherwise load as a silently different adapter."""
+    return hashlib.sha256(tensor.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
 
 
 def _corrupt(path: Path, why: str) -> GpartError:
@@ -174,8 +177,8 @@ def _check_meta(path: Path, meta: dict, tensors: dict[str, torch.Tensor]) -> Non
         raise _corrupt(path, f"unexpected tensors {stray}")
     if not isinstance(meta["task"], dict) or not isinstance(meta["base_model"], dict):
         raise _corrupt(path, "metadata fields 'task' and 'base_model' must be objects")
-    for key, default in _OPTIONAL.items():
-        meta.setdefault(key, default)
+    for key, value in _OPTIONAL.items():
+        meta.setdefault(key, value)
     for key, upper in (("dropout", 1.0), ("init_bound", float("inf"))):
         if isinstance(meta[key], bool) or not isinstance(meta[key], (int, float)) or not 0 <= meta[key] < upper:
             raise _corrupt(path, f"metadata field {key!r} = {meta[key]!r} is not a number in [0, {upper})")
@@ -184,6 +187,19 @@ def _check_meta(path: Path, meta: dict, tensors: dict[str, torch.Tensor]) -> Non
         raise _corrupt(path, f"metadata field 'init_seed' = {meta['init_seed']!r} is not an integer")
     if meta["compute"] is not None and not isinstance(meta["compute"], dict):
         raise _corrupt(path, "metadata field 'compute' must be an object")
+    _check_digests(path, meta["sha256"], tensors)
+
+
+def _check_digests(path: Path, digests, tensors: dict[str, torch.Tensor]) -> None:
+    """Every tensor matches the checksum recorded when it was saved (files from before checksums: unchecked)."""
+    if digests is None:
+        return
+    if not isinstance(digests, dict) or set(digests) != set(tensors) or not all(
+            isinstance(v, str) for v in digests.values()):
+        raise _corrupt(path, "metadata field 'sha256' does not list one checksum per tensor")
+    bad = sorted(name for name, t in tensors.items() if _digest(t) != digests[name])
+    if bad:
+        raise _corrupt(path, f"tensor {', '.join(repr(b) for b in bad)} does not match its sha256 checksum")
 
 
 def read_artifact(path: str | os.PathLike) -> Artifact:

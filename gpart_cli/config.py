@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Optional
 
 from .errors import GpartError
+from .partition import check_d
 from .partitions import FEISTEL, check_algorithm
 
 
@@ -47,8 +48,7 @@ class GPartConfig:
         if isinstance(self.head_modules, (list, str)):
             heads = (self.head_modules,) if isinstance(self.head_modules, str) else tuple(self.head_modules)
             object.__setattr__(self, "head_modules", heads)
-        if isinstance(self.d, bool) or not isinstance(self.d, int) or self.d < 1:
-            raise GpartError(f"d = {self.d!r} is invalid: it must be a positive integer (e.g. d: 23040)")
+        check_d(self.d)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise GpartError(f"seed = {self.seed!r} is invalid: it must be a non-negative integer")
         if not self.target_modules:
@@ -63,6 +63,28 @@ class GPartConfig:
         elif isinstance(self.init_seed, bool) or not isinstance(self.init_seed, int) or self.init_seed < 0:
             raise GpartError(f"init_seed = {self.init_seed!r} is invalid: it must be a non-negative integer")
         check_algorithm(self.partition, "partition")
+
+    @classmethod
+    def from_fields(cls, source, **given) -> "GPartConfig":
+        """The config from an object carrying the `FROM_RECIPE` fields by name (a recipe's method section), plus
+        `given` (target and head modules, init seed)."""
+        return cls(**{name: getattr(source, name) for name in FROM_RECIPE}, **given)
+
+
+# The one list of GPartConfig fields each place reuses by name (the module lists travel in their own shapes: the
+# artifact stores the exact targets as its module spec and the heads in its task; a recipe lists them as given).
+# FROM_RECIPE: set by a recipe's `method` section under the same names, with the same defaults.
+FROM_RECIPE = ("d", "seed", "partition", "bias", "isometric", "dropout", "init_bound")
+# STORED: written into a .gpart file's metadata under the same names, read back by `Artifact.config`, shown by
+# `gpart inspect`. ADDED_LATER: stored since after the format first shipped, so optional on read: older files
+# were trained with the defaults.
+STORED = ("d", "seed", "partition", "isometric", "dropout", "init_bound", "init_seed")
+ADDED_LATER = ("dropout", "init_bound", "init_seed")
+
+
+def default(name: str):
+    """The default of GPartConfig field `name`."""
+    return next(f.default for f in fields(GPartConfig) if f.name == name)
 
 
 def _number(value) -> bool:

@@ -22,6 +22,7 @@ import torch
 from . import rng
 from .kernels import cpu_native
 from .kernels.dispatch import ComputeLog, device_guard, dot_precision, use_kernel
+from .kernels.reference import Scaling, scale_grad, torch_build, torch_grouped_sum
 from .kernels.selfcheck import BuildCall, GradCall, IdsCall
 from .partition import ALGORITHM
 from .partitions import Partition
@@ -107,10 +108,11 @@ class LayerGroups:
         return self.ids(device)[self.n_weight:].int()  # index_select / index_add_ take int32, not uint16
 
     # ---- ∂L/∂θ ---------------------------------------------------------------------------------------
-    def weight_grad(self, gy: torch.Tensor, x: torch.Tensor, transposed: bool, dropout: Dropout = None
-                    ) -> torch.Tensor:
+    def weight_grad(self, gy: torch.Tensor, x: torch.Tensor, transposed: bool, dropout: Dropout = None,
+                    scaling: Scaling = None) -> torch.Tensor:
         """∂L/∂θ_scaled from this layer's weight: the grouped sum of ∂L/∂W = gy^T x for gy (T, out) and
-        x (T, in), fp32 [d]; ∂L/∂W is not kept."""
+        x (T, in), fp32 [d]; ∂L/∂W is not kept. With `scaling`, ∂L/∂θ itself (`reference.scale_grad` applied: the
+        compiled CPU loop fuses it into its last pass over d)."""
         device = gy.device
         deterministic = torch.are_deterministic_algorithms_enabled()
         if self._kernel("grad", device, gy.dtype, lambda: GradCall(
@@ -122,9 +124,9 @@ class LayerGroups:
                 _kernels().grad_from_gemm(grad, gy.contiguous(), x.contiguous(), self.offset, self.n, self.d,
                                           self.seed, transposed, dropout=dropout, deterministic=deterministic,
                                           max_members=self.partition.max_members(), algorithm=self.algorithm)
-            return grad
+            return scale_grad(grad, scaling)
         gw = _weight_grad(gy, x, transposed).reshape(-1)  # in W's storage order, fp32
-        return _grouped_sum(self.ids(device)[: self.n_weight], gw, self.d, self._drop_mask(dropout, device))
+        return _grouped_sum(self.ids(device)[: self.n_weight], gw, self.d, self._drop_mask(dropout, device), scaling)
 
     def add_bias_grad(self, grad_theta: torch.Tensor, gb: torch.Tensor) -> None:
         grad_theta.index_add_(0, self._bias_ids(gb.device), gb.float())
@@ -138,49 +140,13 @@ def _build(w0: torch.Tensor | None, table: torch.Tensor, ids: torch.Tensor, drop
     return torch_build(w0, table, ids, drop) if built is None else built
 
 
-def torch_build(w0: torch.Tensor | None, table: torch.Tensor, ids: torch.Tensor, drop: torch.Tensor | None
-                ) -> torch.Tensor:
-    delta = _gather(table, ids)  # one W-sized buffer, reused below
-    if drop is not None:
-        delta.masked_fill_(drop, 0.0)
-    return delta if w0 is None else delta.add_(w0 if w0.dtype == torch.float32 else w0.float())
-
-
-def _gather(table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """table[ids], 1-D. On the CPU as four (or two) rows of one `torch.gather`, which torch splits over its
-    threads, where `index_select` on a 1-D table is serial: about 1.3x faster on the cold data of a training
-    step. A copy, so the rows change no bits."""
-    rows = 4 if ids.numel() % 4 == 0 else 2 if ids.numel() % 2 == 0 else 1
-    if table.device.type != "cpu" or rows == 1:
-        return table.index_select(0, ids.int())  # uint16 ids widened; int32 ones pass as they are
-    return torch.gather(table.expand(rows, table.numel()), 1, ids.long().view(rows, -1)).view(-1)
-
-
-def _grouped_sum(ids: torch.Tensor, values: torch.Tensor, d: int, drop: torch.Tensor | None = None) -> torch.Tensor:
+def _grouped_sum(ids: torch.Tensor, values: torch.Tensor, d: int, drop: torch.Tensor | None = None,
+                 scaling: Scaling = None) -> torch.Tensor:
     """sums[j] = the sum of values[i] over ids[i] == j and not drop[i], a new fp32 [d] tensor, in a fixed order
-    (deterministic): the compiled CPU loops where they apply (CPU tensors), else torch ops, with the same bits."""
-    sums = cpu_native.grouped_sum(ids, values, d, drop)
-    return torch_grouped_sum(ids, values, d, drop) if sums is None else sums
-
-
-def torch_grouped_sum(ids: torch.Tensor, values: torch.Tensor, d: int, drop: torch.Tensor | None = None
-                      ) -> torch.Tensor:
-    """The grouped sum with torch ops (`values` is overwritten where dropped).
-
-    On the CPU the two halves are summed into two rows by one scatter_add_, which torch runs on two threads
-    (the 1-D reductions are serial), and the second row is added into the first, which is returned: about 1.5x
-    faster on the cold data it meets in a training step. Always two rows, whatever the thread count, so the bits
-    do not depend on it. CUDA keeps index_add_, which torch's deterministic mode makes deterministic.
-    """
-    if drop is not None:
-        values.masked_fill_(drop, 0.0)
-    if values.device.type != "cpu":
-        return torch.zeros(d, dtype=values.dtype, device=values.device).index_add_(0, ids, values)
-    if values.numel() % 2:
-        return torch.zeros(d, dtype=values.dtype).scatter_add_(0, ids.long(), values)
-    rows = torch.zeros(2, d, dtype=values.dtype)
-    rows.scatter_add_(1, ids.long().view(2, -1), values.view(2, -1))
-    return rows[0].add_(rows[1])
+    (deterministic), times `scaling`: the compiled CPU loops where they apply (CPU tensors), else torch ops, with
+    the same bits."""
+    sums = cpu_native.grouped_sum(ids, values, d, drop, scaling)
+    return scale_grad(torch_grouped_sum(ids, values, d, drop), scaling) if sums is None else sums
 
 
 def _weight_grad(gy: torch.Tensor, x: torch.Tensor, transposed: bool) -> torch.Tensor:

@@ -8,6 +8,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .artifact import Artifact
+from .config import STORED
 from .kernels.dispatch import describe
 
 LORA_RANK = 8  # the comparison point users know: LoRA r=8 on the same target modules
@@ -26,9 +27,7 @@ def summarize(art: Artifact) -> dict:
     head_params = sum(t.numel() for t in art.head.values())
     return {
         "file": str(art.path), "size_bytes": art.size_bytes, "format": meta["format"],
-        "partition": meta["partition"], "d": meta["d"], "seed": meta["seed"], "isometric": meta["isometric"],
-        "dropout": meta["dropout"], "init_bound": meta["init_bound"], "init_seed": meta["init_seed"],
-        "compute": meta["compute"], "compute_path": describe(meta["compute"]),
+        **{k: meta[k] for k in STORED}, "compute": meta["compute"], "compute_path": describe(meta["compute"]),
         "n_params": meta["n_params"], "compression": meta["n_params"] / meta["d"],
         "targets": meta["targets"], "base_model": meta["base_model"], "task": meta["task"],
         "head": {name: list(t.shape) for name, t in art.head.items()}, "head_params": head_params,

@@ -19,7 +19,9 @@ from .config import GPartConfig
 from .errors import GpartError
 from .groups import LayerGroups
 from .kernels.dispatch import ComputeLog
+from .kernels.reference import Scaling, scale_grad
 from .layer import GPartLinear, check_supported
+from .partition import check_d
 from .partitions import FEISTEL, Partition
 from .quantized import is_quantized, keep_autograd_layout, weight_shape
 
@@ -102,16 +104,21 @@ class GPartState(nn.Module):
     def forget_shared(self) -> None:
         self._shared.clear()
 
-    def theta_grad(self, grad_s: torch.Tensor, dropout: bool = False) -> torch.Tensor:
-        """∂L/∂theta from ∂L/∂theta_scaled: the chain rule of `scaled_theta`, on theta's device.
+    def grad_scaling(self, dropout: bool, device: torch.device) -> Scaling:
+        """The chain rule of `scaled_theta` as (dropout factor or None, 1/sqrt(n_j) on `device`): what
+        `reference.scale_grad` multiplies ∂L/∂theta_scaled by to give ∂L/∂theta."""
+        factor = 1.0 / (1.0 - self.config.dropout) if self._dropout_scales(dropout) else None
+        scale = self.inv_sqrt_sizes
+        return factor, (scale if scale.device == device else scale.to(device))
+
+    def theta_grad(self, grad_s: torch.Tensor, dropout: bool = False, scaled: bool = False) -> torch.Tensor:
+        """∂L/∂theta from ∂L/∂theta_scaled (`scaled`: already ∂L/∂theta), on theta's device.
 
         It scales `grad_s` in place (the layers' Functions own it) with the same multiplications, in the same
         order, as autograd would apply through `scaled_theta`, so the bits are the same.
         """
-        if self._dropout_scales(dropout):
-            grad_s.mul_(1.0 / (1.0 - self.config.dropout))
-        scale = self.inv_sqrt_sizes
-        grad_s.mul_(scale if scale.device == grad_s.device else scale.to(grad_s.device))
+        if not scaled:
+            scale_grad(grad_s, self.grad_scaling(dropout, grad_s.device))
         return grad_s if grad_s.device == self.theta.device else grad_s.to(self.theta.device)
 
     def dropout(self, training: bool) -> tuple[int, int] | None:
@@ -201,10 +208,8 @@ def apply(model: nn.Module, config: GPartConfig) -> nn.Module:
     sizes = [_numel(m, entry["bias"]) for entry, (_, m) in zip(spec, found)]
     n_params = sum(sizes)
     # The authors' partitions assign weights independently and accept d > N (some groups stay empty); feistel-v1
-    # cuts a permutation into d non-empty groups.
-    if config.d > n_params and config.partition == FEISTEL:
-        raise GpartError(f"d = {config.d:,} is out of range: the {len(spec)} target modules hold N = {n_params:,} "
-                         f"parameters and d must satisfy 1 <= d <= N. Choose a smaller d or adapt more modules")
+    # cuts a permutation into d non-empty groups, so only it bounds d by N.
+    check_d(config.d, n_params if config.partition == FEISTEL else None, len(spec))
     for p in model.parameters():
         p.requires_grad_(False)
     if any(is_quantized(m) for _, m in found):

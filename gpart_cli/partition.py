@@ -52,13 +52,25 @@ def half_bits(n: int) -> int:
     return (bits + 1) // 2
 
 
+def check_d(d, n_params: int | None = None, n_modules: int | None = None, name: str = "d") -> int:
+    """The one check of d, with one message wherever d comes from (a config, a recipe, a flag, the partition): an
+    integer with 1 <= d <= N, N the adapted parameters (known once the targets are found; before that only d >= 1
+    can be checked). `name` says where the value was written."""
+    integer = isinstance(d, int) and not isinstance(d, bool)
+    if integer and d >= 1 and (n_params is None or d <= n_params):
+        return d
+    where = f"the {n_modules} target modules hold " if n_modules else ""
+    held = "" if n_params is None else f"; {where}N = {n_params:,}"
+    raise GpartError(f"{name} = {f'{d:,}' if integer else repr(d)} is out of range: d must be an integer with "
+                     f"1 <= d <= N, the number of adapted parameters{held}. Choose such a d (e.g. 23040)"
+                     + ("" if n_params is None else " or adapt more modules"))
+
+
 def check_sizes(n: int, d: int) -> None:
     """Raise `GpartError` unless 1 <= d <= n and the arithmetic fits in 63 bits."""
     if n < 1:
         raise GpartError(f"the adapted modules hold {n} parameters; select at least one weight to adapt")
-    if not 1 <= d <= n:
-        raise GpartError(f"d = {d} is out of range: it must satisfy 1 <= d <= N = {n:,} (the adapted parameter count); "
-                         f"choose a smaller d or adapt more modules")
+    check_d(d, n)
     if n * d >= 1 << 63:
         raise GpartError(f"N * d = {n * d:,} overflows 63-bit arithmetic; use a smaller d")
 

@@ -15,10 +15,12 @@ from typing import Any, Optional
 
 import yaml
 
+from .config import default
 from .errors import GpartError, nearest
+from .methods import NAMES as METHODS
+from .partition import check_d
 from .partitions import ALGORITHMS
 
-METHODS = ("gpart", "unilora", "lora", "full", "linear_probe")
 FAMILIES = ("glue", "vision", "sft", "text_classification")
 SCHEDULES = ("linear", "cosine", "constant")
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -44,15 +46,16 @@ class ModelSection:
 
 @dataclass(frozen=True)
 class MethodSection:
+    # The GPart fields (config.FROM_RECIPE) take GPartConfig's defaults; see GPartConfig for what each means.
     name: str = "gpart"
     d: int = 23_040
-    seed: int = 0
+    seed: int = default("seed")              # the partition seed (Uni-LoRA: its projection; VeRA: its A and B)
     target_modules: list = field(default_factory=lambda: ["query", "value"])
-    bias: bool = False
-    isometric: bool = True
-    dropout: float = 0.0                     # gpart: dropout on ΔW in training (the authors: GLUE 0.1, math 0.05)
-    init_bound: float = 0.0                  # gpart: theta starts uniform in [-b, b] (seeded); 0 = exactly zeros
-    rank: int = 8                            # LoRA / Uni-LoRA rank
+    bias: bool = default("bias")
+    isometric: bool = default("isometric")
+    dropout: float = default("dropout")      # gpart: dropout on ΔW in training (the authors: GLUE 0.1, math 0.05)
+    init_bound: float = default("init_bound")  # gpart: theta starts uniform in [-b, b] (seeded); 0 = exactly zeros
+    rank: int = 8                            # LoRA / Uni-LoRA / VeRA rank
     alpha: float = 16.0                      # LoRA alpha
     head_modules: Optional[list] = None      # default: the task head the model class has
     partition: str = "feistel-v1"            # gpart: feistel-v1 | splitmix64-mod-v1 | torch-randint-v1 (the authors')
@@ -148,7 +151,7 @@ _CHOICES = {"method.name": METHODS, "data.family": FAMILIES, "train.schedule": S
             "model.pooling": ("cls", "mean"), "data.train_transform": TRAIN_TRANSFORMS,
             "data.eval_transform": EVAL_TRANSFORMS, "data.format": SFT_FORMATS,
             "data.chat_template": CHAT_TEMPLATES, "method.partition": ALGORITHMS}
-_POSITIVE = {"method.d", "method.rank", "train.batch_size", "train.grad_accum", "data.max_length",
+_POSITIVE = {"method.rank", "train.batch_size", "train.grad_accum", "data.max_length",
              "train.log_every", "eval.batch_size", "eval.max_new_tokens", "train.max_steps", "train.eval_every",
              "train.save_every", "data.max_train_samples", "data.max_eval_samples", "eval.limit",
              "data.image_size", "data.dev_samples", "eval.dev_batch_size"}
@@ -203,6 +206,8 @@ def _check_range(path: str, value: Any) -> None:
         hint = nearest(str(value), choices)
         raise GpartError(f"recipe field {path} = {value!r} is not one of {', '.join(choices)}"
                          + (f" (did you mean {hint!r}?)" if hint else ""))
+    if path == "method.d":
+        check_d(value, name=f"recipe field {path}")
     if path in _POSITIVE and value is not None and value < 1:
         raise GpartError(f"recipe field {path} = {value!r} must be >= 1")
     if path in _NON_NEGATIVE and value is not None and value < 0:

@@ -20,9 +20,10 @@ from rich.table import Table
 from . import atomic
 from .errors import GpartError
 from .evaluation import classify
+from .methods import D_METHODS  # methods whose size is set by d; the others are one point per seed
+from .partition import check_d
 from .recipe import Recipe, load_recipe
 
-D_METHODS = ("gpart", "unilora")  # methods whose size is set by d; the others are one point per seed
 TIE = "tie"  # --lr-head tie: the head trains at the run's θ learning rate
 
 
@@ -69,9 +70,9 @@ def parse_ints(text: str, flag: str) -> list[int]:
         values = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
         raise GpartError(f"{flag} {text!r} should be comma-separated integers, e.g. {flag} 1000,4000,16000") from None
-    if not values or min(values) < (1 if flag == "--d" else 0):
-        raise GpartError(f"{flag} {text!r} needs at least one value, all {'>= 1' if flag == '--d' else '>= 0'}")
-    return values
+    if not values or (flag != "--d" and min(values) < 0):
+        raise GpartError(f"{flag} {text!r} needs at least one value, all >= 0")
+    return [check_d(v, name=flag) for v in values] if flag == "--d" else values
 
 
 def parse_floats(text: str, flag: str) -> list[float]:
@@ -135,24 +136,30 @@ def dev_score(recipe: Recipe, results: dict) -> float | None:
     return score(recipe, best) if best else None
 
 
-def _run_one(recipe_path: Path, overrides: list[str], key: RunKey, out: Path, console: Console) -> dict:
+def _run_one(recipe_path: Path, overrides: list[str], key: RunKey, out: Path, console: Console,
+             device: str | None = None) -> dict:
     from .train.run import run
 
     recipe = load_recipe(recipe_path, [*overrides, *key.overrides()])
     resume = (out / "checkpoints" / "last").is_dir()
-    return run(recipe, out, resume=resume, overwrite=not resume, console=console)
+    return run(recipe, out, resume=resume, overwrite=not resume, console=console, device=device)
 
 
 def sweep(recipe_path: Path, overrides: list[str], methods: list[str], ds: list[int], seeds: list[int],
           out: Path, console: Console | None = None, lrs: dict[str, list] | None = None,
-          lr_heads: list | None = None) -> dict:
-    """Run (or reuse) every run of the grid and write results.csv, results.json and plot.png into `out`.
+          lr_heads: list | None = None, device: str | None = None) -> dict:
+    """Run (or reuse) every run of the grid on `device` (as `gpart train --device`) and write results.csv,
+    results.json and plot.png into `out`.
 
     Where a cell (method, d, seed) has several learning rates, the run with the best dev score is selected and
     its test score is the cell's result; the test split never chooses.
     """
     console = console or Console(stderr=True)
     base = load_recipe(recipe_path, overrides)  # validate once, up front
+    if device is not None:
+        from .devices import resolve_device
+
+        resolve_device(device)  # a bad --device is one error, not one logged failure per run
     keys = plan(methods, ds, seeds, lrs, lr_heads)
     several_lrs = len({k.cell for k in keys}) < len(keys)  # some cell has a grid to choose from
     if several_lrs and base.data.dev_fraction <= 0 and base.data.family != "sft":
@@ -170,7 +177,7 @@ def sweep(recipe_path: Path, overrides: list[str], methods: list[str], ds: list[
         else:
             console.rule(key.folder)
             try:
-                results = _run_one(recipe_path, overrides, key, run_dir, console)
+                results = _run_one(recipe_path, overrides, key, run_dir, console, device)
             except (GpartError, RuntimeError, ValueError) as e:  # one bad run must not end the sweep
                 console.print(f"[red]failed {key.folder}:[/] {e}")
                 with open(out / "failures.jsonl", "a") as f:

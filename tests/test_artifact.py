@@ -158,3 +158,45 @@ def test_written_files_get_the_usual_permissions(tmp_path):
         os.umask(mask)
     assert path.stat().st_mode & 0o777 == 0o644
     assert (tmp_path / "d").stat().st_mode & 0o777 == 0o755
+
+
+def test_corrupted_theta_is_caught_by_its_checksum(tmp_path):
+    """A flipped bit inside theta's bytes leaves a well-formed safetensors file (safetensors checks only the
+    header); the sha256 recorded per tensor at save time catches it, and names the tensor."""
+    base = tiny_roberta(num_labels=3)
+    model = gpart.apply(copy.deepcopy(base), gpart.GPartConfig(d=16, target_modules=["query", "value"],
+                                                               head_modules=["classifier"]))
+    with torch.no_grad():
+        gpart.theta(model).copy_(torch.arange(16, dtype=torch.float32) / 16)
+    path = gpart.save(model, tmp_path / "a.gpart")
+    with safe_open(str(path), framework="pt") as f:
+        digests = json.loads(f.metadata()["sha256"])
+    assert set(digests) == {"theta", "head.classifier.dense.weight", "head.classifier.dense.bias",
+                            "head.classifier.out_proj.weight", "head.classifier.out_proj.bias"}
+    data = bytearray(path.read_bytes())
+    start = 8 + struct.unpack("<Q", data[:8])[0]  # tensor bytes follow the header; theta is stored first
+    header = json.loads(data[8:start])
+    begin, end = header["theta"]["data_offsets"]
+    data[start + begin + 4 * 5] ^= 0x01  # the lowest mantissa bit of theta[5]: a value still finite and plausible
+    (tmp_path / "c.gpart").write_bytes(bytes(data))
+    with safe_open(str(tmp_path / "c.gpart"), framework="pt") as f:  # safetensors itself reads it without complaint
+        assert f.get_tensor("theta")[5] != gpart.theta(model)[5]
+    with pytest.raises(GpartError, match="not a valid .gpart adapter.*tensor 'theta' does not match its sha256"):
+        gpart.read_artifact(tmp_path / "c.gpart")
+    with pytest.raises(GpartError, match="tensor 'theta' does not match"):
+        gpart.load(copy.deepcopy(base), tmp_path / "c.gpart")
+
+
+def test_files_from_before_checksums_still_load(tmp_path):
+    """Adapters written before the sha256 field existed carry none: they load unchecked, as before."""
+    _, model = _trained_llama()
+    path = gpart.save(model, tmp_path / "a.gpart")
+    with safe_open(str(path), framework="pt") as f:
+        meta = {k: v for k, v in f.metadata().items() if k != "sha256"}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    save_file(tensors, str(tmp_path / "old.gpart"), metadata=meta)
+    art = gpart.read_artifact(tmp_path / "old.gpart")
+    assert art.meta["sha256"] is None and torch.equal(art.theta, gpart.theta(model).detach())
+    save_file(tensors, str(tmp_path / "bad.gpart"), metadata={**meta, "sha256": json.dumps({"head.x": "00"})})
+    with pytest.raises(GpartError, match="'sha256' does not list one checksum per tensor"):
+        gpart.read_artifact(tmp_path / "bad.gpart")

@@ -40,7 +40,7 @@ CASES = {
     "malformed yaml": (None, "model: [\n", "is not valid YAML at line"),
     "unknown key": (_set("train", "lr_thetaa", 1), None, "did you mean train.lr_theta"),
     "wrong type": (_set("train", "batch_size", "big"), None, "train.batch_size = 'big' should be an integer"),
-    "d zero": (_set("method", "d", 0), None, "method.d = 0 must be >= 1"),
+    "d zero": (_set("method", "d", 0), None, "method.d = 0 is out of range"),
     "d above N": (_set("method", "d", 10**7), None, "d = 10,000,000 is out of range"),
     "no target": (_set("method", "target_modules", ["q_proj"]), None, "no module matches target_modules"),
     "unknown method": (_set("method", "name", "adapterx"), None, "method.name = 'adapterx' is not one of"),

@@ -217,7 +217,7 @@ def test_loops_that_disagree_with_torch_are_rejected(tmp_path, monkeypatch):
     wrong = cpu_native._SOURCE.replace("row[ids[i]] += values[i]", "row[ids[i]] += 2 * values[i]")
     monkeypatch.setattr(cpu_native, "_SOURCE", wrong)
     with pytest.warns(RuntimeWarning, match=r"the grouped sum differs from torch's \(torch.uint16, mask=False, "
-                                            r"n=1000\)"):
+                                            r"n=1000, scaled=False\)"):
         assert cpu_native.library() is None
 
 

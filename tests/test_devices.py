@@ -67,7 +67,8 @@ def test_every_command_refuses_a_missing_gpu_with_exit_code_2(tmp_path):
     recipe.write_text("model: {name_or_path: x}\n")
     for args in (["train", str(recipe), "--device", "cuda"],
                  ["eval", "--task", "gsm8k", "--model", "x", "--device", "cuda"],
-                 ["merge", "x", str(tmp_path / "a.gpart"), "-o", str(tmp_path / "m"), "--device", "cuda"]):
+                 ["merge", "x", str(tmp_path / "a.gpart"), "-o", str(tmp_path / "m"), "--device", "cuda"],
+                 ["sweep-d", str(recipe), "--d", "8", "--device", "cuda", "-o", str(tmp_path / "s")]):
         res = runner.invoke(app, args)
         assert res.exit_code == 2, (args, res.output)
         assert "torch sees no CUDA device" in res.output and "Traceback" not in res.output

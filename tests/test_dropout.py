@@ -246,7 +246,8 @@ def test_shipped_paper_recipes_carry_the_authors_dropout():
     from tests.test_shipped_recipes import RECIPES
 
     for path in sorted(RECIPES.glob("glue-*.yaml")):
-        assert load_recipe(path).method.dropout == 0.1, path.name
+        recipe = load_recipe(path)  # GPart's recipes; a baseline's (glue-sst2-vera-*) has no ΔW to drop
+        assert recipe.method.dropout == (0.1 if recipe.method.name == "gpart" else 0.0), path.name
     for path in sorted(RECIPES.glob("metamath-*.yaml")):
         assert load_recipe(path).method.dropout == 0.05, path.name
     assert load_recipe(RECIPES / "quickstart-sst2-minilm.yaml").method.dropout == 0.0

@@ -83,3 +83,30 @@ def test_different_seeds_give_different_partitions():
 def test_out_of_range_sizes_are_user_errors(n, d):
     with pytest.raises(GpartError, match="d|parameters"):
         gpart.group_ids(n, d, 0)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_partition_mixes_weights_across_rows_and_columns(seed):
+    """The partition scatters: neighbouring weights fall in unrelated groups, and every group spreads over the
+    matrix. Measured on one 512 x 512 weight (N = 262,144) with d = 1,024, so n_j = 256 per group.
+
+    - Adjacent ids (the next weight in a row: lag 1; the next row in a column: lag 512) are uncorrelated: for
+      independent ids the sample correlation has sd 1/sqrt(N) = 0.00195; the bound 0.01 is 5 sd. The identity
+      or a strided map (id = i mod d) gives ~1.
+    - Every group spans many rows and many columns: 256 members placed at random touch
+      512 (1 - (1 - 1/512)^256) = 201.6 distinct rows (sd 5.3, by the occupancy variance); the bound 175 is 5 sd
+      below, for each of the 1,024 groups. A blocked map (id = i // 256) puts each group in 1 row, a column-
+      strided one in 1 column.
+    """
+    rows = cols = 512
+    d = 1024
+    ids = gpart.group_ids(rows * cols, d, seed).long()
+    for lag in (1, cols):
+        a, b = ids[:-lag].double(), ids[lag:].double()
+        r = float(torch.corrcoef(torch.stack([a, b]))[0, 1])
+        assert abs(r) < 0.01, (lag, r)
+    row_of, col_of = torch.arange(rows).repeat_interleave(cols), torch.arange(cols).repeat(rows)  # storage order
+    for where in (row_of, col_of):
+        spans = torch.zeros(d, rows, dtype=torch.bool)
+        spans[ids, where] = True  # group j touches row (column) k
+        assert int(spans.sum(1).min()) >= 175, int(spans.sum(1).min())

@@ -29,9 +29,9 @@ def test_defaults_and_yaml_style_numbers():
     ({**BASE, "trian": {}}, "unknown recipe key 'trian'; did you mean train?"),
     (_with("train", lr_thetta=1), "unknown recipe key 'train.lr_thetta'; did you mean train.lr_theta?"),
     (_with("method", d="many"), "recipe field method.d = 'many' should be an integer"),
-    (_with("method", d=0), "recipe field method.d = 0 must be >= 1"),
-    (_with("method", name="lorra"), "method.name = 'lorra' is not one of gpart, unilora, lora, full, linear_probe "
-                                    "(did you mean 'lora'?)"),
+    (_with("method", d=0), "recipe field method.d = 0 is out of range: d must be an integer with 1 <= d <= N"),
+    (_with("method", name="lorra"), "method.name = 'lorra' is not one of gpart, unilora, lora, full, linear_probe, "
+                                    "vera (did you mean 'lora'?)"),
     (_with("train", batch_size=True), "train.batch_size = True should be an integer"),
     (_with("data", dev_fraction=1.5), "data.dev_fraction = 1.5 must be in [0, 1)"),
     (_with("train", weight_decay=-0.1), "train.weight_decay = -0.1 must be >= 0"),

@@ -50,7 +50,8 @@ def test_sweep_grid_files_rerun_and_failures(tiny_bert_dir, sst2_files, tmp_path
 @pytest.mark.parametrize("args,message", [
     (["--d", "1k"], "--d '1k' should be comma-separated integers"),
     (["--d", "100", "--method", "gpart,adapterx"], "--method 'gpart,adapterx': use some of"),
-    (["--d", "0"], "all >= 1"),
+    (["--d", "0"], "--d = 0 is out of range: d must be an integer with 1 <= d <= N"),
+    (["--d", "8", "--device", "tpu"], "--device 'tpu' is not a device"),
 ])
 def test_sweep_bad_flags(tmp_path, args, message):
     recipe = tmp_path / "r.yaml"

@@ -85,6 +85,9 @@ def test_interrupted_run_resumes_to_the_same_theta(tiny_bert_dir, sst2_files, tm
 @pytest.mark.parametrize("method,params,result", [
     ("lora", 4 * 8 * (32 + 32) + 66, "adapter/adapter_model.safetensors"),
     ("unilora", 256 + 66, "adapter/adapter_model.safetensors"),
+    # VeRA (registered in gpart_cli.methods only): per adapted module a scaling vector of rank 8 and one of its
+    # output width 32, 2 layers x query/value; A and B are frozen (saved, not counted)
+    ("vera", 2 * 2 * (8 + 32) + 66, "adapter/adapter_model.safetensors"),
     ("linear_probe", 66, "model/model.safetensors"),
     # every weight of the tiny BERT: 30522×32 word embeddings + the rest + the 32→2 head
     ("full", 999_138, "model/model.safetensors"),

@@ -28,17 +28,37 @@ def user_errors(fn):
         try:
             return fn(*args, **kwargs)
         except GpartError as e:
-            # escape: messages quote install commands like pip install 'gpart[vllm]', which Rich reads as markup
-            err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
-            raise typer.Exit(2) from None
+            _exit_with(e)
 
     return wrapper
 
 
+def _exit_with(e: GpartError):
+    # escape: messages quote install commands like pip install 'gpart[vllm]', which Rich reads as markup
+    err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
+    raise typer.Exit(2) from None
+
+
 TrustRemoteCode = Annotated[bool, typer.Option("--trust-remote-code", help="Run Python code shipped with the "
                                                 "model repository (never taken from an adapter file).")]
-Device = Annotated[Optional[str], typer.Option(help="auto | cpu | cuda | cuda:N (default auto: cuda when torch "
-                                                    "sees a GPU, else cpu).")]
+
+
+def _resolved_device(value: Optional[str]) -> Optional[str]:
+    """Every command's --device, resolved where it is parsed (by `devices.resolve_device`, the one resolver): a typo
+    or a GPU this machine lacks stops the command with exit 2 before any model or data is loaded. "cuda" becomes
+    "cuda:N"; unset and "auto" stay as they are (under torchrun each process then takes its local device)."""
+    if value is None or value.strip().lower() == "auto":
+        return value
+    from ..devices import resolve_device
+
+    try:
+        return str(resolve_device(value))
+    except GpartError as e:
+        _exit_with(e)
+
+
+Device = Annotated[Optional[str], typer.Option(callback=_resolved_device, help="auto | cpu | cuda | cuda:N (default "
+                                               "auto: cuda when torch sees a GPU, else cpu).")]
 
 
 @app.command()
@@ -251,7 +271,8 @@ def sweep_d(recipe: Annotated[Path, typer.Argument(help="A recipe YAML file.")],
                                "--lr (e.g. 5e-3,2e-2), or 'tie' to train the head at the run's --lr.")] = None,
             overrides: Overrides = None,
             output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Sweep directory (default "
-                                                            "runs/sweep-RECIPE_NAME).")] = None):
+                                                            "runs/sweep-RECIPE_NAME).")] = None,
+            device: Device = None):
     """Train and evaluate one run per d, seed and learning rate; the dev split picks the lr; write a table,
     results.csv/json and plot.png."""
     from ..recipe import METHODS
@@ -263,7 +284,7 @@ def sweep_d(recipe: Annotated[Path, typer.Argument(help="A recipe YAML file.")],
         raise GpartError(f"--method {method!r}: use some of {', '.join(METHODS)}")
     out = output or Path("runs") / f"sweep-{recipe.stem}"
     sweep(recipe, overrides or [], methods, parse_ints(d, "--d"), parse_ints(seeds, "--seeds"), out, err_console,
-          lrs=parse_lr_grid(lr or [], methods), lr_heads=parse_lr_head(lr_head))
+          lrs=parse_lr_grid(lr or [], methods), lr_heads=parse_lr_head(lr_head), device=device)
     console.print(f"results: {out / 'results.csv'} · {out / 'results.json'} · plot {out / 'plot.png'}")
 
 

@@ -13,7 +13,7 @@ import re
 import torch
 
 from ..errors import GpartError
-from ..evaluation.answers import mawps_reference
+from ..numbers import mawps_reference
 from .sources import load_rows_with_source, require_columns
 from .splits import Splits, carve_dev
 

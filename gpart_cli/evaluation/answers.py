@@ -9,12 +9,10 @@ the harness scores it, plus numeric variants of the same extractions), and Hendr
 from __future__ import annotations
 
 import re
-from decimal import Decimal
-from fractions import Fraction
+
+from ..numbers import mawps_reference, normalize_number, numbers_equal  # noqa: F401 (the extractors' API)
 
 _ANSWER_MARK = "The answer is: "
-_DECIMAL = re.compile(r"^[+-]?(?:\d+(?:\.\d*)?|\.\d+)$")
-_FRACTION = re.compile(r"^[+-]?\d+/\d+$")
 # First number after MetaMath's marker: thousands commas only in proper groups, then a decimal or "/q" tail.
 _METAMATH_NUMBER = re.compile(r"-?(?:(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+|/\d+)?|\.\d+)")
 _STRICT = re.compile(r"#### (\-?[0-9\.\,]+)")
@@ -26,47 +24,6 @@ LM_EVAL_FALLBACK = "[invalid]"
 
 
 # ---------------------------------------------------------------- numbers
-
-
-def _to_fraction(s: str | None) -> Fraction | None:
-    """The exact rational value of a numeric string ("$1,234.00", "-5", "3/4"), or None."""
-    if s is None:
-        return None
-    t = str(s).strip().replace(",", "").replace("$", "").replace(" ", "")
-    if _DECIMAL.match(t):
-        return Fraction(t[:-1] if t.endswith(".") else t)  # "42." is 42; Fraction rejects the bare dot
-    if _FRACTION.match(t):
-        num, den = t.split("/")
-        return None if int(den) == 0 else Fraction(int(num), int(den))
-    return None
-
-
-def _format_fraction(value: Fraction) -> str:
-    """Canonical text: integers bare, terminating decimals exact, anything else as "p/q"."""
-    if value.denominator == 1:
-        return str(value.numerator)
-    den, k = value.denominator, 0
-    while den % 2 == 0 or den % 5 == 0:  # terminates in base 10 iff the denominator is 2^a * 5^b
-        den //= 2 if den % 2 == 0 else 5
-        k += 1
-    if den != 1:
-        return f"{value.numerator}/{value.denominator}"
-    sign = "-" if value < 0 else ""
-    scaled = abs(value) * 10**k  # an exact integer by construction
-    digits = str(scaled.numerator).rjust(k + 1, "0")
-    return f"{sign}{digits[:-k]}.{digits[-k:]}".rstrip("0").rstrip(".")
-
-
-def normalize_number(s: str) -> str | None:
-    """Canonical string of a numeric answer ("1,234.00" -> "1234", "3/4" -> "0.75"), or None."""
-    value = _to_fraction(s)
-    return None if value is None else _format_fraction(value)
-
-
-def numbers_equal(pred: str | None, ref: str | None) -> bool:
-    """True when both parse as numbers with exactly the same rational value."""
-    a, b = _to_fraction(pred), _to_fraction(ref)
-    return a is not None and b is not None and a == b
 
 
 def _lm_eval_clean(match: str) -> str | None:
@@ -143,16 +100,6 @@ def lm_eval_flexible(text: str) -> str | None:
         return None
     groups = [g for g in found[-1] if g]  # findall yields (group1, group2); exactly one is non-empty
     return _lm_eval_clean(groups[0]) if groups else None
-
-
-def mawps_reference(value) -> str | None:
-    """A MAWPS answer (number or numeric string such as 5.0, "5", "12.50"), normalised."""
-    if value is None or isinstance(value, bool):
-        return None
-    if isinstance(value, float):
-        # Shortest round-trip text (12.5 -> "12.5", not the binary expansion), exponent spelled out.
-        value = format(Decimal(repr(float(value))), "f")
-    return normalize_number(str(value))
 
 
 # ---------------------------------------------------------------- MATH

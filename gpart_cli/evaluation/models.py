@@ -12,7 +12,7 @@ import torch
 from ..devices import Precision
 from ..errors import GpartError
 from ..loading import ModelSource, load_model, recorded_source, resolve
-from ..methods import RUN_INFO
+from ..run_info import read_run_info
 
 
 @dataclass(frozen=True)
@@ -23,11 +23,6 @@ class Scored:
     kind: str | None
     path: Path | None
     recipe: dict | None
-
-
-def _run_info(path: Path) -> dict:
-    info = path / RUN_INFO
-    return json.loads(info.read_text()) if info.is_file() else {}
 
 
 def resolve_adapter(path: Path) -> tuple[str, Path]:
@@ -63,7 +58,7 @@ def scored(adapter: Path | None) -> Scored:
         return Scored(kind, path, read_artifact(path).meta.get("recipe"))
     if kind == "peft-gpart":
         return Scored(kind, path, None)
-    return Scored(kind, path, _run_info(path).get("recipe"))
+    return Scored(kind, path, read_run_info(path).get("recipe"))
 
 
 def recorded_base(recorded: str | None, adapter: Path) -> str:
@@ -111,7 +106,7 @@ def load_scored(req, what: Scored, task_type: str, device: torch.device, precisi
     from peft import PeftModel
 
     source = peft_base(req, what, precision.weights)
-    task = _run_info(what.path).get("task") or {}
+    task = read_run_info(what.path).get("task") or {}
     model = load_model(source, task_type, task.get("num_labels"), task.get("labels"), device)
     return PeftModel.from_pretrained(model, str(what.path)), source
 

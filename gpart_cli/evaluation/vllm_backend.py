@@ -14,7 +14,6 @@ separate virtual environment for it.
 
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
 from contextlib import contextmanager

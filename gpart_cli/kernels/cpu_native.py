@@ -31,6 +31,7 @@ import torch
 
 from ..errors import GpartError
 from .modes import read_mode
+from .reference import Scaling, scale_grad, torch_build, torch_grouped_sum
 
 _SOURCE = r"""
 #include <stdint.h>
@@ -46,18 +47,34 @@ void NAME(float *out, const float *w0, const float *table, const ID_T *ids, cons
     }                                                                                            \
 }
 
-/* rows[c * d + j] += values[i] for ids[i] == j over the c-th of `chunks` fixed ranges of [0, n), in index
-   order; dropped weights are skipped (adding +0.0 to a row that starts at +0.0 changes no bit either). */
+/* rows[c * d + j] = the sum of values[i] for ids[i] == j over the c-th of `chunks` fixed ranges of [0, n), in
+   index order from +0.0 (each row zeroed by the thread that fills it); dropped weights are skipped (adding +0.0
+   to a row that starts at +0.0 changes no bit either). Then, in the same parallel region, row 0 becomes
+   row 0 + row 1 (two chunks), times `factor` (when use_factor), times scale[j] (when scale): the chain rule of
+   theta's scaling fused into the pass that adds the rows, the same fp32 operations in the same order as
+   reference.scale_grad, so the same bits, with one pass over d instead of three. */
 #define GROUPED_SUM(NAME, ID_T)                                                                  \
 void NAME(float *rows, const float *values, const ID_T *ids, const uint8_t *drop, int64_t n,     \
-          int64_t d, int chunks, int threads) {                                                  \
+          int64_t d, int chunks, const float *scale, float factor, int use_factor, int threads) { \
     int64_t per = n / chunks;                                                                    \
-    _Pragma("omp parallel for num_threads(threads) schedule(static, 1)")                         \
-    for (int c = 0; c < chunks; c++) {                                                           \
-        float *row = rows + (int64_t)c * d;                                                      \
-        int64_t hi = (c == chunks - 1) ? n : (c + 1) * per;                                      \
-        for (int64_t i = c * per; i < hi; i++)                                                   \
-            if (!(drop && drop[i])) row[ids[i]] += values[i];                                    \
+    _Pragma("omp parallel num_threads(threads)")                                                 \
+    {                                                                                            \
+        _Pragma("omp for schedule(static, 1)")                                                   \
+        for (int c = 0; c < chunks; c++) {                                                       \
+            float *row = rows + (int64_t)c * d;                                                  \
+            int64_t hi = (c == chunks - 1) ? n : (c + 1) * per;                                  \
+            for (int64_t j = 0; j < d; j++) row[j] = 0.0f;                                       \
+            for (int64_t i = c * per; i < hi; i++)                                               \
+                if (!(drop && drop[i])) row[ids[i]] += values[i];                                \
+        }                                                                                        \
+        if (chunks == 2 || use_factor || scale) {                                                \
+            _Pragma("omp for schedule(static)")                                                  \
+            for (int64_t j = 0; j < d; j++) {                                                    \
+                float g = chunks == 2 ? rows[j] + rows[d + j] : rows[j];                         \
+                if (use_factor) g = g * factor;                                                  \
+                rows[j] = scale ? g * scale[j] : g;                                              \
+            }                                                                                    \
+        }                                                                                        \
     }                                                                                            \
 }
 
@@ -145,7 +162,8 @@ def _bind(lib: ctypes.CDLL) -> None:
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     for suffix in _ID_SUFFIX.values():
         getattr(lib, f"gpart_build_{suffix}").argtypes = [p, p, p, p, p, i64, i32]
-        getattr(lib, f"gpart_grouped_sum_{suffix}").argtypes = [p, p, p, p, i64, i64, i32, i32]
+        getattr(lib, f"gpart_grouped_sum_{suffix}").argtypes = [p, p, p, p, i64, i64, i32, p, ctypes.c_float, i32,
+                                                                 i32]
 
 
 def _threads() -> int:
@@ -163,22 +181,22 @@ def _run_build(lib, w0, table, ids, drop) -> torch.Tensor:
     return out
 
 
-def _run_grouped_sum(lib, ids, values, d, drop) -> torch.Tensor:
-    chunks = 2 if values.numel() % 2 == 0 else 1  # the torch path's split (groups._grouped_sum)
-    rows = torch.zeros(chunks, d, dtype=torch.float32)
+def _run_grouped_sum(lib, ids, values, d, drop, scaling: Scaling = None) -> torch.Tensor:
+    chunks = 2 if values.numel() % 2 == 0 else 1  # the torch path's split (reference.torch_grouped_sum)
+    rows = torch.empty(chunks, d, dtype=torch.float32)  # the loop zeroes each row in the thread that fills it
+    factor, scale = scaling if scaling is not None else (None, None)
     getattr(lib, f"gpart_grouped_sum_{_ID_SUFFIX[ids.dtype]}")(
-        rows.data_ptr(), values.data_ptr(), ids.data_ptr(), _ptr(drop), values.numel(), d, chunks,
-        min(chunks, _threads()))
-    return rows[0].add_(rows[1]) if chunks == 2 else rows[0]
+        rows.data_ptr(), values.data_ptr(), ids.data_ptr(), _ptr(drop), values.numel(), d, chunks, _ptr(scale),
+        0.0 if factor is None else factor, factor is not None, min(chunks, _threads()))
+    return rows[0]
 
 
 def _self_check(lib) -> str | None:
     """None if the loops give the torch ops' bits on a small problem (both id widths, with and without a mask)."""
-    from ..groups import torch_build, torch_grouped_sum
-
     g = torch.Generator().manual_seed(0)
     d, n = 37, 1000
     table, w0, values = (torch.randn(k, generator=g, dtype=torch.float32) for k in (d, n, n))
+    scale = torch.rand(d, generator=g, dtype=torch.float32) + 0.1
     drop = torch.rand(n, generator=g) < 0.3
     for id_dtype in _ID_SUFFIX:
         ids = torch.randint(0, d, (n,), generator=g).to(id_dtype)
@@ -186,12 +204,14 @@ def _self_check(lib) -> str | None:
             for base in (w0, None):
                 if not torch.equal(_run_build(lib, base, table, ids, mask), torch_build(base, table, ids, mask)):
                     return f"the W_eff build differs from torch's ({id_dtype}, mask={mask is not None})"
-            for count in (n, n - 1):  # two halves, and one row for an odd count
+            for count, scaling in ((n, None), (n - 1, None), (n, (None, scale)), (n - 1, (1 / 0.9, scale))):
+                # two halves, one row for an odd count; unscaled, and with θ's chain rule fused in
                 part = None if mask is None else mask[:count]
-                got = _run_grouped_sum(lib, ids[:count], values[:count], d, part)
-                want = torch_grouped_sum(ids[:count], values[:count].clone(), d, part)  # it writes its input
-                if not torch.equal(got, want):
-                    return f"the grouped sum differs from torch's ({id_dtype}, mask={mask is not None}, n={count})"
+                got = _run_grouped_sum(lib, ids[:count], values[:count], d, part, scaling)
+                want = scale_grad(torch_grouped_sum(ids[:count], values[:count].clone(), d, part), scaling)
+                if not torch.equal(got, want):  # (torch_grouped_sum writes its input: a copy)
+                    return (f"the grouped sum differs from torch's ({id_dtype}, mask={mask is not None}, n={count}, "
+                            f"scaled={scaling is not None})")
     return None
 
 
@@ -261,11 +281,15 @@ def build(w0: torch.Tensor | None, table: torch.Tensor, ids: torch.Tensor, drop:
     return None if lib is None else _run_build(lib, w0, table, ids, drop)
 
 
-def grouped_sum(ids: torch.Tensor, values: torch.Tensor, d: int, drop: torch.Tensor | None) -> torch.Tensor | None:
-    """fp32 [d] grouped sums of values over ids (dropped weights skipped), or None where the loops do not apply."""
+def grouped_sum(ids: torch.Tensor, values: torch.Tensor, d: int, drop: torch.Tensor | None,
+                scaling: Scaling = None) -> torch.Tensor | None:
+    """fp32 [d] grouped sums of values over ids (dropped weights skipped), times θ's chain rule when `scaling` is
+    given (`reference.scale_grad`), or None where the loops do not apply."""
     if values.dtype != torch.float32 or ids.dtype not in _ID_SUFFIX or (drop is not None and drop.dtype != torch.bool):
         return None
     if _differentiable(values) or not _usable(ids.numel(), ids, values, drop):
         return None
+    if scaling is not None and not (scaling[1].dtype == torch.float32 and _usable(d, scaling[1])):
+        return None
     lib = library()
-    return None if lib is None else _run_grouped_sum(lib, ids, values, d, drop)
+    return None if lib is None else _run_grouped_sum(lib, ids, values, d, drop, scaling)

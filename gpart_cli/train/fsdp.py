@@ -29,10 +29,9 @@ from torch import nn
 
 from ..errors import GpartError
 from ..layer import is_quantized
+from ..methods import FSDP_METHODS  # methods whose trainable tensors stay replicated (see methods.Method.fsdp)
 from ..versions import release
 
-# Methods whose result is small enough to be written from replicated tensors (full/linear_probe save every weight).
-FSDP_METHODS = ("gpart", "lora", "unilora")
 # fully_shard became public in torch 2.6 and took ignored_params (θ and the heads stay whole) in 2.7.
 FSDP_TORCH = "2.7"
 
