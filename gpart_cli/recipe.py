@@ -58,7 +58,7 @@ class MethodSection:
     rank: int = 8                            # LoRA / Uni-LoRA / VeRA rank
     alpha: float = 16.0                      # LoRA alpha
     head_modules: Optional[list] = None      # default: the task head the model class has
-    partition: str = "feistel-v1"            # gpart: feistel-v1 | splitmix64-mod-v1 | torch-randint-v1 (the authors')
+    partition: str = default("partition")    # gpart: feistel-v1 | splitmix64-mod-v1 | torch-randint-v1 (the authors')
     init_from: Optional[str] = None          # gpart: start theta (and the head) from this .gpart or authors' adapter
 
 
