@@ -12,7 +12,8 @@ import dataclasses
 from rich.console import Console
 
 from ..data.chat import Rendering, default_rendering, resolve_rendering
-from .models import Scored, _run_info
+from ..run_info import read_run_info
+from .models import Scored
 
 
 def recorded_task(what: Scored) -> dict:
@@ -23,7 +24,7 @@ def recorded_task(what: Scored) -> dict:
         from ..artifact import read_artifact
 
         return read_artifact(what.path).meta.get("task") or {}
-    return _run_info(what.path).get("task") or {}
+    return read_run_info(what.path).get("task") or {}
 
 
 def _sft_data(recipe: dict | None):
