@@ -88,10 +88,11 @@ def average_gradients(params: list[torch.Tensor]) -> None:
         offset += g.numel()
 
 
-def from_rank0(read: Callable[[], dict[str, bytes]]) -> dict[str, bytes]:
+def from_rank0(read: Callable[[], dict[str, bytes]], what: str = "the checkpoint") -> dict[str, bytes]:
     """Files that rank 0 reads, handed to every rank: nodes need not share the run dir's filesystem.
 
-    `read()` runs on rank 0 only; a `GpartError` it raises is raised on every rank.
+    `read()` runs on rank 0 only; a `GpartError` it raises is raised on every rank (on the others as "rank 0 could
+    not read `what`").
     """
     if not dist.is_initialized():
         return read()
@@ -109,7 +110,7 @@ def from_rank0(read: Callable[[], dict[str, bytes]]) -> dict[str, bytes]:
             sizes[0], sizes[1] = len(header), len(payload)
     dist.broadcast(sizes, 0)
     if int(sizes[0]) < 0:
-        raise error or GpartError("rank 0 could not read the checkpoint; see its error message above")
+        raise error or GpartError(f"rank 0 could not read {what}; see its error message above")
     buffer = torch.empty(int(sizes[1]), dtype=torch.uint8, device=device)
     if dist.get_rank() == 0 and len(payload):
         buffer.copy_(torch.frombuffer(bytearray(payload), dtype=torch.uint8))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from rich.console import Console
@@ -34,11 +35,11 @@ def run(recipe: Recipe, out: Path, *, resume: bool = False, overwrite: bool = Fa
     """Train the recipe into `out` on `device` (default: cuda when available); returns results.json's content
     (None for a dry run and off rank 0)."""
     console = console or Console(stderr=True)
-    # Every rank reads the dir and reaches the same decision (a refusal too) before anything is loaded.
-    plan = None if dry_run else run_dir.plan(out, recipe, resume=resume, overwrite=overwrite)
-    trainer = Trainer(recipe, out, console, resume=bool(plan and plan.resume), device=device)
+    trainer = Trainer(recipe, out, console, resume=resume, device=device)
     ok = False
     try:
+        plan = None if dry_run else shared_plan(out, recipe, resume, overwrite)
+        trainer.resume = bool(plan and plan.resume)
         results = _run(trainer, recipe, out, plan, console)
         ok = True
         return results
@@ -48,6 +49,16 @@ def run(recipe: Recipe, out: Path, *, resume: bool = False, overwrite: bool = Fa
     finally:
         trainer.release()
         distributed.shutdown(ok)  # on errors too: a process that exits with its process group open aborts
+
+
+def shared_plan(out: Path, recipe: Recipe, resume: bool, overwrite: bool) -> run_dir.RunDirPlan:
+    """Rank 0 reads the run dir and decides (a refusal too) before anything is loaded; every rank gets its decision,
+    so nodes need not share the run dir's filesystem."""
+    def decide() -> dict[str, bytes]:
+        plan = run_dir.plan(out, recipe, resume=resume, overwrite=overwrite)
+        return {"plan": json.dumps({"resume": plan.resume, "replace": plan.replace, "note": plan.note}).encode()}
+
+    return run_dir.RunDirPlan(Path(out), **json.loads(distributed.from_rank0(decide, "the run dir")["plan"]))
 
 
 def _run(trainer: Trainer, recipe: Recipe, out: Path, plan: run_dir.RunDirPlan | None,
