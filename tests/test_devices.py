@@ -94,7 +94,8 @@ def test_default_generation_length_is_the_tasks(tiny_llama_dir, tmp_path, monkey
 
     seen = []
 
-    def fake_generation(name, model, tokenizer, rows, batch_size, max_new_tokens, console=None, autocast=None):
+    def fake_generation(name, model, tokenizer, rows, batch_size, max_new_tokens, console=None, autocast=None,
+                        rendering=None):
         seen.append(max_new_tokens)
         return {"n": len(rows)}, []
 
