@@ -246,11 +246,18 @@ def load(base_model: nn.Module, path: str | os.PathLike | Artifact) -> nn.Module
                          f"{art.meta['base_model'].get('fingerprint')}): {diff}. Load it into that base model")
     with torch.no_grad():
         state.theta.copy_(art.theta.to(state.theta.device))
-        params = dict(model.named_parameters())
-        for name, value in art.head.items():
-            if name not in params or params[name].shape != value.shape:
-                have = tuple(params[name].shape) if name in params else "missing"
-                raise GpartError(f"{art.path}: head tensor {name!r} {tuple(value.shape)} does not fit the model "
-                                 f"({have}); load the base with num_labels={value.shape[0]}")
-            params[name].copy_(value.to(params[name].device, params[name].dtype))
+    restore_head(model, art, "load the base with num_labels={num_labels}")
     return model
+
+
+@torch.no_grad()
+def restore_head(model: nn.Module, art: Artifact, fix: str) -> None:
+    """Copy the adapter's head tensors into `model`; one missing or of another shape is an error that ends with
+    `fix` (formatted with the head's `num_labels`)."""
+    params = dict(model.named_parameters())
+    for name, value in art.head.items():
+        if name not in params or params[name].shape != value.shape:
+            have = tuple(params[name].shape) if name in params else "missing"
+            raise GpartError(f"{art.path}: head tensor {name!r} {tuple(value.shape)} does not fit the model "
+                             f"({have}); {fix.format(num_labels=value.shape[0])}")
+        params[name].copy_(value.to(params[name].device, params[name].dtype))

@@ -19,7 +19,7 @@ import os
 import torch
 from torch import nn
 
-from .artifact import Artifact, _spec_diff, read_artifact
+from .artifact import Artifact, _spec_diff, read_artifact, restore_head
 from .errors import GpartError
 from .groups import LayerGroups
 from .kernels.dispatch import ComputeLog
@@ -44,16 +44,6 @@ def _check_same_partition(current: dict, art: Artifact, what: str) -> None:
         raise GpartError(f"cannot swap {art.path} into {what}: its partition differs ({'; '.join(diffs)}). "
                          f"Swapping needs adapters trained with the same method.d, method.seed, target modules and "
                          f"base; load this one into a fresh base instead")
-
-
-def _restore_head(model: nn.Module, art: Artifact) -> None:
-    params = dict(model.named_parameters())
-    for name, value in art.head.items():
-        if name not in params or params[name].shape != value.shape:
-            have = tuple(params[name].shape) if name in params else "missing"
-            raise GpartError(f"{art.path}: head tensor {name!r} {tuple(value.shape)} does not fit the model "
-                             f"({have}); adapters swapped into one base need heads of the same shape")
-        params[name].data.copy_(value.to(params[name].device, params[name].dtype))
 
 
 def _meta_of(record: dict) -> dict:
@@ -116,7 +106,7 @@ def swap(model: nn.Module, adapter: str | os.PathLike | Artifact) -> nn.Module:
         _check_same_partition(current, art, "this model's adapter")
         with torch.no_grad():
             state.theta.copy_(art.theta.to(state.theta.device))
-        _restore_head(model, art)
+        restore_head(model, art, "adapters swapped into one base need heads of the same shape")
         return model
     record = getattr(model, MERGED, None) or _plain_base_record(model, art)
     if record.get("stacked"):
@@ -124,7 +114,7 @@ def swap(model: nn.Module, adapter: str | os.PathLike | Artifact) -> nn.Module:
                          "what to take out; swap into the base model instead")
     _check_same_partition(_meta_of(record), art, "this merged model")
     _add_delta(model, record, art.theta.float() - record["theta"])
-    _restore_head(model, art)
+    restore_head(model, art, "adapters swapped into one base need heads of the same shape")
     setattr(model, MERGED, merge_record(record["config"], record["targets"], record["n_params"], art.theta))
     return model
 
