@@ -16,6 +16,7 @@ from gpart_cli import rng
 from gpart_cli.kernels import dispatch
 from gpart_cli.kernels.triton_gpart import (build_weight, fixed_point_scale, grad_from_gemm, group_ids_triton)
 from gpart_cli.model import compute_path, gpart_layers
+from gpart_cli.partitions import FEISTEL, SPLITMIX, group_ids
 from tests.conftest import DEVICE, GPU, gpu_only, tiny_gpt2, tiny_llama
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 N, D, SEED, START = 50_000, 321, 3, 100
@@ -53,18 +54,20 @@ def test_kernel_group_ids_past_2_31():
     assert torch.equal(group_ids_triton(n, 1000, 1, start, 300, DEVICE).cpu(), gpart.group_ids(n, 1000, 1, start, 300))
 
 
+@pytest.mark.parametrize("algorithm, seed", [(FEISTEL, SEED), (SPLITMIX, 2**63 + 11)])  # the authors': seed >= 2^63
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("dropout", [None, DROP])
-def test_kernel_build_is_bit_exact(dtype, dropout):
+def test_kernel_build_is_bit_exact(dtype, dropout, algorithm, seed):
     g = torch.Generator().manual_seed(0)
     w = torch.randn(40, 50, generator=g).to(DEVICE, dtype)
     theta = torch.randn(D, generator=g).to(DEVICE)
-    delta = theta[_ids(START, 2000)]
+    delta = theta[group_ids(algorithm, N, D, seed, START, 2000).long().to(DEVICE)]
     if dropout is not None:
         delta = delta.masked_fill(rng.drop_mask(START, 2000, dropout[1], dropout[0], DEVICE), 0.0)
-    got = build_weight(w, theta, START, N, D, SEED, dropout=dropout)
+    got = build_weight(w, theta, START, N, D, seed, dropout=dropout, algorithm=algorithm)
     assert got.dtype == dtype and torch.equal(got, (w.float() + delta.view(40, 50)).to(dtype))  # one fp32 sum, RNE
-    alone = build_weight(None, theta, START, N, D, SEED, shape=(40, 50), dtype=dtype, dropout=dropout)
+    alone = build_weight(None, theta, START, N, D, seed, shape=(40, 50), dtype=dtype, dropout=dropout,
+                         algorithm=algorithm)
     assert torch.equal(alone, delta.view(40, 50).to(dtype))
 
 
