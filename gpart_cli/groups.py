@@ -22,7 +22,7 @@ import torch
 from . import rng
 from .kernels import cpu_native
 from .kernels.dispatch import ComputeLog, device_guard, dot_precision, use_kernel
-from .kernels.reference import Scaling, scale_grad, torch_build, torch_grouped_sum
+from .kernels.reference import torch_build, torch_grouped_add
 from .kernels.selfcheck import BuildCall, GradCall, IdsCall
 from .partition import ALGORITHM
 from .partitions import Partition
@@ -48,6 +48,7 @@ class LayerGroups:
         self.partition = partition or Partition(ALGORITHM, n, d, seed)
         self.algorithm = self.partition.algorithm
         self._ids: torch.Tensor | None = None
+        self._weight_ids: tuple | None = None  # (ids, the weight's part of them): a view asked for every call
 
     def _kernel(self, op: str, device: torch.device, dtype: torch.dtype, make_call, deterministic: bool = False
                 ) -> bool:
@@ -66,9 +67,16 @@ class LayerGroups:
             self._ids = ids if gpu else ids.to(device)
         return self._ids
 
+    def weight_ids(self, device: torch.device) -> torch.Tensor:
+        """The weight's cached group ids on `device` (`ids` without the bias)."""
+        ids = self.ids(device)
+        if self._weight_ids is None or self._weight_ids[0] is not ids:
+            self._weight_ids = (ids, ids[: self.n_weight])
+        return self._weight_ids[1]
+
     def release(self) -> None:
         """Free the id cache (merge does this layer by layer); it is rebuilt if the layer is used again."""
-        self._ids = None
+        self._ids = self._weight_ids = None
 
     def state_bytes(self) -> int:
         return 0 if self._ids is None else self._ids.numel() * self._ids.element_size()
@@ -85,10 +93,13 @@ class LayerGroups:
             with device_guard(device):
                 return _kernels().build_weight(weight, theta_s, self.offset, self.n, self.d, self.seed,
                                                shape=shape, dtype=dtype, dropout=dropout, algorithm=self.algorithm)
-        ids, drop = self.ids(device)[: self.n_weight], self._drop_mask(dropout, device)
+        ids, drop = self.weight_ids(device), self._drop_mask(dropout, device)
         if weight is None:
-            return _build(None, theta_s, ids, drop).view(shape).to(dtype)
-        return _build(weight.reshape(-1), theta_s, ids, drop).view(weight.shape).to(weight.dtype)
+            return as_dtype(_build(None, theta_s, ids, drop).view(shape), dtype)
+        built = cpu_native.build(weight, theta_s, ids, drop)  # shaped like the weight, where the loops apply
+        if built is None:
+            built = torch_build(weight.reshape(-1), theta_s, ids, drop).view_as(weight)
+        return as_dtype(built, weight.dtype)
 
     def _drop_mask(self, dropout: Dropout, device: torch.device) -> torch.Tensor | None:
         return None if dropout is None else rng.drop_mask(self.offset, self.n_weight, dropout[1], dropout[0], device)
@@ -108,28 +119,44 @@ class LayerGroups:
         return self.ids(device)[self.n_weight:].int()  # index_select / index_add_ take int32, not uint16
 
     # ---- ∂L/∂θ ---------------------------------------------------------------------------------------
-    def weight_grad(self, gy: torch.Tensor, x: torch.Tensor, transposed: bool, dropout: Dropout = None,
-                    scaling: Scaling = None) -> torch.Tensor:
-        """∂L/∂θ_scaled from this layer's weight: the grouped sum of ∂L/∂W = gy^T x for gy (T, out) and
-        x (T, in), fp32 [d]; ∂L/∂W is not kept. With `scaling`, ∂L/∂θ itself (`reference.scale_grad` applied: the
-        compiled CPU loop fuses it into its last pass over d)."""
+    def add_weight_grad(self, rows: torch.Tensor, gy: torch.Tensor, x: torch.Tensor, transposed: bool,
+                        dropout: Dropout = None) -> None:
+        """Add this layer's grouped sum of ∂L/∂W = gy^T x (gy (T, out), x (T, in)) into `rows` (fp32
+        [sink_rows(device), d], see `theta_grad.GradSink`), unscaled; ∂L/∂W is not kept."""
         device = gy.device
         deterministic = torch.are_deterministic_algorithms_enabled()
         if self._kernel("grad", device, gy.dtype, lambda: GradCall(
                 device, gy.dtype, transposed, dropout is not None, deterministic,
                 dot_precision(gy.dtype, device)[0], *gy.shape, x.shape[1], self.offset, self.n, self.d, self.seed,
                 self.algorithm), deterministic):
-            grad = torch.zeros(self.d, dtype=torch.float32, device=device)
             with device_guard(device):
-                _kernels().grad_from_gemm(grad, gy.contiguous(), x.contiguous(), self.offset, self.n, self.d,
+                _kernels().grad_from_gemm(rows[0], gy.contiguous(), x.contiguous(), self.offset, self.n, self.d,
                                           self.seed, transposed, dropout=dropout, deterministic=deterministic,
                                           max_members=self.partition.max_members(), algorithm=self.algorithm)
-            return scale_grad(grad, scaling)
+            return
         gw = _weight_grad(gy, x, transposed).reshape(-1)  # in W's storage order, fp32
-        return _grouped_sum(self.ids(device)[: self.n_weight], gw, self.d, self._drop_mask(dropout, device), scaling)
+        _grouped_add(rows, self.weight_ids(device), gw, self._drop_mask(dropout, device))
 
-    def add_bias_grad(self, grad_theta: torch.Tensor, gb: torch.Tensor) -> None:
-        grad_theta.index_add_(0, self._bias_ids(gb.device), gb.float())
+    def add_bias_grad(self, target: torch.Tensor, gb: torch.Tensor) -> None:
+        """Add ∂L/∂b into `target`, fp32 [d] (a gradient, or a sink's first row)."""
+        target.index_add_(0, self._bias_ids(gb.device), gb.float())
+
+
+def sink_rows(device: torch.device) -> int:
+    """Rows of a grouped-sum buffer on `device`: two on the CPU (the grouped sum splits the weights into two fixed
+    halves, one per thread, and adds the rows at the end: the bits never depend on the thread count), else one."""
+    return 2 if device.type == "cpu" else 1
+
+
+def combine_rows(rows: torch.Tensor) -> torch.Tensor:
+    """The grouped sums in `rows`, added: a new fp32 [d] tensor."""
+    return rows[0].clone() if rows.shape[0] == 1 else torch.add(rows[0], rows[1])
+
+
+def as_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """t in `dtype`. `t.to(dtype)` costs a dispatch even when it changes nothing, and the layer's ops run a few
+    times per layer per step."""
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 def _build(w0: torch.Tensor | None, table: torch.Tensor, ids: torch.Tensor, drop: torch.Tensor | None
@@ -140,13 +167,12 @@ def _build(w0: torch.Tensor | None, table: torch.Tensor, ids: torch.Tensor, drop
     return torch_build(w0, table, ids, drop) if built is None else built
 
 
-def _grouped_sum(ids: torch.Tensor, values: torch.Tensor, d: int, drop: torch.Tensor | None = None,
-                 scaling: Scaling = None) -> torch.Tensor:
-    """sums[j] = the sum of values[i] over ids[i] == j and not drop[i], a new fp32 [d] tensor, in a fixed order
-    (deterministic), times `scaling`: the compiled CPU loops where they apply (CPU tensors), else torch ops, with
-    the same bits."""
-    sums = cpu_native.grouped_sum(ids, values, d, drop, scaling)
-    return scale_grad(torch_grouped_sum(ids, values, d, drop), scaling) if sums is None else sums
+def _grouped_add(rows: torch.Tensor, ids: torch.Tensor, values: torch.Tensor, drop: torch.Tensor | None) -> None:
+    """rows[c, j] += the sum of values[i] over ids[i] == j and not drop[i], for i in the c-th fixed part of the
+    weights, in index order (deterministic): the compiled CPU loops where they apply (CPU tensors), else torch ops,
+    with the same bits."""
+    if not cpu_native.grouped_add(rows, ids, values, drop):
+        torch_grouped_add(rows, ids, values, drop)
 
 
 def _weight_grad(gy: torch.Tensor, x: torch.Tensor, transposed: bool) -> torch.Tensor:
@@ -157,4 +183,4 @@ def _weight_grad(gy: torch.Tensor, x: torch.Tensor, transposed: bool) -> torch.T
             return torch.mm(a.t(), b, out_dtype=torch.float32)
         except (RuntimeError, TypeError):  # torch without mm(out_dtype=...) for this dtype
             pass
-    return (a.t() @ b).float()
+    return as_dtype(a.t() @ b, torch.float32)

@@ -1,14 +1,14 @@
 """The GPart layer (docs/design.md §1, §3): a frozen linear whose weight is W0 + ΔW, ΔW gathered from theta.
 
-ΔW_i = theta_g(i) / sqrt(n_g(i)). The 1/sqrt(n_j) factor depends only on the group, so the layer
-scales theta once (d values) and gathers: ΔW = theta_scaled[g]. In backward the grouped reduction runs on
-the unscaled sum and the Function applies the scale to d values (`GPartState.theta_grad`), never to N.
-`LayerGroups` decides how g is found: on-the-fly Triton kernels on CUDA, cached ids (uint16 or int32) on the
-reference path.
+ΔW_i = theta_g(i) / sqrt(n_g(i)). The 1/sqrt(n_j) factor depends only on the group, so every layer of a step
+shares one scaled theta (d values, `GPartState.layer_theta`) and gathers: ΔW = theta_scaled[g]. In backward each
+layer adds its unscaled grouped sum of ∂L/∂W into the step's one buffer, and the node that scaled theta applies the
+scale to d values once per step (`theta_grad`), never to N. `LayerGroups` decides how g is found: on-the-fly
+Triton kernels on CUDA, cached ids (uint16 or int32) on the reference path.
 
-A custom autograd Function saves x and the (tiny) scaled theta and keeps nothing of the size of W between
-forward and backward: backward rebuilds W_eff for ∂L/∂x, one layer at a time (docs/design.md §3.1). On the CPU that
-second gather costs about 1% of a step and keeps GPart's peak memory below LoRA's (benchmarks/step_time.py).
+A custom autograd Function saves x and the scaled theta. On a GPU it keeps nothing of the size of W between
+forward and backward: backward rebuilds W_eff for ∂L/∂x, one layer at a time. On the CPU backward reuses forward's
+W_eff, since there the rebuild costs about 1% of a step (docs/design.md §3.1).
 
 Dropout on ΔW (method.dropout, as the authors apply `nn.Dropout` to ΔW) scales theta by 1/(1-p) and zeroes
 the dropped weights of ΔW with a mask recomputed from a key (see `gpart_cli.rng`); it is off in eval mode.
@@ -25,25 +25,28 @@ from torch import nn
 
 from .errors import GpartError
 from .groups import LayerGroups
+from .groups import as_dtype as _cast
 from .quantized import is_quantized, weight_shape
 
 
-def _autocast_device(x: torch.Tensor) -> bool:
-    """Whether autocast exists for x's device type: every real one, not `meta` (shape-only tensors)."""
-    return x.device.type != "meta"
+def _autocast(x: torch.Tensor) -> bool:
+    """Whether autocast is on for x's device type (`meta`, for shape-only tensors, has none)."""
+    kind = x.device.type
+    return kind != "meta" and torch.is_autocast_enabled(kind)
 
 
-def _compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+def _compute_dtype(x: torch.Tensor, weight: torch.Tensor, autocast: bool) -> torch.dtype:
     """The dtype the GEMMs run in: autocast's when it is on, else the weight's."""
-    if _autocast_device(x) and torch.is_autocast_enabled(x.device.type):
-        return torch.get_autocast_dtype(x.device.type)
-    return weight.dtype
+    return torch.get_autocast_dtype(x.device.type) if autocast else weight.dtype
 
 
-def _no_autocast(x: torch.Tensor):
-    if _autocast_device(x) and torch.is_autocast_enabled(x.device.type):
-        return torch.autocast(x.device.type, enabled=False)
-    return contextlib.nullcontext()
+def _no_autocast(x: torch.Tensor, autocast: bool):
+    return torch.autocast(x.device.type, enabled=False) if autocast else contextlib.nullcontext()
+
+
+def _keeps_w_eff(w: torch.Tensor) -> bool:
+    """Whether backward reuses forward's W_eff for ∂L/∂x instead of rebuilding it: on the CPU (docs/design.md §3.1)."""
+    return w.is_cpu
 
 
 def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, transposed: bool) -> torch.Tensor:
@@ -52,84 +55,81 @@ def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, transposed
 
 
 class GPartLinearFunction(torch.autograd.Function):
-    """y = x W_eff^T + b_eff, with ∂L/∂θ = (the grouped sum of ∂L/∂W and ∂L/∂b) · scale.
+    """y = x W_eff^T + b_eff; backward adds the grouped sum of ∂L/∂W (and ∂L/∂b) into the step's `GradSink`.
 
-    It takes θ itself and reads the scaled θ every layer shares (`GPartState.shared_scaled_theta`), applying the
-    chain rule of the scaling in backward (`GPartState.theta_grad`): one d-sized copy per step rather than one per
-    layer saved for backward, no autograd nodes for the scaling, and the d-sized gradient scaled in place.
+    It takes θ_s, the scaled θ every layer of the forward pass shares (`GPartState.layer_theta`), and returns no
+    gradient for it: the node that made θ_s (`theta_grad.ScaledTheta`) turns the sink into ∂L/∂θ once, after the
+    last layer. On the CPU, W_eff built in forward is kept for backward's ∂L/∂x; elsewhere backward rebuilds it, so
+    nothing of the size of W is kept from forward to backward (docs/design.md §3.1).
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, theta, state, groups, adapt_bias, transposed, training):
-        dtype = _compute_dtype(x, weight)
+    def forward(ctx, x, weight, bias, theta_s, sink, state, groups, adapt_bias, transposed, training):
+        autocast = _autocast(x)
+        dtype = _compute_dtype(x, weight, autocast)
         dropout = state.dropout(training)
-        theta_s = state.shared_scaled_theta(weight.device, dropout=training)
-        w = groups.build(weight, theta_s, dropout=dropout).to(dtype)
+        w = _cast(groups.build(weight, theta_s, dropout=dropout), dtype)
         b = groups.effective_bias(bias, theta_s) if adapt_bias else bias
-        ctx.save_for_backward(x, weight, bias, theta_s)  # not w: backward rebuilds it (docs/design.md §3.1)
-        ctx.state, ctx.groups, ctx.adapt_bias, ctx.dtype, ctx.transposed, ctx.training, ctx.dropout = (
-            state, groups, adapt_bias, dtype, transposed, training, dropout)
-        with _no_autocast(x):
-            return _linear(x.to(dtype), w, None if b is None else b.to(dtype), transposed)
+        keep = ctx.needs_input_grad[0] and _keeps_w_eff(w)
+        ctx.save_for_backward(x, weight, bias, theta_s, w if keep else None)
+        ctx.sink, ctx.groups, ctx.adapt_bias, ctx.dtype, ctx.transposed, ctx.dropout = (
+            sink, groups, adapt_bias, dtype, transposed, dropout)
+        with _no_autocast(x, autocast):
+            return _linear(_cast(x, dtype), w, None if b is None else _cast(b, dtype), transposed)
 
     @staticmethod
     def backward(ctx, grad_y):
-        x, weight, bias, theta_s = ctx.saved_tensors
+        x, weight, bias, theta_s, w = ctx.saved_tensors
         groups, dtype, transposed = ctx.groups, ctx.dtype, ctx.transposed
-        gy = grad_y.to(dtype).reshape(-1, grad_y.shape[-1])  # (B*T, out)
-        x2 = x.to(dtype).reshape(-1, x.shape[-1])             # (B*T, in)
-        grad_x = grad_w = grad_b = grad_theta = None
-        if ctx.needs_input_grad[0]:
-            w = groups.build(weight, theta_s, dropout=ctx.dropout).to(dtype)
-            grad_x = (gy @ (w.t() if transposed else w)).view(*x.shape[:-1], -1).to(x.dtype)
+        gy = _cast(grad_y, dtype).reshape(-1, grad_y.shape[-1])  # (B*T, out)
+        x2 = _cast(x, dtype).reshape(-1, x.shape[-1])             # (B*T, in)
+        grad_x = grad_w = grad_b = None
+        needs = ctx.needs_input_grad
+        if needs[0]:
+            if w is None:
+                w = _cast(groups.build(weight, theta_s, dropout=ctx.dropout), dtype)
+            grad_x = _cast((gy @ (w.t() if transposed else w)).view_as(x), x.dtype)
             del w  # one W-sized buffer at a time
-        if ctx.needs_input_grad[1]:  # only when the user unfroze the base weight
+        if needs[1]:  # only when the user unfroze the base weight
             gw = gy.t() @ x2
-            grad_w = (gw.t() if transposed else gw).to(weight.dtype)
-        scaling = None
-        if ctx.needs_input_grad[3]:
-            # θ's chain rule rides along the grouped sum (one pass over d instead of three on the CPU), unless the
-            # bias gradient must join the sum before it is scaled.
-            scaling = None if ctx.adapt_bias else ctx.state.grad_scaling(ctx.training, gy.device)
-            grad_theta = groups.weight_grad(gy, x2, transposed, ctx.dropout, scaling)
-        if bias is not None and (ctx.needs_input_grad[2] or (ctx.adapt_bias and grad_theta is not None)):
+            grad_w = _cast(gw.t() if transposed else gw, weight.dtype)
+        rows = ctx.sink.rows() if needs[3] else None
+        if rows is not None:
+            groups.add_weight_grad(rows, gy, x2, transposed, ctx.dropout)
+        if bias is not None and (needs[2] or (ctx.adapt_bias and rows is not None)):
             gb = gy.sum(0)
-            grad_b = gb.to(bias.dtype) if ctx.needs_input_grad[2] else None
-            if ctx.adapt_bias and grad_theta is not None:
-                groups.add_bias_grad(grad_theta, gb)
-        if grad_theta is not None:
-            grad_theta = ctx.state.theta_grad(grad_theta, ctx.training, scaled=scaling is not None)
-        return grad_x, grad_w, grad_b, grad_theta, None, None, None, None, None
+            grad_b = gb.to(bias.dtype) if needs[2] else None
+            if ctx.adapt_bias and rows is not None:
+                groups.add_bias_grad(rows[0], gb)
+        return grad_x, grad_w, grad_b, None, None, None, None, None, None, None
 
 
 class GPartDeltaFunction(torch.autograd.Function):
     """x ΔW^T alone, for a quantized base computed by its own layer (y = base(x) + x ΔW^T, docs/design.md §3.5).
 
-    Like the full Function it takes θ, saves only x and the scaled θ, and rebuilds ΔW in backward.
+    Like the full Function it takes θ_s and its sink, saves only x and θ_s, and rebuilds ΔW in backward.
     """
 
     @staticmethod
-    def forward(ctx, x, theta, state, groups, shape, dtype, device, training):
+    def forward(ctx, x, theta_s, sink, state, groups, shape, dtype, training):
         dropout = state.dropout(training)
-        theta_s = state.shared_scaled_theta(device, dropout=training)
         ctx.save_for_backward(x, theta_s)
-        ctx.state, ctx.groups, ctx.shape, ctx.dtype, ctx.training, ctx.dropout = (state, groups, shape, dtype,
-                                                                                  training, dropout)
-        with _no_autocast(x):
-            return F.linear(x.to(dtype), groups.build(None, theta_s, shape=shape, dtype=dtype, dropout=dropout))
+        ctx.sink, ctx.groups, ctx.shape, ctx.dtype, ctx.dropout = sink, groups, shape, dtype, dropout
+        with _no_autocast(x, _autocast(x)):
+            return F.linear(_cast(x, dtype), groups.build(None, theta_s, shape=shape, dtype=dtype, dropout=dropout))
 
     @staticmethod
     def backward(ctx, grad_y):
         x, theta_s = ctx.saved_tensors
-        gy = grad_y.to(ctx.dtype).reshape(-1, grad_y.shape[-1])
-        grad_x = grad_theta = None
+        gy = _cast(grad_y, ctx.dtype).reshape(-1, grad_y.shape[-1])
+        grad_x = None
         if ctx.needs_input_grad[0]:
             delta = ctx.groups.build(None, theta_s, shape=ctx.shape, dtype=ctx.dtype, dropout=ctx.dropout)
-            grad_x = (gy @ delta).view(*x.shape[:-1], -1).to(x.dtype)
+            grad_x = _cast((gy @ delta).view(*x.shape[:-1], -1), x.dtype)
         if ctx.needs_input_grad[1]:
-            grad_theta = ctx.groups.weight_grad(gy, x.to(ctx.dtype).reshape(-1, x.shape[-1]), False, ctx.dropout)
-            grad_theta = ctx.state.theta_grad(grad_theta, ctx.training)
-        return grad_x, grad_theta, None, None, None, None, None, None
+            x2 = _cast(x, ctx.dtype).reshape(-1, x.shape[-1])
+            ctx.groups.add_weight_grad(ctx.sink.rows(), gy, x2, False, ctx.dropout)
+        return grad_x, None, None, None, None, None, None, None
 
 
 class GPartLinear(nn.Module):
@@ -172,12 +172,10 @@ class GPartLinear(nn.Module):
         return w, b
 
     def _forward_quantized(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = _compute_dtype(x, x)  # the activations' dtype, or autocast's
+        dtype = _compute_dtype(x, x, _autocast(x))  # the activations' dtype, or autocast's
         shape = weight_shape(self.base_layer)
-        theta = self.state.theta
-        if not (torch.is_grad_enabled() and theta.requires_grad):
-            theta = theta.detach()
-        delta = GPartDeltaFunction.apply(x, theta, self.state, self.groups, shape, dtype, self.device, self.training)
+        theta_s, sink = self.state.layer_theta(self.device, self.training)
+        delta = GPartDeltaFunction.apply(x, theta_s, sink, self.state, self.groups, shape, dtype, self.training)
         return self.base_layer(x) + delta.to(x.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -185,14 +183,15 @@ class GPartLinear(nn.Module):
             return self._forward_quantized(x)
         weight, bias = self.base_layer.weight, self.base_layer.bias
         if torch.is_grad_enabled() and (self.state.theta.requires_grad or weight.requires_grad):
-            return GPartLinearFunction.apply(x, weight, bias, self.state.theta, self.state, self.groups,
+            theta_s, sink = self.state.layer_theta(self.device, self.training)
+            return GPartLinearFunction.apply(x, weight, bias, theta_s, sink, self.state, self.groups,
                                              self.adapt_bias, self.transposed, self.training)
         # No gradient: build W_eff for this call only (at most one extra weight copy alive at a time).
         theta_s = self.state.shared_scaled_theta(self.device, dropout=self.training)
-        dtype = _compute_dtype(x, weight)
-        w = self.groups.build(weight, theta_s, dropout=self.state.dropout(self.training)).to(dtype)
+        dtype = _compute_dtype(x, weight, _autocast(x))
+        w = _cast(self.groups.build(weight, theta_s, dropout=self.state.dropout(self.training)), dtype)
         b = self.groups.effective_bias(bias, theta_s) if self.adapt_bias else bias
-        return _linear(x.to(dtype), w, None if b is None else b.to(dtype), self.transposed)
+        return _linear(_cast(x, dtype), w, None if b is None else _cast(b, dtype), self.transposed)
 
 
 def supported(module: nn.Module) -> bool:

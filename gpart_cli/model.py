@@ -19,11 +19,11 @@ from .config import GPartConfig
 from .errors import GpartError
 from .groups import LayerGroups
 from .kernels.dispatch import ComputeLog
-from .kernels.reference import Scaling, scale_grad
 from .layer import GPartLinear, check_supported
 from .partition import check_d
 from .partitions import FEISTEL, Partition
 from .quantized import is_quantized, keep_autograd_layout, weight_shape
+from .theta_grad import GradSink, ScaledTheta, scale_theta
 
 STATE_NAME = "gpart_state"
 MERGED = "gpart_merged"  # plain attribute of a merged model: the adapter folded in (`gpart.swap` takes it out)
@@ -35,6 +35,17 @@ def initial_theta(config: GPartConfig) -> torch.Tensor:
         return torch.zeros(config.d, dtype=torch.float32)
     u = rng.uniform(config.d, rng.init_key(config.init_seed))
     return ((2.0 * u - 1.0) * config.init_bound).float()
+
+
+class _StepCache(dict):
+    """A cache of one step's θ_s: a copy of the model (deepcopy, pickle) starts without it, as the graph it may
+    hold belongs to this model's step."""
+
+    def __deepcopy__(self, memo):
+        return _StepCache()
+
+    def __reduce__(self):
+        return _StepCache, ()
 
 
 class GPartState(nn.Module):
@@ -56,7 +67,8 @@ class GPartState(nn.Module):
         self.head_names: list[str] = []
         self.dropout_key: int | None = None
         self.compute = ComputeLog()
-        self._shared: dict[torch.device, tuple[tuple, torch.Tensor]] = {}  # see shared_scaled_theta
+        self._shared = _StepCache()  # device -> (key, θ_s): see shared_scaled_theta
+        self._graph = _StepCache()  # (device, dropout) -> (key, θ_s, sink): see layer_theta
 
     def _apply(self, fn, recurse=True):
         # model.to(torch.bfloat16) must move theta but not round it: theta stays fp32 (docs/design.md §1).
@@ -74,21 +86,21 @@ class GPartState(nn.Module):
         With `dropout` (a layer in training mode) and method dropout p > 0 it is also scaled by 1/(1-p), as
         `nn.Dropout` scales the values it keeps. The move to `device` is differentiable.
         """
-        theta_s = self.theta * self.inv_sqrt_sizes
-        if self._dropout_scales(dropout):
-            theta_s = theta_s * (1.0 / (1.0 - self.config.dropout))
-        return theta_s if device is None or theta_s.device == device else theta_s.to(device)
+        return scale_theta(self.theta, self.inv_sqrt_sizes, self._dropout_factor(dropout), device)
+
+    def _dropout_factor(self, training: bool) -> float | None:
+        return 1.0 / (1.0 - self.config.dropout) if self._dropout_scales(training) else None
 
     def _dropout_scales(self, training: bool) -> bool:
         """Whether ΔW dropout is active, so that theta_s carries its 1/(1-p) factor: a training call and p > 0."""
         return training and self.config.dropout > 0
 
     def shared_scaled_theta(self, device: torch.device, dropout: bool = False) -> torch.Tensor:
-        """`scaled_theta` without a graph, computed once per theta value and device and shared by every layer.
+        """`scaled_theta` without a graph, computed once per theta value and device and shared by every layer
+        (calls without autograd; `layer_theta` is its training twin).
 
-        The layers' Functions take theta itself and apply the chain rule in backward (`theta_grad`), so they need
-        theta_s only as a value; one copy per step instead of one per layer is d·4 bytes saved for backward per
-        layer fewer (256 MB for d = 1M over 64 layers). The cache is keyed by theta's version counter and storage
+        One copy per step instead of one per layer is d·4 bytes per layer fewer (256 MB for d = 1M over 64
+        layers, when they were saved for backward). The cache is keyed by theta's version counter and storage
         (every in-place update, an optimizer step included, changes it) and cleared before each forward of the
         model (`forget_shared`), which also covers edits through `theta.data` that bypass the version counter.
         """
@@ -101,25 +113,29 @@ class GPartState(nn.Module):
             self._shared[device] = cached
         return cached[1]
 
+    def layer_theta(self, device: torch.device, training: bool) -> tuple[torch.Tensor, GradSink | None]:
+        """θ_s for the layers' Functions on `device`, and the sink their backward adds ∂L/∂W into.
+
+        With autograd on and θ trainable, θ_s is the output of one `ScaledTheta` node per device and dropout mode,
+        shared by every layer of the forward pass and keyed like `shared_scaled_theta`; its backward turns the sink
+        into ∂L/∂θ once per step (docs/design.md §3.1). Otherwise the plain shared θ_s and no sink.
+        """
+        theta = self.theta
+        if not (torch.is_grad_enabled() and theta.requires_grad):
+            return self.shared_scaled_theta(device, dropout=training), None
+        dropout = self._dropout_scales(training)
+        key = (theta._version, theta.data_ptr())
+        cached = self._graph.get((device, dropout))
+        if cached is None or cached[0] != key:
+            sink = GradSink(self.config.d, device)
+            factor = self._dropout_factor(training)
+            cached = (key, ScaledTheta.apply(theta, self.inv_sqrt_sizes, factor, device, sink), sink)
+            self._graph[(device, dropout)] = cached
+        return cached[1], cached[2]
+
     def forget_shared(self) -> None:
         self._shared.clear()
-
-    def grad_scaling(self, dropout: bool, device: torch.device) -> Scaling:
-        """The chain rule of `scaled_theta` as (dropout factor or None, 1/sqrt(n_j) on `device`): what
-        `reference.scale_grad` multiplies ∂L/∂theta_scaled by to give ∂L/∂theta."""
-        factor = 1.0 / (1.0 - self.config.dropout) if self._dropout_scales(dropout) else None
-        scale = self.inv_sqrt_sizes
-        return factor, (scale if scale.device == device else scale.to(device))
-
-    def theta_grad(self, grad_s: torch.Tensor, dropout: bool = False, scaled: bool = False) -> torch.Tensor:
-        """∂L/∂theta from ∂L/∂theta_scaled (`scaled`: already ∂L/∂theta), on theta's device.
-
-        It scales `grad_s` in place (the layers' Functions own it) with the same multiplications, in the same
-        order, as autograd would apply through `scaled_theta`, so the bits are the same.
-        """
-        if not scaled:
-            scale_grad(grad_s, self.grad_scaling(dropout, grad_s.device))
-        return grad_s if grad_s.device == self.theta.device else grad_s.to(self.theta.device)
+        self._graph.clear()
 
     def dropout(self, training: bool) -> tuple[int, int] | None:
         """(threshold, key) of ΔW dropout for a layer in this mode, or None (eval mode, or p = 0)."""

@@ -8,8 +8,9 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 import gpart_cli as gpart
+import gpart_cli.layer as layer_module
 from gpart_cli.errors import GpartError
-from gpart_cli.groups import LayerGroups
+from gpart_cli.groups import LayerGroups, combine_rows, sink_rows
 from gpart_cli.layer import GPartLinear
 from gpart_cli.model import gpart_layers, state_of
 from gpart_cli.partition import group_ids, group_sizes
@@ -295,17 +296,23 @@ def test_cpu_id_cache_is_uint16_up_to_65536_groups_and_changes_no_bits(d, id_dty
     built = groups.build(weight, theta_s)
     assert torch.equal(built, theta_s[ids[:n_weight]].view(shape) + weight)
     assert torch.equal(groups.effective_bias(bias, theta_s), theta_s[ids[n_weight:]] + bias)
-    grad = groups.weight_grad(gy, x, False)
-    groups.add_bias_grad(grad, gy.sum(0))
+    grad = _layer_grad(groups, gy, x)
     ref = torch.zeros(d, dtype=torch.float64).index_add_(0, ids, torch.cat([(gy.t() @ x).flatten(), gy.sum(0)]).double())
     assert torch.allclose(grad.double(), ref, rtol=1e-5, atol=1e-5)
 
     int32 = LayerGroups(offset, n_weight, n_bias, n, d, seed=7)
     int32._ids = ids.int()  # the int32 cache every version before kept: same bits
     assert torch.equal(int32.build(weight, theta_s), built)
-    grad32 = int32.weight_grad(gy, x, False)
-    int32.add_bias_grad(grad32, gy.sum(0))
+    grad32 = _layer_grad(int32, gy, x)
     assert torch.equal(grad32, grad)
+
+
+def _layer_grad(groups, gy, x):
+    """One layer's grouped sums of ∂L/∂W and ∂L/∂b, unscaled, as a step's sink adds them (docs/design.md §3.1)."""
+    rows = torch.zeros(sink_rows(gy.device), groups.d)
+    groups.add_weight_grad(rows, gy, x, False)
+    groups.add_bias_grad(rows[0], gy.sum(0))
+    return combine_rows(rows)
 
 
 def _saved_for_backward(model) -> tuple[list[torch.Tensor], torch.Tensor]:
@@ -325,16 +332,41 @@ def test_every_layer_shares_one_scaled_theta_per_step():
     loss.backward()
 
 
-def test_nothing_of_the_size_of_an_adapted_weight_is_saved_for_backward():
-    """Backward rebuilds W_eff: a W-shaped saved tensor may only be a frozen weight of the model itself."""
-    _, model = _adapted("llama", d=64)
-    saved, loss = _saved_for_backward(model)
+def _w_shaped(model, saved):
+    """The saved tensors shaped like an adapted weight that are not a weight of the model itself."""
     params = {p.data_ptr() for p in model.parameters()}
     shapes = {tuple(layer.base_layer.weight.shape) for _, layer in gpart_layers(model)}
     w_shaped = [t for t in saved if tuple(t.shape) in shapes or tuple(t.shape[::-1]) in shapes]
-    assert w_shaped and all(t.data_ptr() in params for t in w_shaped)
+    assert w_shaped  # the frozen weights, at least
+    return [t for t in w_shaped if t.data_ptr() not in params]
+
+
+def test_backward_rebuilds_w_eff_off_the_cpu_so_nothing_of_the_size_of_a_weight_is_saved(monkeypatch):
+    """The GPU policy (docs/design.md §3.1): a W-shaped saved tensor may only be a frozen weight of the model."""
+    _, model = _adapted("llama", d=64)
+    _out(model, _inputs("llama")).sum().backward()
+    kept = gpart.theta(model).grad.clone()
+    monkeypatch.setattr(layer_module, "_keeps_w_eff", lambda w: False)
+    model.zero_grad()
+    saved, loss = _saved_for_backward(model)
+    assert _w_shaped(model, saved) == []
     loss.backward()
-    assert gpart.theta(model).grad.abs().sum() > 0
+    assert torch.equal(gpart.theta(model).grad, kept) and kept.abs().sum() > 0  # rebuilt or kept: the same bits
+
+
+def test_on_the_cpu_backward_reuses_the_w_eff_forward_built():
+    _, model = _adapted("llama", d=64)
+    with torch.no_grad():
+        gpart.theta(model).copy_(torch.randn(64, generator=torch.Generator().manual_seed(2)))
+    saved, loss = _saved_for_backward(model)
+    extra = _w_shaped(model, saved)
+    # one W_eff per adapted layer whose input needs ∂L/∂x: block 0's o_proj (its input depends on θ through q, k,
+    # v) and block 1's four; block 0's q, k, v read the frozen embedding and keep none
+    layers = [layer for _, layer in gpart_layers(model)]
+    assert len(layers) == 8 and len(extra) == 5
+    merged = [layer.merged_weights()[0] for layer in layers[3:]]
+    assert all(any(torch.equal(t, w) for t in extra) for w in merged)
+    loss.backward()
 
 
 def test_shared_scaled_theta_follows_every_way_theta_changes():

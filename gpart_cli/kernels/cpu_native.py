@@ -5,8 +5,9 @@ the grouped sum of ∂L/∂W widens the ids again before its scatter. One C loop
 bytes), so a CPU training step spends about half as long on them (`benchmarks/step_breakdown.py`).
 
 The loops give the same bits as the torch ops they replace: the build adds one fp32 value per weight, and the
-grouped sum splits the weights into the same two fixed halves, sums each in index order, then adds the second
-row into the first. So results never depend on whether the loops or torch ran, nor on the thread count.
+grouped sum splits the weights into the same two fixed halves and adds each, in index order, into its own row of
+the step's buffer (`theta_grad.GradSink`, whose rows are added once per step). So results never depend on whether
+the loops or torch ran, nor on the thread count.
 
 They are compiled on first use with the system C compiler (`$CC`, else `cc`, with OpenMP) into
 gpart's cache directory, loaded with ctypes, and checked against the torch ops on a small problem before the
@@ -31,7 +32,7 @@ import torch
 
 from ..errors import GpartError
 from .modes import read_mode
-from .reference import Scaling, scale_grad, torch_build, torch_grouped_sum
+from .reference import torch_build, torch_grouped_add
 
 _SOURCE = r"""
 #include <stdint.h>
@@ -47,41 +48,26 @@ void NAME(float *out, const float *w0, const float *table, const ID_T *ids, cons
     }                                                                                            \
 }
 
-/* rows[c * d + j] = the sum of values[i] for ids[i] == j over the c-th of `chunks` fixed ranges of [0, n), in
-   index order from +0.0 (each row zeroed by the thread that fills it); dropped weights are skipped (adding +0.0
-   to a row that starts at +0.0 changes no bit either). Then, in the same parallel region, row 0 becomes
-   row 0 + row 1 (two chunks), times `factor` (when use_factor), times scale[j] (when scale): the chain rule of
-   theta's scaling fused into the pass that adds the rows, the same fp32 operations in the same order as
-   reference.scale_grad, so the same bits, with one pass over d instead of three. */
-#define GROUPED_SUM(NAME, ID_T)                                                                  \
+/* rows[c * d + j] += the sum of values[i] for ids[i] == j over the c-th of `chunks` fixed ranges of [0, n), in
+   index order, one thread per range; dropped weights are skipped (the torch ops add +0.0 for them, which changes
+   no row: rows start at +0.0 and never hold -0.0). */
+#define GROUPED_ADD(NAME, ID_T)                                                                  \
 void NAME(float *rows, const float *values, const ID_T *ids, const uint8_t *drop, int64_t n,     \
-          int64_t d, int chunks, const float *scale, float factor, int use_factor, int threads) { \
+          int64_t d, int chunks, int threads) {                                                  \
     int64_t per = n / chunks;                                                                    \
-    _Pragma("omp parallel num_threads(threads)")                                                 \
-    {                                                                                            \
-        _Pragma("omp for schedule(static, 1)")                                                   \
-        for (int c = 0; c < chunks; c++) {                                                       \
-            float *row = rows + (int64_t)c * d;                                                  \
-            int64_t hi = (c == chunks - 1) ? n : (c + 1) * per;                                  \
-            for (int64_t j = 0; j < d; j++) row[j] = 0.0f;                                       \
-            for (int64_t i = c * per; i < hi; i++)                                               \
-                if (!(drop && drop[i])) row[ids[i]] += values[i];                                \
-        }                                                                                        \
-        if (chunks == 2 || use_factor || scale) {                                                \
-            _Pragma("omp for schedule(static)")                                                  \
-            for (int64_t j = 0; j < d; j++) {                                                    \
-                float g = chunks == 2 ? rows[j] + rows[d + j] : rows[j];                         \
-                if (use_factor) g = g * factor;                                                  \
-                rows[j] = scale ? g * scale[j] : g;                                              \
-            }                                                                                    \
-        }                                                                                        \
+    _Pragma("omp parallel for num_threads(threads) schedule(static, 1)")                         \
+    for (int c = 0; c < chunks; c++) {                                                           \
+        float *row = rows + (int64_t)c * d;                                                      \
+        int64_t hi = (c == chunks - 1) ? n : (c + 1) * per;                                      \
+        for (int64_t i = c * per; i < hi; i++)                                                   \
+            if (!(drop && drop[i])) row[ids[i]] += values[i];                                    \
     }                                                                                            \
 }
 
 BUILD(gpart_build_u16, uint16_t)
 BUILD(gpart_build_i32, int32_t)
-GROUPED_SUM(gpart_grouped_sum_u16, uint16_t)
-GROUPED_SUM(gpart_grouped_sum_i32, int32_t)
+GROUPED_ADD(gpart_grouped_add_u16, uint16_t)
+GROUPED_ADD(gpart_grouped_add_i32, int32_t)
 """
 
 _FLAGS = ("-O3", "-shared", "-fPIC", "-std=c99", "-fopenmp")
@@ -158,66 +144,69 @@ def _compile() -> tuple[ctypes.CDLL, Path]:
         return ctypes.CDLL(str(target)), target
 
 
-def _bind(lib: ctypes.CDLL) -> None:
+def _bind(lib: ctypes.CDLL) -> dict:
+    """The loops by id dtype, their argument types set: {"build": {uint16: fn, int32: fn}, "grouped_add": {...}}."""
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    for suffix in _ID_SUFFIX.values():
-        getattr(lib, f"gpart_build_{suffix}").argtypes = [p, p, p, p, p, i64, i32]
-        getattr(lib, f"gpart_grouped_sum_{suffix}").argtypes = [p, p, p, p, i64, i64, i32, p, ctypes.c_float, i32,
-                                                                 i32]
+    loops: dict = {"build": {}, "grouped_add": {}}
+    for dtype, suffix in _ID_SUFFIX.items():
+        build, grouped = getattr(lib, f"gpart_build_{suffix}"), getattr(lib, f"gpart_grouped_add_{suffix}")
+        build.argtypes = [p, p, p, p, p, i64, i32]
+        grouped.argtypes = [p, p, p, p, i64, i64, i32, i32]
+        loops["build"][dtype], loops["grouped_add"][dtype] = build, grouped
+    return loops
 
 
-def _threads() -> int:
-    return max(1, torch.get_num_threads())
+_PARALLEL_FROM = 1 << 15  # weights; below this one thread is faster than waking the others (the bits are the same)
+
+
+def _threads(n: int) -> int:
+    return max(1, torch.get_num_threads()) if n >= _PARALLEL_FROM else 1
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
-def _run_build(lib, w0, table, ids, drop) -> torch.Tensor:
-    out = torch.empty(ids.numel(), dtype=torch.float32)
-    getattr(lib, f"gpart_build_{_ID_SUFFIX[ids.dtype]}")(
-        out.data_ptr(), _ptr(w0), table.data_ptr(), ids.data_ptr(), _ptr(drop), ids.numel(), _threads())
+def _run_build(loops: dict, w0, table, ids, drop) -> torch.Tensor:
+    out = torch.empty(ids.numel(), dtype=torch.float32) if w0 is None else torch.empty_like(w0)  # shaped like w0
+    n = ids.numel()
+    loops["build"][ids.dtype](out.data_ptr(), _ptr(w0), table.data_ptr(), ids.data_ptr(), _ptr(drop), n, _threads(n))
     return out
 
 
-def _run_grouped_sum(lib, ids, values, d, drop, scaling: Scaling = None) -> torch.Tensor:
-    chunks = 2 if values.numel() % 2 == 0 else 1  # the torch path's split (reference.torch_grouped_sum)
-    rows = torch.empty(chunks, d, dtype=torch.float32)  # the loop zeroes each row in the thread that fills it
-    factor, scale = scaling if scaling is not None else (None, None)
-    getattr(lib, f"gpart_grouped_sum_{_ID_SUFFIX[ids.dtype]}")(
-        rows.data_ptr(), values.data_ptr(), ids.data_ptr(), _ptr(drop), values.numel(), d, chunks, _ptr(scale),
-        0.0 if factor is None else factor, factor is not None, min(chunks, _threads()))
-    return rows[0]
+def _run_grouped_add(loops: dict, rows, ids, values, drop) -> None:
+    chunks = 2 if values.numel() % 2 == 0 else 1  # the torch path's split (reference.torch_grouped_add)
+    loops["grouped_add"][ids.dtype](rows.data_ptr(), values.data_ptr(), ids.data_ptr(), _ptr(drop), values.numel(),
+                                    rows.shape[1], chunks, min(chunks, _threads(values.numel())))
 
 
-def _self_check(lib) -> str | None:
+def _self_check(loops: dict) -> str | None:
     """None if the loops give the torch ops' bits on a small problem (both id widths, with and without a mask)."""
     g = torch.Generator().manual_seed(0)
     d, n = 37, 1000
     table, w0, values = (torch.randn(k, generator=g, dtype=torch.float32) for k in (d, n, n))
-    scale = torch.rand(d, generator=g, dtype=torch.float32) + 0.1
+    start = torch.randn(2, d, generator=g, dtype=torch.float32)  # rows that already hold other layers' sums
     drop = torch.rand(n, generator=g) < 0.3
     for id_dtype in _ID_SUFFIX:
         ids = torch.randint(0, d, (n,), generator=g).to(id_dtype)
         for mask in (None, drop):
             for base in (w0, None):
-                if not torch.equal(_run_build(lib, base, table, ids, mask), torch_build(base, table, ids, mask)):
+                if not torch.equal(_run_build(loops, base, table, ids, mask), torch_build(base, table, ids, mask)):
                     return f"the W_eff build differs from torch's ({id_dtype}, mask={mask is not None})"
-            for count, scaling in ((n, None), (n - 1, None), (n, (None, scale)), (n - 1, (1 / 0.9, scale))):
-                # two halves, one row for an odd count; unscaled, and with θ's chain rule fused in
+            for count in (n, n - 1):  # two halves, one row for an odd count
                 part = None if mask is None else mask[:count]
-                got = _run_grouped_sum(lib, ids[:count], values[:count], d, part, scaling)
-                want = scale_grad(torch_grouped_sum(ids[:count], values[:count].clone(), d, part), scaling)
-                if not torch.equal(got, want):  # (torch_grouped_sum writes its input: a copy)
-                    return (f"the grouped sum differs from torch's ({id_dtype}, mask={mask is not None}, n={count}, "
-                            f"scaled={scaling is not None})")
+                got, want = start.clone(), start.clone()
+                _run_grouped_add(loops, got, ids[:count], values[:count], part)
+                torch_grouped_add(want, ids[:count], values[:count].clone(), part)  # (it writes its input: a copy)
+                if not torch.equal(got, want):
+                    return f"the grouped sum differs from torch's ({id_dtype}, mask={mask is not None}, n={count})"
     return None
 
 
-def library() -> ctypes.CDLL | None:
-    """The checked library, or None (torch ops) in mode 0 or after a failure. `auto` warns once when a compiler
-    exists but its library fails (a machine without one is common: its compute path says "torch ops")."""
+def library() -> dict | None:
+    """The checked loops (by op, then id dtype), or None (torch ops) in mode 0 or after a failure. `auto` warns
+    once when a compiler exists but its library fails (a machine without one is common: its compute path says "torch
+    ops")."""
     chosen = mode()
     if chosen == "0":
         return None
@@ -235,16 +224,17 @@ def library() -> ctypes.CDLL | None:
 
 
 def _load() -> dict:
-    """lib (checked) or None, why not, and whether that is quiet (no compiler: common, not worth a warning)."""
+    """lib (the checked loops) or None, why not, and whether that is quiet (no compiler: common, not worth a
+    warning)."""
     try:
         lib, path = _compile()
-        _bind(lib)
+        loops = _bind(lib)
     except NoCompiler as e:
         return {"lib": None, "why": str(e), "quiet": True}
     except Exception as e:  # a compile error, a cache directory that cannot be written
         return {"lib": None, "why": f"{type(e).__name__}: {e}", "quiet": False}
-    why = _self_check(lib)
-    return {"lib": None if why else lib, "why": f"{why} ({path})" if why else None, "quiet": False}
+    why = _self_check(loops)
+    return {"lib": None if why else loops, "why": f"{why} ({path})" if why else None, "quiet": False}
 
 
 def describe() -> str:
@@ -259,8 +249,12 @@ def reset() -> None:
 
 def _usable(n: int, *tensors: torch.Tensor | None) -> bool:
     """All on the CPU, contiguous, of n elements (the loops trust their sizes; torch ops check theirs). The one
-    device check of the loops: `groups` offers them every call, CUDA tensors included."""
-    return all(t is None or (t.device.type == "cpu" and t.is_contiguous() and t.numel() == n) for t in tensors)
+    device check of the loops: `groups` offers them every call, CUDA tensors included. (A plain loop over cheap
+    attribute reads: this runs three times per layer per step.)"""
+    for t in tensors:
+        if t is not None and not (t.is_cpu and t.numel() == n and t.is_contiguous()):
+            return False
+    return True
 
 
 def _differentiable(*tensors: torch.Tensor | None) -> bool:
@@ -270,26 +264,29 @@ def _differentiable(*tensors: torch.Tensor | None) -> bool:
 
 def build(w0: torch.Tensor | None, table: torch.Tensor, ids: torch.Tensor, drop: torch.Tensor | None
           ) -> torch.Tensor | None:
-    """fp32 [n] = w0 + table[ids] (dropped weights: w0), or None where the loops do not apply (torch ops run)."""
+    """fp32 w0 + table[ids], shaped like w0 (dropped weights: w0), or fp32 [n] table[ids] without w0; None where
+    the loops do not apply (torch ops run)."""
     if (w0 is not None and w0.dtype != torch.float32) or table.dtype != torch.float32 or ids.dtype not in _ID_SUFFIX:
         return None
     if (drop is not None and drop.dtype != torch.bool) or _differentiable(w0, table):
         return None
     if not (_usable(ids.numel(), w0, ids, drop) and _usable(table.numel(), table)):
         return None
-    lib = library()
-    return None if lib is None else _run_build(lib, w0, table, ids, drop)
+    loops = library()
+    return None if loops is None else _run_build(loops, w0, table, ids, drop)
 
 
-def grouped_sum(ids: torch.Tensor, values: torch.Tensor, d: int, drop: torch.Tensor | None,
-                scaling: Scaling = None) -> torch.Tensor | None:
-    """fp32 [d] grouped sums of values over ids (dropped weights skipped), times θ's chain rule when `scaling` is
-    given (`reference.scale_grad`), or None where the loops do not apply."""
+def grouped_add(rows: torch.Tensor, ids: torch.Tensor, values: torch.Tensor, drop: torch.Tensor | None) -> bool:
+    """Add the grouped sums of values over ids (dropped weights skipped) into rows (fp32 [2, d]); False where the
+    loops do not apply (then the caller runs the torch ops)."""
     if values.dtype != torch.float32 or ids.dtype not in _ID_SUFFIX or (drop is not None and drop.dtype != torch.bool):
-        return None
+        return False
     if _differentiable(values) or not _usable(ids.numel(), ids, values, drop):
-        return None
-    if scaling is not None and not (scaling[1].dtype == torch.float32 and _usable(d, scaling[1])):
-        return None
-    lib = library()
-    return None if lib is None else _run_grouped_sum(lib, ids, values, d, drop, scaling)
+        return False
+    if not (rows.dtype == torch.float32 and rows.dim() == 2 and rows.shape[0] == 2 and _usable(rows.numel(), rows)):
+        return False
+    loops = library()
+    if loops is None:
+        return False
+    _run_grouped_add(loops, rows, ids, values, drop)
+    return True

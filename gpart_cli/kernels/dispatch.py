@@ -15,6 +15,7 @@ Each model's `ComputeLog` records which path each op took; `gpart train` prints 
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import os
 import warnings
@@ -39,7 +40,9 @@ def mode() -> str:
                                      "or 0 (reference path")
 
 
+@functools.cache
 def triton_installed() -> bool:
+    # Asked on every GPart op on a GPU; a package search per op would cost more than the op's Python.
     return importlib.util.find_spec("triton") is not None
 
 

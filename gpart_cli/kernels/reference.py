@@ -44,21 +44,21 @@ def _gather(table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return torch.gather(table.expand(rows, table.numel()), 1, ids.long().view(rows, -1)).view(-1)
 
 
-def torch_grouped_sum(ids: torch.Tensor, values: torch.Tensor, d: int, drop: torch.Tensor | None = None
-                      ) -> torch.Tensor:
-    """The grouped sum with torch ops (`values` is overwritten where dropped).
+def torch_grouped_add(rows: torch.Tensor, ids: torch.Tensor, values: torch.Tensor, drop: torch.Tensor | None = None
+                      ) -> None:
+    """The grouped sum with torch ops, added into `rows` (`values` is overwritten where dropped).
 
-    On the CPU the two halves are summed into two rows by one scatter_add_, which torch runs on two threads
-    (the 1-D reductions are serial), and the second row is added into the first, which is returned: about 1.5x
-    faster on the cold data it meets in a training step. Always two rows, whatever the thread count, so the bits
-    do not depend on it. CUDA keeps index_add_, which torch's deterministic mode makes deterministic.
+    On the CPU `rows` has two rows: the two halves of the weights are added into them by one scatter_add_, which
+    torch runs on two threads (the 1-D reductions are serial) in index order within each row: about 1.5x faster
+    on the cold data it meets in a training step. Always two halves, whatever the thread count, so the bits do not
+    depend on it (an odd count goes into the first row alone). Elsewhere one row, by index_add_, which torch's
+    deterministic mode makes deterministic on CUDA.
     """
     if drop is not None:
-        values.masked_fill_(drop, 0.0)
+        values.masked_fill_(drop, 0.0)  # adding +0.0 changes no row: rows start at +0.0 and never hold -0.0
     if values.device.type != "cpu":
-        return torch.zeros(d, dtype=values.dtype, device=values.device).index_add_(0, ids, values)
-    if values.numel() % 2:
-        return torch.zeros(d, dtype=values.dtype).scatter_add_(0, ids.long(), values)
-    rows = torch.zeros(2, d, dtype=values.dtype)
-    rows.scatter_add_(1, ids.long().view(2, -1), values.view(2, -1))
-    return rows[0].add_(rows[1])
+        rows[0].index_add_(0, ids, values)
+    elif values.numel() % 2:
+        rows[0].scatter_add_(0, ids.long(), values)
+    else:
+        rows.scatter_add_(1, ids.long().view(2, -1), values.view(2, -1))
