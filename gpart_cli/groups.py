@@ -96,10 +96,7 @@ class LayerGroups:
         ids, drop = self.weight_ids(device), self._drop_mask(dropout, device)
         if weight is None:
             return as_dtype(_build(None, theta_s, ids, drop).view(shape), dtype)
-        built = cpu_native.build(weight, theta_s, ids, drop)  # shaped like the weight, where the loops apply
-        if built is None:
-            built = torch_build(weight.reshape(-1), theta_s, ids, drop).view_as(weight)
-        return as_dtype(built, weight.dtype)
+        return as_dtype(_build(weight, theta_s, ids, drop), weight.dtype)
 
     def _drop_mask(self, dropout: Dropout, device: torch.device) -> torch.Tensor | None:
         return None if dropout is None else rng.drop_mask(self.offset, self.n_weight, dropout[1], dropout[0], device)
@@ -161,10 +158,14 @@ def as_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 def _build(w0: torch.Tensor | None, table: torch.Tensor, ids: torch.Tensor, drop: torch.Tensor | None
            ) -> torch.Tensor:
-    """fp32 [n]: w0 + table[ids] (w0 None: table[ids]); dropped weights get no update. The compiled CPU loops
-    where they apply (CPU tensors), else torch ops; both give the same bits."""
+    """fp32 w0 + table[ids] shaped like w0 (w0 None: table[ids], [n]); dropped weights get no update. The compiled
+    CPU loops where they apply (CPU tensors), else torch ops; both give the same bits."""
     built = cpu_native.build(w0, table, ids, drop)
-    return torch_build(w0, table, ids, drop) if built is None else built
+    if built is not None:
+        return built
+    if w0 is None:
+        return torch_build(None, table, ids, drop)
+    return torch_build(w0.reshape(-1), table, ids, drop).view_as(w0)
 
 
 def _grouped_add(rows: torch.Tensor, ids: torch.Tensor, values: torch.Tensor, drop: torch.Tensor | None) -> None:

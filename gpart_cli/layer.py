@@ -125,7 +125,7 @@ class GPartDeltaFunction(torch.autograd.Function):
         grad_x = None
         if ctx.needs_input_grad[0]:
             delta = ctx.groups.build(None, theta_s, shape=ctx.shape, dtype=ctx.dtype, dropout=ctx.dropout)
-            grad_x = _cast((gy @ delta).view(*x.shape[:-1], -1), x.dtype)
+            grad_x = _cast((gy @ delta).view_as(x), x.dtype)
         if ctx.needs_input_grad[1]:
             x2 = _cast(x, ctx.dtype).reshape(-1, x.shape[-1])
             ctx.groups.add_weight_grad(ctx.sink.rows(), gy, x2, False, ctx.dropout)
