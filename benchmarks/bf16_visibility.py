@@ -32,7 +32,7 @@ def tiny_bf16_llama(seed: int = 0):
 
 def effective_weights(model) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """(group ids, gpart W_eff, authors' W_eff) of every adapted layer, flat."""
-    from gpart_cli.model import gpart_layers
+    from gpart_cli.core.model import gpart_layers
 
     out = []
     for _, layer in gpart_layers(model):

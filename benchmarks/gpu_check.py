@@ -109,7 +109,7 @@ def _timed(device: torch.device, fn):
 
 
 def check_train(ctx: dict, steps: int) -> dict:
-    from gpart_cli.recipe import from_dict
+    from gpart_cli.recipe.schema import from_dict
     from gpart_cli.train.run import run
 
     cuda = ctx["cuda"]
@@ -126,7 +126,7 @@ def check_train(ctx: dict, steps: int) -> dict:
                                                               device=str(ctx["device"])))
     logs = [json.loads(x) for x in (ctx["run_dir"] / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in logs if "loss" in r]
-    from gpart_cli.artifact import read_artifact
+    from gpart_cli.core.artifact import read_artifact
 
     theta = read_artifact(ctx["run_dir"] / "adapter.gpart").theta
     ok = len(losses) == steps and all(map(_finite, losses)) and bool(theta.abs().sum() > 0)
@@ -157,7 +157,7 @@ def check_eval(ctx: dict) -> dict:
 def check_merge(ctx: dict) -> dict:
     from transformers import AutoModelForCausalLM
 
-    from gpart_cli.export import load_adapted, merge_to_dir
+    from gpart_cli.adapters.merged_dir import load_adapted, merge_to_dir
 
     adapter = ctx["run_dir"] / "adapter.gpart"
     _, seconds, peak = _timed(ctx["device"], lambda: merge_to_dir(str(ctx["model_dir"]), adapter, ctx["merged_dir"],
@@ -181,7 +181,7 @@ def check_merge(ctx: dict) -> dict:
 def check_dropout_masks(ctx: dict) -> dict:
     """ΔW-dropout masks hashed on the GPU with torch integer ops: the same bits as the CPU's NumPy hash."""
     if not ctx["cuda"]:
-        return {"skipped": "no CUDA: the torch hash is checked against NumPy on the CPU in tests/test_dropout.py"}
+        return {"skipped": "no CUDA: the torch hash is checked against NumPy on the CPU in tests/core/test_dropout.py"}
     from gpart_cli import rng
 
     key, thr, start, n = rng.micro_batch_key(0, 7), rng.drop_threshold(0.05), 2**32 - 1000, 3_000_000
@@ -194,8 +194,8 @@ def check_dropout_masks(ctx: dict) -> dict:
 @register_check("merged_decoding")
 def check_merged_decoding(ctx: dict) -> dict:
     """Decoding merged (W_eff built once) gives the unmerged logits bit for bit in the run's precision (cuBLAS)."""
-    from gpart_cli.export import load_adapted
-    from gpart_cli.model import GPartLinear, merged_for_decoding
+    from gpart_cli.adapters.merged_dir import load_adapted
+    from gpart_cli.core.model import GPartLinear, merged_for_decoding
 
     dtype = "bfloat16" if ctx["cuda"] else "float32"
     model, _, _ = load_adapted(str(ctx["model_dir"]), ctx["run_dir"] / "adapter.gpart", dtype, device=ctx["device"])
@@ -213,10 +213,10 @@ def check_merged_decoding(ctx: dict) -> dict:
 def check_host_syncs(ctx: dict) -> dict:
     """One device-to-host sync per optimizer step from gpart's own code (CUDA's sync debug mode names the callers)."""
     if not ctx["cuda"]:
-        return {"skipped": "no CUDA: the host reads are counted on the CPU in tests/test_host_syncs.py"}
+        return {"skipped": "no CUDA: the host reads are counted on the CPU in tests/core/test_host_syncs.py"}
     import warnings
 
-    from gpart_cli.recipe import from_dict
+    from gpart_cli.recipe.schema import from_dict
     from gpart_cli.train.trainer import Trainer
 
     recipe = from_dict({
@@ -245,12 +245,12 @@ def check_host_syncs(ctx: dict) -> dict:
 @register_check("vllm_merge_on_device")
 def check_vllm_merge(ctx: dict) -> dict:
     """`gpart eval --backend vllm` merges the adapter on --device in vLLM's dtype into --merged-dir."""
-    from gpart_cli.devices import eval_precision
-    from gpart_cli.evaluation import vllm_backend
-    from gpart_cli.evaluation.models import scored
-    from gpart_cli.evaluation.runner import EvalRequest
-
     import shutil
+
+    from gpart_cli.adapters.devices import eval_precision
+    from gpart_cli.adapters.reference import scored
+    from gpart_cli.evaluation import vllm_backend
+    from gpart_cli.evaluation.runner import EvalRequest
 
     out = ctx["work"] / "vllm-merged"
     shutil.rmtree(out, ignore_errors=True)  # --merged-dir refuses a dir that holds files
@@ -275,7 +275,7 @@ MULTI_GPU_SCRIPT = """
 import json, os, sys
 import torch, torch.distributed as dist
 from torch.distributed.tensor import DTensor
-from gpart_cli.recipe import load_recipe
+from gpart_cli.recipe.schema import load_recipe
 from gpart_cli.train import fsdp
 from gpart_cli.train.trainer import Trainer
 trainer = Trainer(load_recipe(sys.argv[1]), sys.argv[2])
@@ -298,12 +298,12 @@ def check_multi_gpu(ctx: dict) -> dict:
     """Under torchrun on 2 GPUs (NCCL): FSDP setup peaks at a rank's share of the base plus one tensor in flight; a
     DDP run shares its GSM8K eval over the ranks and both exit cleanly (no teardown abort)."""
     if not ctx["cuda"] or torch.cuda.device_count() < 2:
-        return {"skipped": "needs 2 CUDA GPUs (gloo runs of the same code: tests/test_ddp.py)"}
+        return {"skipped": "needs 2 CUDA GPUs (gloo runs of the same code: tests/train/test_ddp.py)"}
     import subprocess
 
     import yaml
 
-    from gpart_cli.recipe import from_dict
+    from gpart_cli.recipe.schema import from_dict
 
     raw = {"model": {"name_or_path": str(ctx["model_dir"]), "dtype": "bfloat16"},
            "method": {"name": "gpart", "d": 512, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]},
@@ -354,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, default=None, help="work dir (default: a temporary one)")
     args = parser.parse_args(argv)
 
-    from gpart_cli.devices import resolve_device
+    from gpart_cli.adapters.devices import resolve_device
 
     device = resolve_device(args.device)
     cuda = device.type == "cuda"

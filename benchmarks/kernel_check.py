@@ -40,7 +40,7 @@ def _rel(a, b) -> float:
 
 
 def _ids(n, d, seed, start, count, device):
-    from gpart_cli.partition import group_ids
+    from gpart_cli.partition.feistel import group_ids
 
     return group_ids(n, d, seed, start, count, device=device).long()
 
@@ -48,7 +48,7 @@ def _ids(n, d, seed, start, count, device):
 def check_selfcheck(device) -> dict:
     """The self-check gpart runs on first use, for every class a bf16/fp16/fp32 model would hit."""
     from gpart_cli.kernels import triton_gpart
-    from gpart_cli.kernels.dispatch import dot_precision
+    from gpart_cli.kernels.launch import dot_precision
     from gpart_cli.kernels.selfcheck import BuildCall, GradCall, IdsCall, run_check
 
     n, d, seed = 3 * 4096 * 4096, 65_536, 0
@@ -152,7 +152,7 @@ def _theta_grad(model, tokens):
 
 def check_layer(device) -> dict:
     import gpart_cli as gpart
-    from gpart_cli.model import compute_path, gpart_layers
+    from gpart_cli.core.model import compute_path, gpart_layers
 
     out = {"ok": True}
     tokens = torch.randint(0, 512, (4, 128), generator=torch.Generator().manual_seed(1)).to(device)
@@ -181,7 +181,7 @@ def check_layer(device) -> dict:
 def _train_theta(device, steps: int = 5):
     """θ after a few AdamW steps of a bf16 Llama with ΔW dropout (keyed per step, as the trainer keys it)."""
     import gpart_cli as gpart
-    from gpart_cli.model import set_dropout_key
+    from gpart_cli.core.model import set_dropout_key
 
     torch.manual_seed(0)
     model = gpart.apply(_tiny_llama(device, torch.bfloat16),
@@ -198,7 +198,7 @@ def _train_theta(device, steps: int = 5):
 
 
 def check_determinism(device) -> dict:
-    from gpart_cli.determinism import configure
+    from gpart_cli.train.determinism import configure
 
     default = [_train_theta(device) for _ in range(2)]
     configure(True)
@@ -216,7 +216,7 @@ def check_multi_gpu(device) -> dict:
     from accelerate import dispatch_model
 
     import gpart_cli as gpart
-    from gpart_cli.model import gpart_layers
+    from gpart_cli.core.model import gpart_layers
 
     cfg = gpart.GPartConfig(d=4096, target_modules=["q_proj", "v_proj"])
     tokens = torch.randint(0, 512, (2, 64), generator=torch.Generator().manual_seed(3)).to("cuda:0")
@@ -292,7 +292,7 @@ def main() -> int:
     report = {"torch": torch.__version__, "triton": triton_version(), "checks": {}, "skipped": {}}
     if not torch.cuda.is_available():
         report["device"] = "cpu"
-        report["skipped"] = {name: "no CUDA device: the CPU interpreter runs these in tests/test_kernels.py"
+        report["skipped"] = {name: "no CUDA device: the CPU interpreter runs these in tests/kernels/test_kernels.py"
                              for name in [*CHECKS, "timings"]}
         print(json.dumps(report, indent=2))
         print("kernel_check: no CUDA device; every GPU check skipped", file=sys.stderr)

@@ -325,7 +325,7 @@ def plot_sweep(runs: list[dict]) -> None:
     per-seed points of the dev-selected runs) over every job of the sweep, and the SST-2 linear probe of the GLUE
     table (same rows, budget and head) as a level: what the head alone reaches."""
     from gpart_cli.atomic import write_bytes
-    from gpart_cli.sweep import plot, summarize
+    from gpart_cli.train.sweep import plot, summarize
 
     rows = [r for r in runs if "error" not in r]
     glue = RESULTS / "replicate-glue.json"
@@ -340,7 +340,7 @@ def plot_sweep(runs: list[dict]) -> None:
 def reselect(runs: list[dict]) -> list[dict]:
     """Mark the dev pick of every (task, method, d, seed) by `gpart sweep-d`'s own rule (best dev score, ties to the
     middle of the grid), so the stored runs re-report under the current rule without retraining."""
-    from gpart_cli.sweep import select_by_dev
+    from gpart_cli.train.sweep import select_by_dev
 
     select_by_dev([r for r in runs if "run" in r and "dev_score" in r], cell=("task", "method", "d", "seed"))
     return runs

@@ -31,8 +31,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import step_time  # noqa: E402  (the benchmark's model, presets, methods and step)
 
-from gpart_cli import groups  # noqa: E402
 from gpart_cli.kernels import cpu_native  # noqa: E402
+from gpart_cli.kernels import delta_ops as groups  # noqa: E402
 
 
 def _no_build(self, weight, theta_s, **kwargs):

@@ -11,7 +11,7 @@ dense dL/dW that any random-partition method must compute. Timing interleaves th
 after warm-up in one process; ratios are taken pair by pair within a round, then the median. Peak memory runs
 each method in its own child processes (CPU: peak RSS, median of 3, and the peak of tensor storage alive at once,
 which unlike RSS is the same on every run; GPU: torch.cuda.max_memory_allocated). On the CPU every
-method runs under the allocator thresholds `gpart train` sets (`gpart_cli/cpu_alloc.py`: freed blocks are
+method runs under the allocator thresholds `gpart train` sets (`gpart_cli/train/cpu_alloc.py`: freed blocks are
 reused instead of page-faulted afresh each step); `--default-alloc` measures glibc's defaults.
 
 Prints one JSON object on stdout and a Rich table on stderr.
@@ -114,7 +114,7 @@ def step(model, optimizer, batch, args) -> None:
 def partition_state_bytes(model, method: str, n_adapted: int) -> float:
     """Bytes of per-parameter partition/projection state, divided by the adapted parameter count."""
     if method == "gpart":
-        from gpart_cli.model import gpart_layers
+        from gpart_cli.core.model import gpart_layers
 
         total = sum(layer.groups.state_bytes() for _, layer in gpart_layers(model))
     elif method == "unilora":
@@ -129,7 +129,7 @@ def cpu_allocator(args) -> bool:
     if args.device != "cpu" or args.default_alloc:
         return False
     try:
-        from gpart_cli.cpu_alloc import keep_freed_memory
+        from gpart_cli.train.cpu_alloc import keep_freed_memory
     except ImportError:  # a gpart version without it
         return False
     return keep_freed_memory()

@@ -61,8 +61,8 @@ def tiny_model_dir(rows: list[dict], out: Path, dtype: torch.dtype) -> str:
 def run_hf(model_id: str, rows: list[dict], args, dtype: torch.dtype) -> tuple[dict, list[dict], float]:
     from transformers import AutoModelForCausalLM
 
+    from gpart_cli.adapters.loading import ModelSource, load_tokenizer
     from gpart_cli.evaluation.tasks import run_generation
-    from gpart_cli.loading import ModelSource, load_tokenizer
 
     model = AutoModelForCausalLM.from_pretrained(model_id, dtype=dtype).to("cuda")
     tick = time.perf_counter()

@@ -12,19 +12,18 @@ Public API (docs/design.md §8)::
     ids = gpart.group_ids(n=1000, d=7, seed=0)  # feistel-v1; gpart.Partition(...) for any of gpart.ALGORITHMS
 """
 
+from .versions import __version__
 from .versions import require as _require_versions
 
 _require_versions()  # before anything else: an outdated dependency is named here, not deep inside a run
 
-from .artifact import load, read_artifact, save  # noqa: E402
-from .config import GPartConfig  # noqa: E402
+from .core.artifact import load, read_artifact, save  # noqa: E402
+from .core.config import GPartConfig  # noqa: E402
+from .core.model import apply, merge, theta  # noqa: E402
+from .core.swap import swap  # noqa: E402
 from .errors import GpartError  # noqa: E402
-from .model import apply, merge, theta  # noqa: E402
-from .partition import ALGORITHM, group_ids, group_sizes  # noqa: E402
-from .partitions import ALGORITHMS, Partition  # noqa: E402
-from .swap import swap  # noqa: E402
-
-__version__ = "0.1.0"
+from .partition import ALGORITHMS, Partition  # noqa: E402
+from .partition.feistel import ALGORITHM, group_ids, group_sizes  # noqa: E402
 
 __all__ = ["ALGORITHM", "ALGORITHMS", "GPartConfig", "GpartError", "Partition", "apply", "group_ids", "group_sizes",
            "load", "merge", "read_artifact", "save", "swap", "theta", "__version__"]

@@ -1,5 +1,5 @@
 """`python -m gpart_cli` runs the `gpart` command line."""
 
-from .cli.app import main
+from .commands.app import main
 
 main()

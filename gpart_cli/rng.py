@@ -19,8 +19,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .partition import splitmix64
-
 _MASK32 = 0xFFFFFFFF
 _MASK64 = 0xFFFFFFFFFFFFFFFF
 LOWBIAS_A = 0x7FEB352D
@@ -28,6 +26,14 @@ LOWBIAS_B = 0x846CA68B
 # Streams drawn from one seed: the dropout keys and the init must not share numbers.
 _DROPOUT_STREAM = 0x4450  # "DP"
 _INIT_STREAM = 0x494E     # "IN"
+
+
+def splitmix64(x: int) -> int:
+    """One output of the splitmix64 mixer for state `x` (64-bit unsigned arithmetic)."""
+    z = (x + 0x9E3779B97F4A7C15) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return z ^ (z >> 31)
 
 
 def micro_batch_key(seed: int, index: int) -> int:

@@ -1,4 +1,4 @@
-"""The oldest dependency versions gpart works with, checked when `gpart_cli` is imported.
+"""gpart's own version, and the oldest dependency versions gpart works with, checked when `gpart_cli` is imported.
 
 pip installs what pyproject.toml allows, but a user's environment may hold older packages (a conda base, a pinned
 image). Rather than fail deep inside a training run with an AttributeError, importing gpart names the package, the
@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import re
 from importlib import metadata
+
+__version__ = "0.1.0"  # pyproject.toml's version (tests/test_versions.py keeps them equal)
 
 # package -> (oldest version, what gpart calls that needs it)
 MINIMUM = {

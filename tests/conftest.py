@@ -76,6 +76,22 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
+def glue_recipe(model_dir, files, **over):
+    """A small SST-2 GPart recipe on `model_dir` and the (train, eval) `files`; `section__field=value` overrides."""
+    from gpart_cli.recipe.schema import from_dict
+
+    raw = {"model": {"name_or_path": str(model_dir)},
+           "method": {"name": "gpart", "d": 256, "target_modules": ["query", "value"]},
+           "data": {"family": "glue", "task": "sst2", "train_files": [str(files[0])], "eval_files": [str(files[1])],
+                    "dev_fraction": 0.25, "max_length": 32},
+           "train": {"epochs": 2, "batch_size": 8, "lr_theta": 1e-2, "lr_head": 1e-2, "log_every": 3, "seed": 0},
+           "eval": {"batch_size": 16}, "name": "t"}
+    for key, value in over.items():
+        section, _, field = key.partition("__")
+        raw[section][field] = value
+    return from_dict(raw)
+
+
 def interrupt_training_at(monkeypatch, step: int):
     """Make every Trainer raise KeyboardInterrupt (Ctrl-C) as training step `step` starts; returns the original
     `_train_step` so a test can restore it before resuming."""
@@ -104,7 +120,7 @@ def tiny_bert_dir(tmp_path_factory):
     """A 2-layer BERT (random weights) saved with the real all-MiniLM-L6-v2 tokenizer."""
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
-    from gpart_cli.loading import resolve
+    from gpart_cli.adapters.loading import resolve
 
     out = tmp_path_factory.mktemp("tiny-bert")
     torch.manual_seed(0)

@@ -9,10 +9,10 @@ import pytest
 from typer.testing import CliRunner
 
 import gpart_cli as gpart
-import gpart_cli.export as export
-from gpart_cli.cli.app import app
+import gpart_cli.adapters.merged_dir as export
+from gpart_cli.adapters.loading import recorded_source
+from gpart_cli.commands.app import app
 from gpart_cli.errors import GpartError
-from gpart_cli.loading import recorded_source
 from tests.conftest import tiny_llama
 
 SOURCES = list((Path(__file__).resolve().parents[1] / "gpart_cli").rglob("*.py"))

@@ -1,4 +1,5 @@
-"""Dependency floors (issue 10): pyproject.toml's are what the code calls, and importing gpart names an outdated one."""
+"""gpart's version is pyproject.toml's; dependency floors: pyproject.toml's are what the code calls, and importing gpart
+names an outdated one."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from gpart_cli.versions import MINIMUM, OutdatedDependency, problems, release, require
+from gpart_cli.versions import MINIMUM, OutdatedDependency, __version__, problems, release, require
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -24,6 +25,10 @@ def test_release_numbers(text, expected):
 def test_floors_match_what_the_code_needs():
     assert {k: v[0] for k, v in MINIMUM.items()} == {"torch": "2.4", "transformers": "4.56", "peft": "0.20",
                                                      "datasets": "2.19", "safetensors": "0.4.3", "accelerate": "0.30"}
+
+
+def test_version_is_pyproject_s():
+    assert re.search(r'^version = "([^"]+)"', (ROOT / "pyproject.toml").read_text(), re.M).group(1) == __version__
 
 
 def test_pyproject_floors_are_the_checked_ones():

@@ -25,7 +25,7 @@ import hashlib
 from dataclasses import dataclass
 
 from ..errors import GpartError
-from .sft import EVAL_SUFFIX, IGNORE_INDEX, METAMATH_TEMPLATE, to_pairs, tokenize_pairs
+from .sft import EVAL_SUFFIX, IGNORE_INDEX, METAMATH_TEMPLATE, check_template, to_pairs, tokenize_pairs
 
 ROLES = ("system", "user", "assistant")
 _SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "user": "user", "assistant": "assistant"}
@@ -176,8 +176,6 @@ class Rendering:
 
 def resolve_rendering(data, tokenizer) -> Rendering:
     """The rendering a data section asks for with this tokenizer (see the module docstring for `auto`)."""
-    from .sft import check_template
-
     choice = data.chat_template
     if choice == "auto":
         if data.format != "pairs" and getattr(tokenizer, "chat_template", None):

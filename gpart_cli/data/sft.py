@@ -13,9 +13,8 @@ import re
 import torch
 
 from ..errors import GpartError
-from ..numbers import mawps_reference
-from .sources import load_rows_with_source, require_columns
-from .splits import Splits, carve_dev
+from .numeric_answer import mawps_reference
+from .sources import require_columns
 
 METAMATH_TEMPLATE = ("Below is an instruction that describes a task. Write a response that appropriately "
                      "completes the request.\n\n### Instruction:\n{query}\n\n### Response:")
@@ -86,7 +85,7 @@ CONVERTERS = {
 }
 
 
-def _converter(data):
+def converter(data):
     """(converter, required columns) for `data.task`, or GpartError naming the field."""
     if data.task not in CONVERTERS:
         raise GpartError(f"recipe field data.task = {data.task!r} is not an SFT dataset; use one of "
@@ -97,7 +96,7 @@ def _converter(data):
 
 def to_pairs(rows, data, source: str = "SFT data") -> list[tuple[str, str]]:
     """(query, response) pairs of `rows` by `data.task`; GpartError on an unknown task or missing columns."""
-    convert, columns = _converter(data)
+    convert, columns = converter(data)
     require_columns(rows, columns, source)
     return convert(rows, data)
 
@@ -158,39 +157,3 @@ class SFTCollator:
         return {"input_ids": torch.tensor(ids, dtype=torch.long),
                 "attention_mask": torch.tensor(mask, dtype=torch.long),
                 "labels": torch.tensor(labels, dtype=torch.long)}
-
-
-# ---------------------------------------------------------------- splits
-
-
-def _tokenized_dataset(rows, data, rendering, tokenizer, source: str, what: str):
-    """A `datasets.Dataset` of input_ids/labels; GpartError if every example was truncated away."""
-    import datasets
-
-    from .chat import to_conversations
-
-    examples = rendering.tokenize(to_conversations(rows, data, source), tokenizer, data.max_length)
-    if not examples:
-        raise GpartError(f"every {what} example of {source} was truncated away: the prompt alone is at least "
-                         f"data.max_length = {data.max_length} tokens; raise data.max_length")
-    return datasets.Dataset.from_list(examples)
-
-
-def build_sft_splits(data, tokenizer, seed: int) -> Splits:
-    """Train and dev (carved from train, seeded, before tokenization) for SFT; eval is generation-based.
-
-    `data.format` says how rows read and `data.chat_template` how they render (`chat`); `data.packing` packs the
-    training batches into one row each (the dev loss stays padded).
-    """
-    from .chat import PackingCollator, required_columns, resolve_rendering
-
-    rendering = resolve_rendering(data, tokenizer)  # an unknown template fails before any data is read
-    columns = required_columns(data) or _converter(data)[1]  # so does an unknown task
-    rows, source = load_rows_with_source(data.train_files, data.path, data.config, data.train_split,
-                                         data.max_train_samples, seed, "training data", data.revision)
-    require_columns(rows, columns, source)  # fail before carving and tokenizing
-    train, dev = carve_dev(rows, data.dev_fraction, seed, data.dev_samples)
-    return Splits(train=_tokenized_dataset(train, data, rendering, tokenizer, source, "training"),
-                  dev=None if dev is None else _tokenized_dataset(dev, data, rendering, tokenizer, source, "dev"),
-                  eval=None, collate=SFTCollator(tokenizer.pad_token_id),
-                  train_collate=PackingCollator() if data.packing else None)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 
-from ..numbers import mawps_reference, normalize_number, numbers_equal  # noqa: F401 (the extractors' API)
+from ..data.numeric_answer import mawps_reference, normalize_number, numbers_equal  # noqa: F401 (the extractors' API)
 
 _ANSWER_MARK = "The answer is: "
 # First number after MetaMath's marker: thousands commas only in proper groups, then a decimal or "/q" tail.

@@ -26,7 +26,7 @@ def cut_at_stop(text: str, stops: Iterable[str]) -> str:
     return text[:cut]
 
 
-def _eos_ids(model, tokenizer) -> set[int]:
+def end_token_ids(model, tokenizer) -> set[int]:
     """Every eos id the tokenizer or the model's generation config knows (some models list several)."""
     ids = {tokenizer.eos_token_id}
     config_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
@@ -104,7 +104,7 @@ def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int, batch
     if not prompts:
         return []
     stops = [s for s in stop if s]
-    eos_ids = _eos_ids(model, tokenizer)
+    eos_ids = end_token_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id
     if pad_id is None:  # left padding is masked by attention_mask, so any id works; eos is the usual choice
         pad_id = min(eos_ids) if eos_ids else 0

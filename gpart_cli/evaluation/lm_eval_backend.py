@@ -16,10 +16,10 @@ import json
 from pathlib import Path
 
 from .. import atomic
-from ..devices import eval_precision, resolve_device
+from ..adapters.devices import eval_precision, resolve_device
+from ..adapters.loading import load_tokenizer
+from ..adapters.reference import load_scored, scored
 from ..errors import GpartError
-from ..loading import load_tokenizer
-from .models import load_scored, scored
 
 INSTALL = "pip install 'gpart[lm-eval]'"
 TASK_LABEL = "lm-eval"  # the scores JSON's "task" and its default name, eval-lm-eval.json

@@ -11,7 +11,7 @@ import warnings
 
 import numpy as np
 
-from gpart_cli.errors import GpartError
+from ..errors import GpartError
 
 GLUE_TASKS = ("cola", "sst2", "mrpc", "qqp", "stsb", "qnli", "rte", "mnli", "wnli")
 

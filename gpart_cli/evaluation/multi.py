@@ -15,9 +15,9 @@ from pathlib import Path
 from rich.table import Table
 
 from .. import atomic
+from ..adapters.loading import recorded_source
+from ..adapters.reference import Scored, load_scored, recorded_base, scored
 from ..errors import GpartError
-from ..loading import recorded_source
-from .models import Scored, load_scored, recorded_base, scored
 
 
 def split_adapters(adapter: Path | str | None) -> list[Path] | None:
@@ -38,7 +38,7 @@ class SharedBase:
         self.loads = 0  # base models loaded (1 when every adapter shared the base)
 
     def __call__(self, req, what: Scored, task_type: str, device, precision):
-        from ..swap import swap
+        from ..core.swap import swap
 
         if what.kind != "gpart":
             raise GpartError(f"--adapter {what.path}: several adapters are scored on one base by swapping θ, which "
@@ -57,7 +57,7 @@ class SharedBase:
 
     @staticmethod
     def _source(req, what: Scored, weights: str):
-        from ..artifact import read_artifact
+        from ..core.artifact import read_artifact
 
         recorded = (read_artifact(what.path).meta.get("base_model") or {}).get("name_or_path")
         base = req.model or recorded_base(recorded, what.path)

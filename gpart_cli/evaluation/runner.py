@@ -14,11 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import atomic
-from ..devices import eval_precision, resolve_device
+from ..adapters.devices import eval_precision, resolve_device
+from ..adapters.loading import load_tokenizer
+from ..adapters.reference import Scored, image_processor_for, load_scored, scored
 from ..errors import GpartError
-from ..loading import load_tokenizer
 from . import classify, vllm_backend
-from .models import Scored, image_processor_for, load_scored, scored
 from .tasks import GENERATION_TASKS, load_task_rows, max_new_tokens_for, run_generation, score_outputs
 
 FAMILY_TASK_TYPE = {"glue": "sequence_classification", "vision": "image_classification",
@@ -59,7 +59,7 @@ def parse_task(task: str) -> tuple[str, str]:
 
 def _data_section(req: EvalRequest, family: str, name: str, recipe: dict | None):
     """The data section to score: the run's recipe's when it trained on this task, else one built from the flags."""
-    from ..recipe import DataSection
+    from ..recipe.schema import DataSection
 
     recorded = dict((recipe or {}).get("data") or {})
     fields = {f.name for f in dataclasses.fields(DataSection)}
@@ -132,7 +132,7 @@ def _generation(req: EvalRequest, name: str, what: Scored, device, precision, lo
 
     model, source = load(req, what, "causal_lm", device, precision)
     if what.kind == "gpart":  # decode merged: an unmerged layer would rebuild its W_eff for every token
-        from ..model import merge
+        from ..core.model import merge
 
         model = merge(model)
     tokenizer = load_tokenizer(source)

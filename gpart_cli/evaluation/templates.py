@@ -11,9 +11,9 @@ import dataclasses
 
 from rich.console import Console
 
+from ..adapters.reference import Scored
+from ..adapters.run_info import read_run_info
 from ..data.chat import Rendering, default_rendering, resolve_rendering
-from ..run_info import read_run_info
-from .models import Scored
 
 
 def recorded_task(what: Scored) -> dict:
@@ -21,7 +21,7 @@ def recorded_task(what: Scored) -> dict:
     if what.kind is None or what.path is None:
         return {}
     if what.kind == "gpart":
-        from ..artifact import read_artifact
+        from ..core.artifact import read_artifact
 
         return read_artifact(what.path).meta.get("task") or {}
     return read_run_info(what.path).get("task") or {}
@@ -29,7 +29,7 @@ def recorded_task(what: Scored) -> dict:
 
 def _sft_data(recipe: dict | None):
     """The recipe's data section as a `DataSection` when it is an SFT recipe, else None."""
-    from ..recipe import DataSection
+    from ..recipe.schema import DataSection
 
     recorded = dict((recipe or {}).get("data") or {})
     if recorded.get("family") != "sft":

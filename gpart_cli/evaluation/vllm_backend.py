@@ -58,7 +58,7 @@ def _vllm():
 def model_dir(req, what, precision=None, device=None) -> Iterator[Path]:
     """A dir vLLM can load: the merged or base model as given, or the adapter merged on `device` (default cpu) in
     vLLM's dtype (`vllm_dtype(precision)`; default: the run's) into --merged-dir or a temporary dir."""
-    from ..loading import resolve
+    from ..adapters.loading import resolve
 
     if what.kind is None:
         if not req.model:
@@ -89,7 +89,7 @@ def check_disk_space(source, out: Path, dtype: str, named: bool = False) -> None
     loaded) times the dtype's size, against the free space where `out` goes."""
     import torch
 
-    from ..loading import load_skeleton, torch_dtype
+    from ..adapters.loading import load_skeleton, torch_dtype
 
     count = sum(p.numel() for p in load_skeleton(source, "causal_lm").parameters())
     need = count * torch.empty((), dtype=torch_dtype(dtype)).element_size()
@@ -115,13 +115,13 @@ def _release_gpu() -> None:
 
 def _merge_gpart(req, what, out: Path, dtype: str | None, device) -> None:
     """W0 + Pθ in fp32, saved in `dtype` (default: the dtype the adapter was trained on, what `gpart merge` writes)."""
-    from ..artifact import read_artifact
-    from ..devices import check_dtype
-    from ..export import merge_to_dir
-    from ..interop import convert, peft_gpart
-    from ..loading import recorded_source
-
-    from .models import recorded_base
+    from ..adapters import authors_convert as convert
+    from ..adapters import authors_format as peft_gpart
+    from ..adapters.devices import check_dtype
+    from ..adapters.loading import recorded_source
+    from ..adapters.merged_dir import merge_to_dir
+    from ..adapters.reference import recorded_base
+    from ..core.artifact import read_artifact
 
     if convert.is_authors_adapter(what.path):  # the authors' PEFT-fork format (docs/interop.md)
         base, recorded = convert.base_for(peft_gpart.read(what.path), req.model), {}
@@ -139,15 +139,15 @@ def _merge_peft(req, what, out: Path, dtype: str | None, device) -> None:
     """LoRA / Uni-LoRA folded into the base by PEFT on `device`, saved in `dtype` (default: the run's)."""
     import torch
 
-    from ..devices import Precision
-    from ..export import _load_dtype
-    from ..loading import load_tokenizer, torch_dtype
-    from .models import load_scored, peft_base
+    from ..adapters.devices import Precision
+    from ..adapters.loading import load_tokenizer, torch_dtype
+    from ..adapters.merged_dir import merge_load_dtype
+    from ..adapters.reference import load_scored, peft_base
 
     target = dtype or (((what.recipe or {}).get("model") or {}).get("dtype")) or "float32"
     check_disk_space(peft_base(req, what, target), out, target, req.merged_dir is not None)
     # Loaded in the target dtype when the checkpoint is stored in it (nothing to round), else in fp32.
-    load = _load_dtype(peft_base(req, what, target), target)
+    load = merge_load_dtype(peft_base(req, what, target), target)
     model, source = load_scored(req, what, "causal_lm", device or torch.device("cpu"), Precision(load))
     model.merge_and_unload().to(torch_dtype(target)).save_pretrained(out, safe_serialization=True)
     load_tokenizer(source).save_pretrained(out)
@@ -157,7 +157,7 @@ def _merge_peft(req, what, out: Path, dtype: str | None, device) -> None:
 
 def vllm_dtype(precision) -> str:
     """The dtype vLLM runs in: what the run computed in (bf16 autocast -> bfloat16), else the weights' dtype."""
-    from ..devices import dtype_name
+    from ..adapters.devices import dtype_name
 
     return dtype_name(precision.autocast) if precision.autocast is not None else precision.weights
 
@@ -171,8 +171,8 @@ def generate(path: Path, prompts: list[str], *, max_new_tokens: int, stop: list[
     """
     from transformers import AutoConfig, GenerationConfig
 
-    from ..loading import ModelSource, load_tokenizer
-    from .generate import _eos_ids, cut_at_stop
+    from ..adapters.loading import ModelSource, load_tokenizer
+    from .generate import cut_at_stop, end_token_ids
 
     vllm = _vllm()
     tokenizer = load_tokenizer(ModelSource(str(path), trust_remote_code=trust_remote_code))
@@ -183,7 +183,7 @@ def generate(path: Path, prompts: list[str], *, max_new_tokens: int, stop: list[
     # HF's stop check reads special tokens too ("<|im_end|>"); vLLM matches stop strings on text without them,
     # so stop strings that are single added tokens stop it by id.
     added = tokenizer.get_added_vocab()
-    stop_ids = _eos_ids(SimpleNamespace(generation_config=generation_config), tokenizer) | \
+    stop_ids = end_token_ids(SimpleNamespace(generation_config=generation_config), tokenizer) | \
         {added[s] for s in stop if s in added}
     encoded = tokenizer(list(prompts))["input_ids"]
     # Room for the longest prompt and its answer: by default vLLM sizes for the model's whole context (128k
@@ -213,7 +213,7 @@ def run_generation(req, name: str, rows: list[dict], what, precision, console=No
     """
     from rich.console import Console
 
-    from ..loading import ModelSource, load_tokenizer
+    from ..adapters.loading import ModelSource, load_tokenizer
     from .generate import MATH_STOPS
     from .tasks import max_new_tokens_for, prompts_for, score_outputs
     from .templates import eval_rendering

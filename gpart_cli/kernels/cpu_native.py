@@ -32,7 +32,7 @@ import torch
 
 from ..errors import GpartError
 from .modes import read_mode
-from .reference import torch_build, torch_grouped_add
+from .torch_ops import torch_build, torch_grouped_add
 
 _SOURCE = r"""
 #include <stdint.h>

@@ -14,7 +14,6 @@ Each model's `ComputeLog` records which path each op took; `gpart train` prints 
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import importlib.util
 import os
@@ -23,7 +22,7 @@ import warnings
 import torch
 
 from ..errors import GpartError
-from . import cpu_native
+from . import cpu_native, launch
 from .modes import read_mode
 from .selfcheck import run_check
 
@@ -61,23 +60,6 @@ def device_name(device: torch.device) -> str:
     return f"{device.type} (Triton interpreter)" if device.type == "cpu" else device.type
 
 
-def device_guard(device: torch.device):
-    """Make `device` current while kernels launch: Triton launches on the current CUDA device."""
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-
-
-def dot_precision(dtype: torch.dtype, device: torch.device) -> tuple[str, bool]:
-    """(tl.dot input_precision, upcast) for the gradient GEMM on `dtype` inputs.
-
-    fp32: "ieee" unless torch allows TF32 matmuls. bf16/fp16: upcast to fp32, then "tf32" on sm80+ (their
-    values are exact in tf32, so the products are exact) and "ieee" elsewhere (older GPUs, the interpreter).
-    """
-    tensor_cores = device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8
-    if dtype == torch.float32:
-        return ("tf32" if tensor_cores and torch.backends.cuda.matmul.allow_tf32 else "ieee"), False
-    return ("tf32" if tensor_cores else "ieee"), True
-
-
 def _why_not(device: torch.device) -> str | None:
     """None when Triton can run kernels on `device` in this mode, else the reason it does not."""
     chosen = mode()
@@ -113,7 +95,7 @@ def _check(call) -> str | None:
         from . import triton_gpart
     except Exception as e:
         return f"Triton does not import: {type(e).__name__}: {e}"
-    with device_guard(call.device):
+    with launch.device_guard(call.device):
         return run_check(call, triton_gpart)
 
 

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import torch
 
 from .. import rng
-from ..partition import ALGORITHM
-from ..partitions import group_ids
+from ..partition import group_ids
+from ..partition.feistel import ALGORITHM
 
 
 def _spec(v: int) -> tuple[bool, bool, bool]:

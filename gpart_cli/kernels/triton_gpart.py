@@ -24,14 +24,14 @@ import torch
 import triton
 import triton.language as tl
 
-from ..partition import _MASK32, _MUELLER, half_bits, round_keys
-from ..partition_authors import GAMMA, MIX1, MIX2, seed64
-from ..partitions import FEISTEL, ON_THE_FLY, SPLITMIX
+from ..partition import FEISTEL, ON_THE_FLY, SPLITMIX
+from ..partition.authors import GAMMA, MIX1, MIX2, seed64
+from ..partition.feistel import MASK32, MUELLER, half_bits, round_keys
 from ..rng import LOWBIAS_A, LOWBIAS_B
-from .dispatch import dot_precision
+from .launch import dot_precision
 
 # The jitted constants below mirror partition.py and rng.py.
-assert _MASK32 == 0xFFFFFFFF and _MUELLER == 0x45D9F3B and LOWBIAS_A == 0x7FEB352D and LOWBIAS_B == 0x846CA68B
+assert MASK32 == 0xFFFFFFFF and MUELLER == 0x45D9F3B and LOWBIAS_A == 0x7FEB352D and LOWBIAS_B == 0x846CA68B
 assert MIX1 == 0xBF58476D1CE4E5B9 and MIX2 == 0x94D049BB133111EB
 ALGO_ID = {FEISTEL: 0, SPLITMIX: 1}  # the ALGO switch of each kernel
 
@@ -178,7 +178,7 @@ def _grad_kernel(gy_ptr, x_ptr, grad_ptr, fixed_ptr, T, M, N, stride_gt, stride_
 
 
 # ---------------------------------------------------------------------------------------------------
-# Launchers. Callers pass tensors on one device and hold the device guard (see `dispatch.device_guard`).
+# Launchers. Callers pass tensors on one device and hold the device guard (see `launch.device_guard`).
 # ---------------------------------------------------------------------------------------------------
 
 _BLOCK = 1024
@@ -192,7 +192,7 @@ def partition_args(n: int, seed: int, algorithm: str = FEISTEL) -> tuple[int, ..
         raise ValueError(f"partition {algorithm!r} has no on-the-fly kernel")
     if algorithm == SPLITMIX:
         base = (seed64(seed) + GAMMA) & ((1 << 64) - 1)
-        return 0, 0, base >> 32, base & _MASK32, 0, 0
+        return 0, 0, base >> 32, base & MASK32, 0, 0
     half = half_bits(n)
     return (half, (1 << half) - 1, *round_keys(seed))
 
@@ -202,7 +202,7 @@ def dropout_args(dropout: tuple[int, int] | None) -> tuple[int, int, int]:
     if dropout is None:
         return 0, 0, 0
     threshold, key = dropout
-    return threshold, key & _MASK32, key >> 32
+    return threshold, key & MASK32, key >> 32
 
 
 def group_ids_triton(n: int, d: int, seed: int, start: int, count: int, device, algorithm: str = FEISTEL

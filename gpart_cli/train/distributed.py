@@ -18,7 +18,6 @@ import torch.distributed as dist
 
 from ..errors import GpartError
 
-
 # How long a collective waits for a rank that is busy alone. Generation evals run on every rank (each decodes its
 # share of the prompts), but under DDP rank 0 still scores the dev split and writes checkpoints while the others
 # wait in the next step's all-reduce: NCCL's default of 10 minutes is too short for a large dev split on a 70B.

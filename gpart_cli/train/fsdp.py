@@ -27,9 +27,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..core.layer import is_quantized
 from ..errors import GpartError
-from ..layer import is_quantized
-from ..methods import FSDP_METHODS  # methods whose trainable tensors stay replicated (see methods.Method.fsdp)
+from ..recipe.methods import FSDP_METHODS  # methods whose trainable tensors stay replicated (see methods.Method.fsdp)
 from ..versions import release
 
 # fully_shard became public in torch 2.6 and took ignored_params (θ and the heads stay whole) in 2.7.

@@ -8,8 +8,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from ..model import compute_path
-from ..recipe import Recipe
+from ..core.model import compute_path
+from ..recipe.schema import Recipe
 from . import distributed, run_dir
 from .trainer import Trainer
 

@@ -20,7 +20,7 @@ import yaml
 
 from .. import atomic
 from ..errors import GpartError
-from ..recipe import Recipe
+from ..recipe.schema import Recipe
 
 # What training writes from its first step on; any of these makes the directory a run worth protecting.
 RUN_FILES = ("checkpoints", "metrics.jsonl", "adapter.gpart", "adapter", "model", "results.json",

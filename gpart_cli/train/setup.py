@@ -6,13 +6,21 @@ from dataclasses import dataclass
 
 import torch
 
+from ..adapters.loading import (
+    ModelSource,
+    build_from_config,
+    config_from_dict,
+    load_model,
+    load_skeleton,
+    load_tokenizer,
+    resolve,
+    skeleton_from_config,
+)
+from ..adapters.pooling import apply_pooling
 from ..data.glue import build_glue_splits, glue_task
 from ..data.splits import Splits
 from ..errors import GpartError
-from ..loading import (ModelSource, build_from_config, config_from_dict, load_model, load_skeleton, load_tokenizer,
-                       resolve, skeleton_from_config)
-from ..pooling import apply_pooling
-from ..recipe import Recipe
+from ..recipe.schema import Recipe
 
 TASK_TYPE = {"glue": "sequence_classification", "vision": "image_classification", "sft": "causal_lm",
              "text_classification": "sequence_classification"}
@@ -96,7 +104,7 @@ def build(recipe: Recipe, device: torch.device | None = None, weights: bool = Tr
         model = _model(recipe, task_type, splits.num_labels, splits.labels, device, weights)
     elif family == "sft":
         from ..data.chat import resolve_rendering
-        from ..data.sft import build_sft_splits
+        from ..data.sft_splits import build_sft_splits
 
         if recipe.model.config is not None and recipe.model.name_or_path is None:
             raise GpartError("data.family sft needs model.name_or_path for the tokenizer")

@@ -18,16 +18,16 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from .. import atomic, cpu_alloc
-from ..determinism import configure as configure_determinism
-from ..devices import autocast_dtype, resolve_device
+from .. import atomic
+from ..adapters.devices import autocast_dtype, resolve_device
+from ..core.model import set_dropout_key
 from ..errors import GpartError
 from ..evaluation import classify
-from ..methods import prepare, save_result, trainable_count
-from ..model import set_dropout_key
-from ..recipe import Recipe
-from . import distributed, sharding, tracking
+from ..recipe.methods import prepare, save_result, trainable_count
+from ..recipe.schema import Recipe
+from . import cpu_alloc, distributed, sharding, tracking
 from .checkpoint import load_trainable_state, read_checkpoint, restore_checkpoint, save_checkpoint
+from .determinism import configure as configure_determinism
 from .dev_loss import mean_dev_loss
 from .progress import TrainProgress
 from .setup import Setup, build
@@ -99,8 +99,11 @@ class Trainer:
         self._perm: tuple[int, torch.Tensor] | None = None
 
     def _scheduler(self):
-        from transformers import (get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup,
-                                  get_linear_schedule_with_warmup)
+        from transformers import (
+            get_constant_schedule_with_warmup,
+            get_cosine_schedule_with_warmup,
+            get_linear_schedule_with_warmup,
+        )
 
         warmup = math.ceil(self.recipe.train.warmup_ratio * self.total_steps)
         kind = self.recipe.train.schedule
@@ -153,9 +156,9 @@ class Trainer:
                     self.console.print(f"generation eval is not run inside an FSDP job; score the result with: "
                                        f"gpart eval --task {e.task} --adapter {self.out} --backend vllm")
                 return None, []
+            from ..core.model import merged_for_decoding
             from ..data.chat import resolve_rendering
             from ..evaluation.tasks import load_task_rows, run_generation
-            from ..model import merged_for_decoding
 
             rows = load_task_rows(e.task, e.files, e.split, e.limit)
             # Decoded merged (W_eff built once, not per token); training resumes on the unmerged layers.

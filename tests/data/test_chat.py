@@ -6,19 +6,14 @@ import dataclasses
 
 import pytest
 import torch
-
 from conftest import tiny_llama, write_jsonl
-from gpart_cli.data.chat import (
-    TEMPLATES,
-    PackingCollator,
-    Rendering,
-    resolve_rendering,
-    to_conversations,
-)
-from gpart_cli.data.sft import IGNORE_INDEX, SFTCollator, build_sft_splits, format_prompt, tokenize_example
+
+from gpart_cli.data.chat import TEMPLATES, PackingCollator, Rendering, resolve_rendering, to_conversations
+from gpart_cli.data.sft import IGNORE_INDEX, SFTCollator, format_prompt, tokenize_example
+from gpart_cli.data.sft_splits import build_sft_splits
 from gpart_cli.data.sources import load_rows
 from gpart_cli.errors import GpartError
-from gpart_cli.recipe import DataSection
+from gpart_cli.recipe.schema import DataSection
 
 WORDS = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>", "system", "user", "assistant", "Be", "brief",
          "Hi", "Hello", "there", "Add", "2", "and", "3", "5", "Thanks", "welcome", "You", "are", "Question:",
@@ -192,7 +187,7 @@ def test_packing_gives_the_unpacked_loss_without_padding():
 
 
 def test_recipe_fields_validate():
-    from gpart_cli.recipe import from_dict
+    from gpart_cli.recipe.schema import from_dict
 
     base = {"model": {"name_or_path": "x"}}
     with pytest.raises(GpartError, match=r"data\.format = 'sharegpt' is not one of pairs, alpaca, messages"):
@@ -211,13 +206,13 @@ def test_chat_sft_run_records_its_template_and_eval_warns_on_drift(tiny_llama_di
     import json
     import shutil
 
+    from conftest import ASSETS, head_rows
     from transformers import AutoTokenizer
     from typer.testing import CliRunner
 
-    from conftest import ASSETS, head_rows
-    from gpart_cli.artifact import read_artifact
-    from gpart_cli.cli.app import app
-    from gpart_cli.recipe import from_dict
+    from gpart_cli.commands.app import app
+    from gpart_cli.core.artifact import read_artifact
+    from gpart_cli.recipe.schema import from_dict
     from gpart_cli.train.run import run
 
     chat_dir = tmp_path / "chat-llama"

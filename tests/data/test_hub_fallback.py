@@ -9,13 +9,13 @@ from types import SimpleNamespace
 import pytest
 from typer.testing import CliRunner
 
-from gpart_cli.cli.app import app
+from gpart_cli.commands.app import app
 from gpart_cli.data.glue import load_glue_rows
 from gpart_cli.data.sources import load_rows_with_source
 from gpart_cli.data.vision import FASHION_MNIST, load_image_rows
 from gpart_cli.errors import GpartError
 from gpart_cli.evaluation.tasks import load_task_rows
-from gpart_cli.recipe import load_recipe
+from gpart_cli.recipe.schema import load_recipe
 from tests.conftest import ASSETS, head_rows, write_jsonl
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"

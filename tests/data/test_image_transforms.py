@@ -9,10 +9,15 @@ import pytest
 import torch
 from PIL import Image
 
-from gpart_cli.data.image_transforms import (ImageTransform, center_crop, random_resized_box, resize_short_side,
-                                             transform_for)
+from gpart_cli.data.image_transforms import (
+    ImageTransform,
+    center_crop,
+    random_resized_box,
+    resize_short_side,
+    transform_for,
+)
 from gpart_cli.data.vision import VisionItems, build_vision_splits
-from gpart_cli.recipe import DataSection
+from gpart_cli.recipe.schema import DataSection
 from tests.conftest import ASSETS
 
 

@@ -13,7 +13,6 @@ from gpart_cli.data.sft import (
     EVAL_SUFFIX,
     METAMATH_TEMPLATE,
     SFTCollator,
-    build_sft_splits,
     check_template,
     format_prompt,
     gsm8k_response,
@@ -21,9 +20,10 @@ from gpart_cli.data.sft import (
     to_pairs,
     tokenize_example,
 )
+from gpart_cli.data.sft_splits import build_sft_splits
 from gpart_cli.data.sources import load_rows
 from gpart_cli.errors import GpartError
-from gpart_cli.recipe import DataSection
+from gpart_cli.recipe.schema import DataSection
 
 ASSETS = Path(__file__).resolve().parents[3] / "shared" / "assets"
 CORPUS = ["Tom has 3 apples and eats 1 . How many are left ?", "He eats 1 so 3 - 1 = 2 . The answer is: 2",

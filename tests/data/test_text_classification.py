@@ -6,13 +6,13 @@ import csv
 import json
 
 import pytest
+from conftest import write_jsonl
 from typer.testing import CliRunner
 
-from conftest import write_jsonl
-from gpart_cli.cli.app import app
+from gpart_cli.commands.app import app
 from gpart_cli.data.text_classification import encode_labels, infer_labels
 from gpart_cli.errors import GpartError
-from gpart_cli.recipe import from_dict
+from gpart_cli.recipe.schema import from_dict
 from gpart_cli.train.run import run
 
 WORDS = {"billing": ["invoice", "charge", "refund", "payment"], "shipping": ["parcel", "delivery", "courier", "late"],
@@ -65,7 +65,7 @@ def test_train_and_eval_on_your_own_csv(tiny_bert_dir, tmp_path):
     assert results["task"] == "text_classification/support"
     assert set(results["after"]) == {"accuracy", "f1_macro"}
     assert len((tmp_path / "run" / "predictions.jsonl").read_text().splitlines()) == 12
-    from gpart_cli.artifact import read_artifact
+    from gpart_cli.core.artifact import read_artifact
 
     task = read_artifact(tmp_path / "run" / "adapter.gpart").meta["task"]
     assert (task["num_labels"], task["labels"]) == (3, ["billing", "login", "shipping"])  # sorted, recorded

@@ -11,10 +11,16 @@ import numpy as np
 import pytest
 import torch
 
-from gpart_cli.data.vision import (FASHION_MNIST, ImageTransform, build_vision_splits, load_image_rows,
-                                   select_classes, transform_for)
+from gpart_cli.data.vision import (
+    FASHION_MNIST,
+    ImageTransform,
+    build_vision_splits,
+    load_image_rows,
+    select_classes,
+    transform_for,
+)
 from gpart_cli.errors import GpartError
-from gpart_cli.recipe import DataSection
+from gpart_cli.recipe.schema import DataSection
 
 ASSETS = Path(__file__).resolve().parents[2].parent / "shared" / "assets"
 FASHION = ASSETS / "fashion_mnist"
@@ -386,7 +392,7 @@ def test_pretrained_head_with_another_label_count_starts_fresh(tmp_path):
     """A self-pretrained 6-class ViT fine-tuned on 4 held-out classes: body loaded, head re-initialised."""
     from transformers import ViTForImageClassification
 
-    from gpart_cli.loading import ModelSource, load_model
+    from gpart_cli.adapters.loading import ModelSource, load_model
 
     torch.manual_seed(0)
     pretrained = ViTForImageClassification(tiny_vit_config(6))

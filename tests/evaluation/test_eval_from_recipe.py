@@ -8,8 +8,8 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from gpart_cli.cli.app import app
-from gpart_cli.recipe import from_dict
+from gpart_cli.commands.app import app
+from gpart_cli.recipe.schema import from_dict
 from gpart_cli.train.run import run
 
 pytestmark = pytest.mark.slow

@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from typer.testing import CliRunner
 
 import gpart_cli as gpart
-from gpart_cli.cli.app import app
+from gpart_cli.commands.app import app
 from tests.conftest import write_jsonl
 
 runner = CliRunner()

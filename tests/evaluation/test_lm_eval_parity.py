@@ -11,8 +11,13 @@ from __future__ import annotations
 
 import pytest
 
-from gpart_cli.evaluation.answers import (LM_EVAL_FALLBACK, LM_EVAL_IGNORE, lm_eval_exact_match,
-                                          lm_eval_flexible_match, lm_eval_strict_match)
+from gpart_cli.evaluation.answers import (
+    LM_EVAL_FALLBACK,
+    LM_EVAL_IGNORE,
+    lm_eval_exact_match,
+    lm_eval_flexible_match,
+    lm_eval_strict_match,
+)
 from gpart_cli.evaluation.tasks import score_outputs
 
 ANSWER_72 = "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\nNatalia sold 48+24 = <<48+24=72>>72 clips.\n#### 72"

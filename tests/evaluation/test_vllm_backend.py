@@ -15,9 +15,9 @@ import torch
 from typer.testing import CliRunner
 
 import gpart_cli as gpart
-from gpart_cli.cli.app import app
-from gpart_cli.devices import Precision
-from gpart_cli.evaluation.models import scored
+from gpart_cli.adapters.devices import Precision
+from gpart_cli.adapters.reference import scored
+from gpart_cli.commands.app import app
 from gpart_cli.evaluation import vllm_backend
 from gpart_cli.evaluation.generate import MATH_STOPS
 from gpart_cli.evaluation.runner import EvalRequest
@@ -273,7 +273,7 @@ def test_vllm_runs_in_the_precision_the_run_trained_in():
 
 def test_the_adapter_is_merged_on_the_eval_device_in_vllms_dtype_into_merged_dir(install, adapter, llama_dir,
                                                                                 tmp_path, monkeypatch):
-    import gpart_cli.export as export
+    import gpart_cli.adapters.merged_dir as export
 
     merges, real = [], export.merge_to_dir
     monkeypatch.setattr(export, "merge_to_dir", lambda *a: merges.append(a[3:]) or real(*a))

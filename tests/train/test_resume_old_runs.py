@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from gpart_cli.errors import GpartError
-from gpart_cli.recipe import from_dict
+from gpart_cli.recipe.schema import from_dict
 from gpart_cli.train.run_dir import plan
 
 NEW_FIELDS = {"data": ("revision", "train_transform", "eval_transform"), "eval": ("dev_batch_size",)}

@@ -11,14 +11,12 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from gpart_cli.cli.app import app
+from gpart_cli.commands.app import app
 from gpart_cli.errors import GpartError
-from gpart_cli.recipe import from_dict
+from gpart_cli.recipe.schema import from_dict
 from gpart_cli.train import run_dir
 from gpart_cli.train.run_dir import DirState
-
-from tests.conftest import ASSETS, head_rows, write_jsonl
-from tests.test_train_e2e import glue_recipe
+from tests.conftest import ASSETS, glue_recipe, head_rows, write_jsonl
 
 runner = CliRunner()
 RECIPE = from_dict({"model": {"name_or_path": "m"}, "data": {"family": "glue", "task": "sst2"}, "name": "t"})
