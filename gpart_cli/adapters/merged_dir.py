@@ -1,7 +1,8 @@
 """`gpart merge` (docs/design.md §5): write a standard transformers model dir with W0 + Pθ folded in.
 
-The config.json is one that every reader understands, not only the transformers that wrote it: transformers 5 writes RoPE settings as `rope_parameters` ({"rope_theta", "rope_type", ...}, or one such dict per
-attention layer type) and the weights' dtype as `dtype`. transformers 4.x and vLLM builds that bundle it read the
+The config.json is one that every reader understands, not only the transformers that wrote it: transformers 5
+writes RoPE settings as `rope_parameters` ({"rope_theta", "rope_type", ...}, or one such dict per attention layer
+type) and the weights' dtype as `dtype`. transformers 4.x and vLLM builds that bundle it read the
 older top-level `rope_theta`, `rope_scaling` and `torch_dtype`; missing, they silently fall back to a RoPE base of
 10,000 (Qwen2.5 needs 1,000,000) and the model loads but is quietly wrong. `make_portable` adds those keys, derived
 from what the new format holds, next to it; readers of either generation find what they expect.

@@ -20,6 +20,7 @@ from torch import nn
 from .. import atomic
 from ..errors import GpartError
 from ..partition import ALGORITHMS, FEISTEL
+from ..partition.spec import PartitionSpec
 from .config import ADDED_LATER, STORED, GPartConfig, default
 from .model import apply, fingerprint, state_of
 
@@ -51,6 +52,11 @@ class Artifact:
         return GPartConfig(**{k: self.meta[k] for k in STORED}, target_modules=tuple(t["name"] for t in targets),
                            bias=any(t["bias"] for t in targets),
                            head_modules=tuple((self.meta.get("task") or {}).get("head_modules") or ()))
+
+    @property
+    def spec(self) -> PartitionSpec:
+        """The partition identity this adapter's θ lives in."""
+        return PartitionSpec.from_record(self.meta)
 
     @property
     def size_bytes(self) -> int:
@@ -215,17 +221,6 @@ def read_artifact(path: str | os.PathLike) -> Artifact:
     return Artifact(path=path, theta=tensors["theta"], meta=meta, head=head)
 
 
-def spec_diff(expected: list[dict], found: list[dict]) -> str:
-    exp, got = {t["name"]: t for t in expected}, {t["name"]: t for t in found}
-    lines = [f"missing in model: {n}" for n in exp if n not in got][:5]
-    lines += [f"not in adapter: {n}" for n in got if n not in exp][:5]
-    lines += [f"{n}: adapter {exp[n]['shape']} bias={exp[n]['bias']}, model {got[n]['shape']} "
-              f"bias={got[n]['bias']}" for n in exp if n in got and exp[n] != got[n]][:5]
-    if not lines and [t["name"] for t in expected] != [t["name"] for t in found]:
-        lines.append("same modules in a different order")
-    return "; ".join(lines)
-
-
 def load(base_model: nn.Module, path: str | os.PathLike | Artifact) -> nn.Module:
     """Apply the adapter at `path` (or an `Artifact` already read) to `base_model` (in place) and restore theta
     and the head.
@@ -239,11 +234,12 @@ def load(base_model: nn.Module, path: str | os.PathLike | Artifact) -> nn.Module
     except GpartError as e:
         raise GpartError(f"{art.path} does not fit this model: {e}") from None
     state = state_of(model)
-    if state.targets != art.meta["targets"] or state.n_params != art.meta["n_params"]:
-        diff = spec_diff(art.meta["targets"], state.targets)
+    differences = art.spec.diff(state.spec, "adapter", "model")  # d, seed, ... are the adapter's by apply
+    if differences:
         raise GpartError(f"{art.path} was trained on a different base "
                          f"({art.meta['base_model'].get('name_or_path') or 'unknown'}, fingerprint "
-                         f"{art.meta['base_model'].get('fingerprint')}): {diff}. Load it into that base model")
+                         f"{art.meta['base_model'].get('fingerprint')}): {'; '.join(str(d) for d in differences)}. "
+                         f"Load it into that base model")
     with torch.no_grad():
         state.theta.copy_(art.theta.to(state.theta.device))
     restore_head(model, art, "load the base with num_labels={num_labels}")

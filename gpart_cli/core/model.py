@@ -21,6 +21,7 @@ from ..kernels.dispatch import ComputeLog
 from ..kernels.theta_grad import GradSink, ScaledTheta, scale_theta
 from ..partition import FEISTEL, Partition
 from ..partition.feistel import check_d
+from ..partition.spec import PartitionSpec
 from .config import GPartConfig
 from .layer import GPartLinear, check_supported
 from .quantized import is_quantized, keep_autograd_layout, weight_shape
@@ -69,6 +70,13 @@ class GPartState(nn.Module):
         self.compute = ComputeLog()
         self._shared = _StepCache()  # device -> (key, θ_s): see shared_scaled_theta
         self._graph = _StepCache()  # (device, dropout) -> (key, θ_s, sink): see layer_theta
+
+    @property
+    def spec(self) -> PartitionSpec:
+        """This adapter's partition identity (what fixes P)."""
+        c = self.config
+        return PartitionSpec.from_record({"partition": c.partition, "n_params": self.n_params, "d": c.d,
+                                          "seed": c.seed, "isometric": c.isometric, "targets": self.targets})
 
     def _apply(self, fn, recurse=True):
         # model.to(torch.bfloat16) must move theta but not round it: theta stays fp32 (docs/design.md §1).
@@ -365,20 +373,17 @@ def merged_for_decoding(model: nn.Module):
             _set_module(model, name, layer)
 
 
-def merge_record(config: GPartConfig, targets: list[dict], n_params: int, theta: torch.Tensor) -> dict:
+def merge_record(spec: PartitionSpec, theta: torch.Tensor) -> dict:
     """What a merged model remembers of the adapter folded into it: its partition and θ (fp32, on the CPU)."""
-    return {"config": config, "targets": targets, "n_params": n_params, "theta": theta.detach().float().cpu().clone()}
+    return {"spec": spec, "theta": theta.detach().float().cpu().clone()}
 
 
 def _remember_merge(model: nn.Module, state: GPartState) -> None:
     """Record the merged θ on the model for `gpart.swap`; a second merge of the same partition adds up, one of
     another partition leaves a record that swap refuses (no single θ describes the weights then)."""
-    record = merge_record(state.config, state.targets, state.n_params, state.theta)
+    record = merge_record(state.spec, state.theta)
     previous = getattr(model, MERGED, None)
     if previous is not None:
-        key = lambda r: (r.get("targets"), r.get("n_params"), getattr(r.get("config"), "d", None),  # noqa: E731
-                         getattr(r.get("config"), "seed", None), getattr(r.get("config"), "isometric", None),
-                         getattr(r.get("config"), "partition", None))
-        same = key(previous) == key(record)
+        same = previous.get("spec") == record["spec"]
         record = {**record, "theta": previous["theta"] + record["theta"]} if same else {"stacked": True}
     setattr(model, MERGED, record)

@@ -23,33 +23,24 @@ from ..errors import GpartError
 from ..kernels.delta_ops import LayerGroups
 from ..kernels.dispatch import ComputeLog
 from ..partition import Partition
-from .artifact import Artifact, read_artifact, restore_head, spec_diff
+from ..partition.spec import PartitionSpec
+from .artifact import Artifact, read_artifact, restore_head
 from .layer import check_supported
 from .model import MERGED, STATE_NAME, GPartState, find_targets, merge_record, module_spec
 from .quantized import is_quantized
-
-_PARTITION_KEYS = ("n_params", "d", "seed", "isometric", "partition")
 
 
 def _artifact(adapter) -> Artifact:
     return adapter if isinstance(adapter, Artifact) else read_artifact(adapter)
 
 
-def _check_same_partition(current: dict, art: Artifact, what: str) -> None:
-    """Refuse an adapter whose partition differs from `current` ({targets, n_params, d, seed, isometric, partition})."""
-    diffs = [f"{k} {current[k]!r} vs {art.meta[k]!r}" for k in _PARTITION_KEYS if current[k] != art.meta[k]]
-    if current["targets"] != art.meta["targets"]:
-        diffs.append(f"targets differ ({spec_diff(art.meta['targets'], current['targets'])})")
-    if diffs:
-        raise GpartError(f"cannot swap {art.path} into {what}: its partition differs ({'; '.join(diffs)}). "
-                         f"Swapping needs adapters trained with the same method.d, method.seed, target modules and "
-                         f"base; load this one into a fresh base instead")
-
-
-def _meta_of(record: dict) -> dict:
-    c = record["config"]
-    return {"targets": record["targets"], "n_params": record["n_params"], "d": c.d, "seed": c.seed,
-            "isometric": c.isometric, "partition": c.partition}
+def _check_same_partition(current: PartitionSpec, art: Artifact, what: str) -> None:
+    """Refuse an adapter whose partition differs from `current`."""
+    differences = current.diff(art.spec, "this model", "the adapter")
+    if differences:
+        raise GpartError(f"cannot swap {art.path} into {what}: its partition differs "
+                         f"({'; '.join(str(d) for d in differences)}). Swapping needs adapters trained with the same "
+                         f"method.d, method.seed, target modules and base; load this one into a fresh base instead")
 
 
 def _plain_base_record(model: nn.Module, art: Artifact) -> dict:
@@ -57,26 +48,28 @@ def _plain_base_record(model: nn.Module, art: Artifact) -> dict:
     found = find_targets(model, art.config)
     spec = module_spec(found, any(t["bias"] for t in art.meta["targets"]))
     n_params = sum(math.prod(t["shape"]) + (m.bias.numel() if t["bias"] else 0) for t, (_, m) in zip(spec, found))
-    return merge_record(art.config, spec, n_params, torch.zeros(art.meta["d"]))
+    c = art.config
+    here = PartitionSpec.from_record({"partition": c.partition, "n_params": n_params, "d": c.d, "seed": c.seed,
+                                      "isometric": c.isometric, "targets": spec})
+    return merge_record(here, torch.zeros(c.d))
 
 
 @torch.no_grad()
-def _add_delta(model: nn.Module, record: dict, delta_theta: torch.Tensor) -> None:
+def _add_delta(model: nn.Module, spec: PartitionSpec, delta_theta: torch.Tensor) -> None:
     """W ← W + P·delta_theta on every target (fp32 sum, one rounding), layer by layer."""
-    c = record["config"]
-    n, offset = record["n_params"], 0
-    modules = [model.get_submodule(t["name"]) for t in record["targets"]]
-    layer_sizes = [m.weight.numel() + (m.bias.numel() if t["bias"] else 0) for t, m in zip(record["targets"], modules)]
-    partition = Partition(c.partition, n, c.d, c.seed, layer_sizes)  # any algorithm: feistel-v1 or the authors'
-    theta_s = delta_theta.float() * partition.scales(c.isometric)  # as GPartState.scaled_theta
-    for entry, module in zip(record["targets"], modules):
-        check_supported(entry["name"], module)
+    n, offset = spec.n_params, 0
+    modules = [model.get_submodule(t.name) for t in spec.targets]
+    layer_sizes = [m.weight.numel() + (m.bias.numel() if t.bias else 0) for t, m in zip(spec.targets, modules)]
+    partition = Partition(spec.algorithm, n, spec.d, spec.seed, layer_sizes)  # feistel-v1 or the authors'
+    theta_s = delta_theta.float() * partition.scales(spec.isometric)  # as GPartState.scaled_theta
+    for entry, module in zip(spec.targets, modules):
+        check_supported(entry.name, module)
         if is_quantized(module):
-            raise GpartError(f"target {entry['name']} is quantized: swapping into a 4/8-bit base would re-quantize the "
+            raise GpartError(f"target {entry.name} is quantized: swapping into a 4/8-bit base would re-quantize the "
                              f"weights; swap into an unquantized copy")
         n_weight = module.weight.numel()
-        n_bias = module.bias.numel() if entry["bias"] else 0
-        groups = LayerGroups(offset, n_weight, n_bias, n, c.d, c.seed, ComputeLog(), partition)
+        n_bias = module.bias.numel() if entry.bias else 0
+        groups = LayerGroups(offset, n_weight, n_bias, n, spec.d, spec.seed, ComputeLog(), partition)
         local = theta_s.to(module.weight.device)
         module.weight.data.copy_(groups.build(module.weight.detach(), local))
         if n_bias:
@@ -100,10 +93,7 @@ def swap(model: nn.Module, adapter: str | os.PathLike | Artifact) -> nn.Module:
     art = _artifact(adapter)
     state = getattr(model, STATE_NAME, None)
     if isinstance(state, GPartState):
-        current = {"targets": state.targets, "n_params": state.n_params, "d": state.config.d,
-                   "seed": state.config.seed, "isometric": state.config.isometric,
-                   "partition": state.config.partition}
-        _check_same_partition(current, art, "this model's adapter")
+        _check_same_partition(state.spec, art, "this model's adapter")
         with torch.no_grad():
             state.theta.copy_(art.theta.to(state.theta.device))
         restore_head(model, art, "adapters swapped into one base need heads of the same shape")
@@ -112,9 +102,9 @@ def swap(model: nn.Module, adapter: str | os.PathLike | Artifact) -> nn.Module:
     if record.get("stacked"):
         raise GpartError("this model has adapters of different partitions merged into it, so no single θ describes "
                          "what to take out; swap into the base model instead")
-    _check_same_partition(_meta_of(record), art, "this merged model")
-    _add_delta(model, record, art.theta.float() - record["theta"])
+    _check_same_partition(record["spec"], art, "this merged model")
+    _add_delta(model, record["spec"], art.theta.float() - record["theta"])
     restore_head(model, art, "adapters swapped into one base need heads of the same shape")
-    setattr(model, MERGED, merge_record(record["config"], record["targets"], record["n_params"], art.theta))
+    setattr(model, MERGED, merge_record(record["spec"], art.theta))
     return model
 

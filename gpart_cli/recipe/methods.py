@@ -180,36 +180,32 @@ def _start_adapter(model: nn.Module, path: str):
     return read_artifact(path)
 
 
-# (artifact metadata key, recipe field): what must agree for theta to mean the same thing in the new run.
-_SAME = (("partition", "method.partition"), ("d", "method.d"), ("seed", "method.seed"),
-         ("isometric", "method.isometric"))
+# PartitionSpec field -> the recipe field that sets it: what must agree for θ to mean the same thing in the new run.
+_RECIPE_FIELD = {"algorithm": "method.partition", "d": "method.d", "seed": "method.seed",
+                 "isometric": "method.isometric"}
 
 
 def _start_from(model: nn.Module, art) -> None:
     """Copy theta and the head of `art` into a freshly applied model whose partition must be the same."""
     import torch
 
-    from ..core.artifact import spec_diff
+    from ..core.artifact import restore_head
     from ..core.model import state_of
 
     state = state_of(model)
-    ours = {"partition": state.config.partition, "d": state.config.d, "seed": state.config.seed,
-            "isometric": state.config.isometric}
-    for key, field in _SAME:
-        if art.meta[key] != ours[key]:
-            raise GpartError(f"method.init_from {art.path}: the adapter has {key} = {art.meta[key]!r} but the recipe "
-                             f"has {field} = {ours[key]!r}; set --set {field}={art.meta[key]}")
-    if art.meta["targets"] != state.targets:
+    differences = art.spec.diff(state.spec, "the adapter", "the recipe's model")
+    for diff in differences:
+        if diff.field in _RECIPE_FIELD:
+            field = _RECIPE_FIELD[diff.field]
+            raise GpartError(f"method.init_from {art.path}: the adapter was trained with {field} = {diff.ours!r} but "
+                             f"the recipe has {field} = {diff.theirs!r}; set --set {field}={diff.ours}")
+    if differences:  # the targets (and so N): another base, or other target_modules / bias
         raise GpartError(f"method.init_from {art.path}: the adapter adapts other modules than method.target_modules / "
-                         f"method.bias select ({spec_diff(art.meta['targets'], state.targets)}); make them agree")
-    params = dict(model.named_parameters())
+                         f"method.bias select ({differences[-1].detail or differences[-1]}); make them agree")
     with torch.no_grad():
         state.theta.copy_(art.theta.to(state.theta.device))
-        for name, value in art.head.items():
-            if name not in params or params[name].shape != value.shape:
-                raise GpartError(f"method.init_from {art.path}: head tensor {name!r} {tuple(value.shape)} does not fit "
-                                 f"the model; check method.head_modules and the task's label count")
-            params[name].copy_(value.to(params[name].device, params[name].dtype))
+    restore_head(model, art, "check method.init_from's task: its head has {num_labels} labels, and "
+                             "method.head_modules")
 
 
 def trainable_count(model: nn.Module) -> int:
