@@ -21,19 +21,14 @@ from .. import atomic
 from ..errors import GpartError
 from ..partition import ALGORITHMS, FEISTEL
 from ..partition.spec import PartitionSpec
-from .config import ADDED_LATER, STORED, GPartConfig, default
+from .config import STORED, GPartConfig
 from .model import apply, fingerprint, state_of
 
 FORMAT = "gpart/1"
 HEAD_PREFIX = "head."
 # A .gpart header is a few KB; refuse absurd ones before parsing (a corrupted length field).
 _MAX_HEADER = 64 << 20
-_META_KEYS = ("format", *(k for k in STORED if k not in ADDED_LATER), "targets", "n_params", "base_model", "task",
-              "recipe", "versions")
-# Written since gpart 0.1 too, but optional on read (adapters from before they existed): the training-time knobs
-# (their defaults are what those older adapters were trained with), the compute path record, and the tensors'
-# checksums (files without them are read unchecked).
-_OPTIONAL = {**{k: default(k) for k in ADDED_LATER}, "compute": None, "sha256": None}
+_META_KEYS = ("format", *STORED, "targets", "n_params", "base_model", "task", "recipe", "versions", "compute", "sha256")
 
 
 @dataclass
@@ -183,8 +178,6 @@ def _check_meta(path: Path, meta: dict, tensors: dict[str, torch.Tensor]) -> Non
         raise _corrupt(path, f"unexpected tensors {stray}")
     if not isinstance(meta["task"], dict) or not isinstance(meta["base_model"], dict):
         raise _corrupt(path, "metadata fields 'task' and 'base_model' must be objects")
-    for key, value in _OPTIONAL.items():
-        meta.setdefault(key, value)
     for key, upper in (("dropout", 1.0), ("init_bound", float("inf"))):
         if isinstance(meta[key], bool) or not isinstance(meta[key], (int, float)) or not 0 <= meta[key] < upper:
             raise _corrupt(path, f"metadata field {key!r} = {meta[key]!r} is not a number in [0, {upper})")
@@ -197,9 +190,7 @@ def _check_meta(path: Path, meta: dict, tensors: dict[str, torch.Tensor]) -> Non
 
 
 def _check_digests(path: Path, digests, tensors: dict[str, torch.Tensor]) -> None:
-    """Every tensor matches the checksum recorded when it was saved (files from before checksums: unchecked)."""
-    if digests is None:
-        return
+    """Every tensor matches the checksum recorded when it was saved."""
     if not isinstance(digests, dict) or set(digests) != set(tensors) or not all(
             isinstance(v, str) for v in digests.values()):
         raise _corrupt(path, "metadata field 'sha256' does not list one checksum per tensor")

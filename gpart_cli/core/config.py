@@ -76,10 +76,8 @@ class GPartConfig:
 # FROM_RECIPE: set by a recipe's `method` section under the same names, with the same defaults.
 FROM_RECIPE = ("d", "seed", "partition", "bias", "isometric", "dropout", "init_bound")
 # STORED: written into a .gpart file's metadata under the same names, read back by `Artifact.config`, shown by
-# `gpart inspect`. ADDED_LATER: stored since after the format first shipped, so optional on read: older files
-# were trained with the defaults.
+# `gpart inspect`.
 STORED = ("d", "seed", "partition", "isometric", "dropout", "init_bound", "init_seed")
-ADDED_LATER = ("dropout", "init_bound", "init_seed")
 
 
 def default(name: str):

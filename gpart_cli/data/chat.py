@@ -6,9 +6,10 @@ Row formats (`data.format`):
 - alpaca: Stanford Alpaca's instruction / input / output columns (input may be empty or absent).
 - messages: one column of chat turns, [{role, content}, ...] (ShareGPT's {from, value} also reads).
 
-Rendering (`data.chat_template`):
-- auto: `tokenizer.apply_chat_template` for alpaca and messages rows when the tokenizer has a chat template;
-  otherwise `data.prompt_template` (MetaMath's), so every pairs recipe keeps the prompts it always had.
+Rendering (`data.chat_template`, the one field that says how rows become text):
+- auto: `chat` for alpaca and messages rows when the tokenizer has a chat template, otherwise `metamath`, so
+  every pairs recipe keeps MetaMath's prompt.
+- chat: `tokenizer.apply_chat_template` (an error when the tokenizer has none).
 - none: the user's text as it is, then " " + the response + eos.
 - metamath: MetaMath's Alpaca-style prompt (`sft.METAMATH_TEMPLATE`).
 - question_answer: the authors' math prompt, "Question: {q}\\nAnswer:" (SamsungLabs/GPart,
@@ -25,7 +26,7 @@ import hashlib
 from dataclasses import dataclass
 
 from ..errors import GpartError
-from .sft import EVAL_SUFFIX, IGNORE_INDEX, METAMATH_TEMPLATE, check_template, to_pairs, tokenize_pairs
+from .sft import EVAL_SUFFIX, IGNORE_INDEX, METAMATH_TEMPLATE, to_pairs, tokenize_pairs
 
 ROLES = ("system", "user", "assistant")
 _SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "user": "user", "assistant": "assistant"}
@@ -176,14 +177,18 @@ class Rendering:
 
 def resolve_rendering(data, tokenizer) -> Rendering:
     """The rendering a data section asks for with this tokenizer (see the module docstring for `auto`)."""
+    has_chat = bool(getattr(tokenizer, "chat_template", None))
     choice = data.chat_template
     if choice == "auto":
-        if data.format != "pairs" and getattr(tokenizer, "chat_template", None):
-            return Rendering("chat", None)
-        check_template(data.prompt_template)
-        choice = data.prompt_template
+        choice = "chat" if data.format != "pairs" and has_chat else "metamath"
+    if choice == "chat":
+        if not has_chat:
+            raise GpartError("data.chat_template: chat needs a tokenizer with a chat template, and this model's has "
+                             "none; use auto, metamath, question_answer or none")
+        return Rendering("chat", None)
     if choice not in TEMPLATES:
-        raise GpartError(f"recipe field data.chat_template = {choice!r} is not one of auto, {', '.join(TEMPLATES)}")
+        raise GpartError(f"recipe field data.chat_template = {choice!r} is not one of auto, chat, "
+                         f"{', '.join(TEMPLATES)}")
     return Rendering(choice, TEMPLATES[choice])
 
 

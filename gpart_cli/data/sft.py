@@ -19,7 +19,6 @@ from .sources import require_columns
 METAMATH_TEMPLATE = ("Below is an instruction that describes a task. Write a response that appropriately "
                      "completes the request.\n\n### Instruction:\n{query}\n\n### Response:")
 EVAL_SUFFIX = " Let's think step by step."
-TEMPLATES = {"metamath": METAMATH_TEMPLATE}
 IGNORE_INDEX = -100  # torch cross-entropy's default ignore_index
 
 _CALCULATOR = re.compile(r"<<[^>]*>>")          # GSM8K's "<<48/2=24>>" calculator annotations
@@ -28,13 +27,6 @@ _EQUATION_LHS = re.compile(r"^\s*[xX]\s*=\s*")
 
 
 # ---------------------------------------------------------------- prompts
-
-
-def check_template(name: str) -> str:
-    """The template text for `data.prompt_template`, or GpartError naming the field."""
-    if name not in TEMPLATES:
-        raise GpartError(f"recipe field data.prompt_template = {name!r} is not one of {', '.join(TEMPLATES)}")
-    return TEMPLATES[name]
 
 
 def format_prompt(query: str, for_eval: bool = False) -> str:

@@ -64,8 +64,6 @@ def _data_section(req: EvalRequest, family: str, name: str, recipe: dict | None)
     recorded = dict((recipe or {}).get("data") or {})
     fields = {f.name for f in dataclasses.fields(DataSection)}
     if recorded.get("family") == family and recorded.get("task") == name:
-        if "train_transform" not in recorded:  # recorded before augmentation existed: it trained on plain resizes
-            recorded["eval_transform"] = "resize"
         data = DataSection(**{k: v for k, v in recorded.items() if k in fields})
     else:
         data = DataSection(family=family, task=name, path=None if req.data or family == "glue" else name,

@@ -29,7 +29,7 @@ EVAL_TRANSFORMS = ("center_crop", "resize")            # vision: resize the shor
 DISTRIBUTED = ("ddp", "fsdp")
 REPORT_TO = ("tensorboard", "wandb", "mlflow", "none")  # experiment trackers (train/tracking.py)
 SFT_FORMATS = ("pairs", "alpaca", "messages")                   # sft rows: (query, response), Alpaca, chat turns
-CHAT_TEMPLATES = ("auto", "none", "metamath", "question_answer")  # sft prompt rendering (see data/chat.py)
+CHAT_TEMPLATES = ("auto", "chat", "none", "metamath", "question_answer")  # sft prompt rendering (see data/chat.py)
 
 
 @dataclass(frozen=True)
@@ -87,9 +87,8 @@ class DataSection:
     classes: Optional[list] = None           # vision: keep only these class ids, renumbered 0..k-1 in this order
     query_column: str = "query"              # SFT
     response_column: str = "response"
-    prompt_template: str = "metamath"
     format: str = "pairs"                    # SFT rows: pairs (data.task's converter) | alpaca | messages
-    chat_template: str = "auto"              # SFT: auto | none | metamath | question_answer (data/chat.py)
+    chat_template: str = "auto"              # SFT rendering: auto | chat | none | metamath | question_answer
     messages_column: str = "messages"        # SFT format messages: the column holding the chat turns
     packing: bool = False                    # SFT: train on packed rows (DataCollatorWithFlattening), no padding
     dev_samples: Optional[int] = None        # SFT: held-out examples for the dev loss

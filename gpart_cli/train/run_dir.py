@@ -31,11 +31,7 @@ START_FILES = ("recipe.yaml",)
 # Recipe fields that may change between a run and its --resume without changing the result.
 _RESUME_SAFE = {"source", "name", "train.log_every", "train.on_nan", "eval.batch_size", "eval.limit",
                 "eval.max_new_tokens", "eval.dev_batch_size", "train.distributed", "train.report_to"}
-# Fields newer than some recorded runs, and what a recipe without them meant: vision images were resized plainly
-# before augmentation existed. The transforms only matter for vision runs.
-_ADDED_FIELDS = {"data.train_transform": "resize", "data.eval_transform": "resize", "data.format": "pairs",
-                 "data.chat_template": "auto", "data.messages_column": "messages", "data.packing": False,
-                 "data.labels": None, "method.partition": "feistel-v1"}
+# The transforms only matter for vision runs.
 _VISION_ONLY = {"data.train_transform", "data.eval_transform"}
 
 
@@ -134,7 +130,6 @@ def _check_same_recipe(out: Path, recipe: Recipe) -> None:
         raise GpartError(f"--resume: {out} has a checkpoint but no recipe.yaml to check it against; restore "
                          f"{saved}, or start over with --overwrite or --output DIR")
     old, new = _flatten(yaml.safe_load(saved.read_text()) or {}), _flatten(recipe.to_dict())
-    old = {**{k: v for k, v in _ADDED_FIELDS.items() if k not in old}, **old}
     ignored = _RESUME_SAFE | (_VISION_ONLY if recipe.data.family != "vision" else set())
     changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in ignored)
     if changed:

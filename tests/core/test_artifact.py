@@ -187,16 +187,17 @@ def test_corrupted_theta_is_caught_by_its_checksum(tmp_path):
         gpart.load(copy.deepcopy(base), tmp_path / "c.gpart")
 
 
-def test_files_from_before_checksums_still_load(tmp_path):
-    """Adapters written before the sha256 field existed carry none: they load unchecked, as before."""
+def test_every_metadata_field_is_required(tmp_path):
+    """Every key gpart writes must be there on read (no field is optional): a file lacking the checksums or a
+    training-time knob is refused as corrupted, naming the field; a checksum list that misses a tensor too."""
     _, model = _trained_llama()
     path = gpart.save(model, tmp_path / "a.gpart")
     with safe_open(str(path), framework="pt") as f:
-        meta = {k: v for k, v in f.metadata().items() if k != "sha256"}
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    save_file(tensors, str(tmp_path / "old.gpart"), metadata=meta)
-    art = gpart.read_artifact(tmp_path / "old.gpart")
-    assert art.meta["sha256"] is None and torch.equal(art.theta, gpart.theta(model).detach())
+        meta, tensors = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}
+    for key in ("sha256", "dropout", "init_seed", "compute"):
+        save_file(tensors, str(tmp_path / "old.gpart"), metadata={k: v for k, v in meta.items() if k != key})
+        with pytest.raises(GpartError, match=f"not a valid .gpart adapter \\(metadata lacks {key}\\)"):
+            gpart.read_artifact(tmp_path / "old.gpart")
     save_file(tensors, str(tmp_path / "bad.gpart"), metadata={**meta, "sha256": json.dumps({"head.x": "00"})})
     with pytest.raises(GpartError, match="'sha256' does not list one checksum per tensor"):
         gpart.read_artifact(tmp_path / "bad.gpart")

@@ -136,6 +136,7 @@ def test_auto_uses_the_chat_template_for_chat_rows_only():
     assert resolve_rendering(data(format="pairs", task="gsm8k"), chat).name == "metamath"  # recipes keep their prompt
     assert resolve_rendering(data(format="messages"), plain).name == "metamath"
     assert resolve_rendering(data(format="messages", chat_template="none"), chat).template.prompt("Hi") == "Hi"
+    assert resolve_rendering(data(format="pairs", task="gsm8k", chat_template="chat"), chat).name == "chat"
 
 
 def test_eval_prompt_and_fingerprint():

@@ -13,7 +13,6 @@ from gpart_cli.data.sft import (
     EVAL_SUFFIX,
     METAMATH_TEMPLATE,
     SFTCollator,
-    check_template,
     format_prompt,
     gsm8k_response,
     mawps_response,
@@ -67,12 +66,6 @@ def test_format_prompt_exact():
         "Below is an instruction that describes a task. Write a response that appropriately completes the "
         "request.\n\n### Instruction:\nWhat is 1+1?\n\n### Response:")
     assert format_prompt("Q", for_eval=True) == format_prompt("Q") + " Let's think step by step."
-
-
-def test_unknown_template_names_field():
-    assert check_template("metamath") == METAMATH_TEMPLATE
-    with pytest.raises(GpartError, match=r"data\.prompt_template = 'alpaca'"):
-        check_template("alpaca")
 
 
 # ---------------------------------------------------------------- converters
@@ -237,5 +230,8 @@ def test_build_sft_splits_missing_columns(tmp_path, tok):
 
 
 def test_build_sft_splits_bad_template(ten_rows, tok):
-    with pytest.raises(GpartError, match=r"data\.prompt_template"):
-        build_sft_splits(sft_data([ten_rows], prompt_template="chatml"), tok, seed=0)
+    with pytest.raises(GpartError, match=r"data\.chat_template = 'chatml' is not one of auto, chat, none, metamath, "
+                                         r"question_answer"):
+        build_sft_splits(sft_data([ten_rows], chat_template="chatml"), tok, seed=0)
+    with pytest.raises(GpartError, match=r"data\.chat_template: chat needs a tokenizer with a chat template"):
+        build_sft_splits(sft_data([ten_rows], chat_template="chat"), tok, seed=0)
