@@ -141,10 +141,11 @@ def _finite(x) -> bool:
 
 
 def check_eval(ctx: dict) -> dict:
+    from gpart_cli.adapters.reference import open_adapter
     from gpart_cli.evaluation.runner import EvalRequest, evaluate
 
-    req = EvalRequest(task="gsm8k", adapter=ctx["run_dir"], model=str(ctx["model_dir"]), data=[str(ctx["test_file"])],
-                      limit=8, batch_size=4, max_new_tokens=16, output=ctx["work"] / "eval-gsm8k.json",
+    req = EvalRequest(task="gsm8k", adapter=open_adapter(ctx["run_dir"]), model=str(ctx["model_dir"]),
+                      data=[str(ctx["test_file"])], limit=8, batch_size=4, max_new_tokens=16, output=ctx["work"] / "eval-gsm8k.json",
                       device=str(ctx["device"]))
     doc, seconds, peak = _timed(ctx["device"], lambda: evaluate(req))
     expected = "bfloat16" if ctx["cuda"] else "float32"
@@ -157,7 +158,8 @@ def check_eval(ctx: dict) -> dict:
 def check_merge(ctx: dict) -> dict:
     from transformers import AutoModelForCausalLM
 
-    from gpart_cli.adapters.merged_dir import load_adapted, merge_to_dir
+    from gpart_cli.adapters.merged_dir import merge_to_dir
+    from gpart_cli.adapters.reference import load_adapted
 
     adapter = ctx["run_dir"] / "adapter.gpart"
     _, seconds, peak = _timed(ctx["device"], lambda: merge_to_dir(str(ctx["model_dir"]), adapter, ctx["merged_dir"],
@@ -194,7 +196,7 @@ def check_dropout_masks(ctx: dict) -> dict:
 @register_check("merged_decoding")
 def check_merged_decoding(ctx: dict) -> dict:
     """Decoding merged (W_eff built once) gives the unmerged logits bit for bit in the run's precision (cuBLAS)."""
-    from gpart_cli.adapters.merged_dir import load_adapted
+    from gpart_cli.adapters.reference import load_adapted
     from gpart_cli.core.model import GPartLinear, merged_for_decoding
 
     dtype = "bfloat16" if ctx["cuda"] else "float32"
@@ -248,19 +250,19 @@ def check_vllm_merge(ctx: dict) -> dict:
     import shutil
 
     from gpart_cli.adapters.devices import eval_precision
-    from gpart_cli.adapters.reference import scored
+    from gpart_cli.adapters.reference import open_adapter
     from gpart_cli.evaluation import vllm_backend
     from gpart_cli.evaluation.runner import EvalRequest
 
     out = ctx["work"] / "vllm-merged"
     shutil.rmtree(out, ignore_errors=True)  # --merged-dir refuses a dir that holds files
-    req = EvalRequest(task="gsm8k", adapter=ctx["run_dir"], model=str(ctx["model_dir"]), backend="vllm",
-                      merged_dir=out, device=str(ctx["device"]))
-    what = scored(ctx["run_dir"])
-    precision = eval_precision(ctx["device"], what.recipe)
+    ref = open_adapter(ctx["run_dir"])
+    req = EvalRequest(task="gsm8k", adapter=ref, model=str(ctx["model_dir"]), backend="vllm", merged_dir=out,
+                      device=str(ctx["device"]))
+    precision = eval_precision(ctx["device"], ref.recipe)
 
     def merge():
-        with vllm_backend.model_dir(req, what, precision, ctx["device"]) as path:
+        with vllm_backend.model_dir(req, ref, precision, ctx["device"]) as path:
             return json.loads((path / "config.json").read_text())
 
     config, seconds, peak = _timed(ctx["device"], merge)

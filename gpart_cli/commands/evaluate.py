@@ -53,17 +53,20 @@ def evaluate(task: Annotated[Optional[str], typer.Option(help="glue/<task>, visi
                                                                 "prompt (default: each task's own).")] = None,
              lm_eval_include: Annotated[Optional[list[Path]], typer.Option(help="--lm-eval: a dir of task YAML "
                                                                            "files of your own (repeatable).")] = None):
-    """Score a model, an adapter, or given predictions on a task."""
-    from ..adapters.hub import adapter_path
+    """Score a model, an adapter, or given predictions on a task (an adapter's run dir: the task it recorded)."""
+    from ..adapters.reference import open_adapter
     from ..evaluation.multi import evaluate_many, split_adapters, summary_table
-    from ..evaluation.runner import EvalRequest
+    from ..evaluation.runner import EvalRequest, check_gguf_file, recorded_task
     from ..evaluation.runner import evaluate as run_eval
 
-    if (task is None) == (lm_eval is None):
-        raise GpartError("give either --task or --lm-eval TASKS" if task is None else
-                         "--lm-eval runs harness tasks in place of --task; run them as two commands")
+    if task is not None and lm_eval is not None:
+        raise GpartError("--lm-eval runs harness tasks in place of --task; run them as two commands")
+    check_gguf_file(gguf_file, model)
     many = split_adapters(adapter)
-    req = EvalRequest(task=task or "lm-eval", adapter=None if many else adapter_path(adapter), model=model, data=data,
+    refs = [open_adapter(a) for a in (many or ([adapter] if adapter else []))]  # each read once, before any load
+    if task is None and lm_eval is None:
+        task = recorded_task(refs)
+    req = EvalRequest(task=task or "lm-eval", adapter=None if many or not refs else refs[0], model=model, data=data,
                       split=split, limit=limit, batch_size=batch_size, max_new_tokens=max_new_tokens,
                       predictions=predictions, output=output, trust_remote_code=trust_remote_code, gguf_file=gguf_file,
                       device=device, dtype=dtype, backend=backend, tensor_parallel_size=tensor_parallel_size,
@@ -72,7 +75,7 @@ def evaluate(task: Annotated[Optional[str], typer.Option(help="glue/<task>, visi
     if many:
         if lm_eval is not None:
             raise GpartError("--lm-eval scores one adapter at a time; run one command per adapter")
-        summary = evaluate_many(req, [adapter_path(str(p)) for p in many])
+        summary = evaluate_many(req, refs)
         console.print(summary_table(summary))
         console.print(f"scores: {req.output or 'eval-' + task.replace('/', '-') + '.json'} (one JSON per adapter "
                       f"beside it)")

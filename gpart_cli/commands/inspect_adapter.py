@@ -11,18 +11,17 @@ from .common import TrustRemoteCode, console, user_errors
 
 
 @user_errors
-def inspect(adapter: Annotated[str, typer.Argument(help="A .gpart adapter file, an authors' GPart adapter dir, or "
-                                                      "hf://user/name on the Hub.")],
+def inspect(adapter: Annotated[str, typer.Argument(help="A .gpart adapter file, a gpart run dir, an authors' GPart "
+                                                      "adapter dir, or hf://user/name on the Hub.")],
             as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a table.")] = False,
             model: Annotated[Optional[str], typer.Option(help="Authors' adapters: the base model whose config resolves "
                                                               "the targets (default: the one the adapter records).")]
             = None, trust_remote_code: TrustRemoteCode = False):
     """Show an adapter: d, seed, partition, targets, N, base fingerprint, head, theta stats, recipe."""
-    from ..adapters.authors_convert import open_adapter
-    from ..adapters.hub import adapter_path
     from ..adapters.inspection import render, summarize
+    from ..adapters.reference import open_adapter, resolved_artifact
 
-    summary = summarize(open_adapter(adapter_path(adapter), model, trust_remote_code))
+    summary = summarize(resolved_artifact(open_adapter(adapter, "ADAPTER"), model, trust_remote_code))
     if as_json:
         print(json.dumps(summary, indent=2))
     else:

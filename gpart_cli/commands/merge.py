@@ -13,8 +13,9 @@ from .common import Device, TrustRemoteCode, console, err_console, user_errors
 
 @user_errors
 def merge(base: Annotated[str, typer.Argument(help="Base model: a transformers dir, hub id or pkg:PACKAGE/dir.")],
-          adapter: Annotated[str, typer.Argument(help="The .gpart adapter to fold in (a file or hf://user/name), or "
-                                                      "an authors' GPart adapter (dir or either of its files).")],
+          adapter: Annotated[str, typer.Argument(help="The GPart adapter to fold in: a .gpart file, a gpart run dir, "
+                                                      "hf://user/name, or an authors' GPart adapter (dir or either "
+                                                      "of its files).")],
           output: Annotated[Path, typer.Option("-o", "--output", help="Directory to write the merged model to.")],
           dtype: Annotated[Optional[str], typer.Option(help="float32 | bfloat16 | float16 (default: the "
                                                              "dtype the adapter was trained on).")] = None,
@@ -23,13 +24,13 @@ def merge(base: Annotated[str, typer.Argument(help="Base model: a transformers d
                                                               "unmerged logits on a few fixed inputs.")] = False):
     """Write a standard transformers model dir with the target weights = W0 + Pθ and the head restored."""
     from ..adapters.devices import resolve_device
-    from ..adapters.hub import adapter_path
     from ..adapters.merged_dir import merge_to_dir
+    from ..adapters.reference import open_adapter
 
     where = resolve_device(device)
-    adapter_file = adapter_path(adapter)
+    ref = open_adapter(adapter, "ADAPTER")
     with console.status(f"merging on {where}"):
-        out = merge_to_dir(base, adapter_file, output, dtype, trust_remote_code, where, check=check)
+        out = merge_to_dir(base, ref, output, dtype, trust_remote_code, where, check=check)
     if check:
         out, result = out
         console.print(result.describe())

@@ -18,7 +18,7 @@ from pathlib import Path
 from .. import atomic
 from ..adapters.devices import eval_precision, resolve_device
 from ..adapters.loading import load_tokenizer
-from ..adapters.reference import load_scored, scored
+from ..adapters.reference import load_scored
 from ..errors import GpartError
 
 INSTALL = "pip install 'gpart[lm-eval]'"
@@ -100,9 +100,8 @@ def task_manager(tasks: list[str], include: list[Path] | None):
 
 def _model(req, device, precision):
     """The scored model and its tokenizer; a PEFT adapter is folded in (the harness wants a plain model)."""
-    what = scored(req.adapter)
-    model, source = load_scored(req, what, "causal_lm", device, precision)
-    if what.kind == "peft":
+    model, source = load_scored(req, req.adapter, "causal_lm", device, precision)
+    if req.adapter is not None and req.adapter.kind == "peft":
         model = model.merge_and_unload()
     return model.eval(), load_tokenizer(source)
 
@@ -115,7 +114,7 @@ def evaluate(req, tasks: list[str], num_fewshot: int | None = None, include: lis
 
     manager = task_manager(tasks, include)
     device = resolve_device(req.device)
-    precision = eval_precision(device, scored(req.adapter).recipe, req.dtype)
+    precision = eval_precision(device, req.adapter.recipe if req.adapter else None, req.dtype)
     model, tokenizer = _model(req, device, precision)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=req.batch_size, device=str(device))
     with precision.context(device):

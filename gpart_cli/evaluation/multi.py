@@ -16,15 +16,15 @@ from rich.table import Table
 
 from .. import atomic
 from ..adapters.loading import recorded_source
-from ..adapters.reference import Scored, load_scored, recorded_base, scored
+from ..adapters.reference import AdapterRef, load_scored
 from ..errors import GpartError
 
 
-def split_adapters(adapter: Path | str | None) -> list[Path] | None:
+def split_adapters(adapter: str | None) -> list[str] | None:
     """The adapters of a comma-separated --adapter value; None for a single one."""
-    if adapter is None or "," not in str(adapter):
+    if adapter is None or "," not in adapter:
         return None
-    parts = [Path(p.strip()) for p in str(adapter).split(",") if p.strip()]
+    parts = [p.strip() for p in adapter.split(",") if p.strip()]
     if len(parts) < 2:
         raise GpartError(f"--adapter {adapter}: list two or more adapters separated by commas, or one without")
     return parts
@@ -37,36 +37,25 @@ class SharedBase:
         self.model = self.source = self.weights = None
         self.loads = 0  # base models loaded (1 when every adapter shared the base)
 
-    def __call__(self, req, what: Scored, task_type: str, device, precision):
+    def __call__(self, req, ref: AdapterRef, task_type: str, device, precision):
         from ..core.swap import swap
 
-        if what.kind != "gpart":
-            raise GpartError(f"--adapter {what.path}: several adapters are scored on one base by swapping θ, which "
-                             f"takes .gpart adapters (or gpart run dirs holding one); score it on its own")
         if self.model is None:
-            self.model, self.source = load_scored(req, what, task_type, device, precision)
+            self.model, self.source = load_scored(req, ref, task_type, device, precision)
             self.weights, self.loads = precision.weights, self.loads + 1
             return self.model, self.source
-        source = self._source(req, what, precision.weights)
+        source = recorded_source(ref.base(req.model), ref.recipe, precision.weights, req.trust_remote_code)
         if source != self.source or precision.weights != self.weights:
-            raise GpartError(f"--adapter {what.path} needs another base load ({source.name_or_path}, "
+            raise GpartError(f"--adapter {ref.given} needs another base load ({source.name_or_path}, "
                              f"{precision.weights}) than the first adapter ({self.source.name_or_path}, "
-                             f"{self.weights}); score adapters of different bases or precisions separately, or pass "
-                             f"--dtype")
-        return swap(self.model, what.path), self.source
-
-    @staticmethod
-    def _source(req, what: Scored, weights: str):
-        from ..core.artifact import read_artifact
-
-        recorded = (read_artifact(what.path).meta.get("base_model") or {}).get("name_or_path")
-        base = req.model or recorded_base(recorded, what.path)
-        return recorded_source(base, what.recipe, weights, req.trust_remote_code)
+                             f"{self.weights}); score it with its own `gpart eval --adapter {ref.given}`, or pass "
+                             f"--dtype when only the precision differs")
+        return swap(self.model, ref.artifact), self.source
 
 
 def _label(path: Path, taken: set[str]) -> str:
     """A short unique name for an adapter's output files: the file stem, or the run dir's name."""
-    name = path.name if path.is_dir() else (path.parent.name if path.name == "adapter.gpart" else path.stem)
+    name = path.parent.name if path.name == "adapter.gpart" else path.stem
     label, k = name, 2
     while label in taken:
         label, k = f"{name}-{k}", k + 1
@@ -74,20 +63,24 @@ def _label(path: Path, taken: set[str]) -> str:
     return label
 
 
-def evaluate_many(req, adapters: list[Path]) -> dict:
-    """Score every adapter on `req.task` with one base load; returns the summary (also written as JSON)."""
+def evaluate_many(req, adapters: list[AdapterRef]) -> dict:
+    """Score every adapter (each opened before the base loads) on `req.task` with one base load; returns the
+    summary (also written as JSON)."""
     from .runner import evaluate
 
     if req.backend != "hf":
         raise GpartError("--adapter with several adapters runs on --backend hf (vLLM loads each merged model itself)")
-    for path in adapters:
-        scored(path)  # every adapter readable before the base is loaded
+    for ref in adapters:
+        if ref.kind != "gpart":
+            raise GpartError(f"--adapter {ref.given} is {ref.describe()}: several adapters are scored on one base by "
+                             f"swapping θ, which takes .gpart adapters (or gpart run dirs holding one); score it with "
+                             f"its own `gpart eval --adapter {ref.given}`")
     output = req.output or Path(f"eval-{req.task.replace('/', '-')}.json")
     shared, taken, docs = SharedBase(), set(), []
-    for path in adapters:
-        label = _label(path, taken)
-        each = dataclasses.replace(req, adapter=path, output=output.with_name(f"{output.stem}.{label}.json"))
-        docs.append({"adapter": str(path), "label": label, "output": str(each.output),
+    for ref in adapters:
+        label = _label(ref.path, taken)
+        each = dataclasses.replace(req, adapter=ref, output=output.with_name(f"{output.stem}.{label}.json"))
+        docs.append({"adapter": ref.given, "label": label, "output": str(each.output),
                      **{k: v for k, v in evaluate(each, load=shared).items() if k == "scores"}})
     summary = {"task": req.task, "base_loads": shared.loads, "adapters": docs}
     atomic.write_text(output, json.dumps(summary, indent=2))

@@ -15,20 +15,17 @@ from pathlib import Path
 
 from .. import atomic
 from ..adapters.devices import eval_precision, resolve_device
-from ..adapters.loading import load_tokenizer
-from ..adapters.reference import Scored, image_processor_for, load_scored, scored
+from ..adapters.loading import FAMILY_TASK_TYPE, load_image_processor, load_tokenizer
+from ..adapters.reference import AdapterRef, load_scored
 from ..errors import GpartError
 from . import classify, vllm_backend
 from .tasks import GENERATION_TASKS, load_task_rows, max_new_tokens_for, run_generation, score_outputs
-
-FAMILY_TASK_TYPE = {"glue": "sequence_classification", "vision": "image_classification",
-                    "text_classification": "sequence_classification"}
 
 
 @dataclass(frozen=True)
 class EvalRequest:
     task: str
-    adapter: Path | None = None
+    adapter: AdapterRef | None = None  # opened once by the command (`adapters.reference.open_adapter`)
     model: str | None = None
     data: list[str] | None = None
     split: str | None = None
@@ -46,10 +43,28 @@ class EvalRequest:
     merged_dir: Path | None = None   # vllm: where an adapter is merged (kept); None: a temporary dir under $TMPDIR
 
 
+def check_gguf_file(gguf_file: str | None, model: str | None) -> None:
+    if gguf_file and (not model or Path(gguf_file).name != gguf_file):
+        raise GpartError("--gguf-file takes a file name inside the --model dir (an adapter's run records its own GGUF "
+                         "file, used when --model is the base it names)")
+
+
+def recorded_task(refs: list[AdapterRef]) -> str:
+    """The task `gpart eval` scores when --task is not given: the one every adapter's run recorded."""
+    tasks = {ref.eval_task for ref in refs}
+    if not refs or None in tasks:
+        without = next((ref.given for ref in refs if ref.eval_task is None), None)
+        raise GpartError("give --task (or --lm-eval TASKS)" + (f": {without} records no task to score on" if without
+                                                                else ""))
+    if len(tasks) > 1:
+        raise GpartError(f"the adapters were trained for different tasks ({', '.join(sorted(tasks))}); give --task")
+    return tasks.pop()
+
+
 def parse_task(task: str) -> tuple[str, str]:
     """("glue", "sst2"), ("vision", "fashion_mnist") or ("generation", "gsm8k")."""
     family, _, name = task.partition("/")
-    if family in FAMILY_TASK_TYPE and name:
+    if family in FAMILY_TASK_TYPE and family != "sft" and name:  # SFT runs are scored on a generation task
         return family, name
     if task in GENERATION_TASKS:
         return "generation", task
@@ -86,9 +101,11 @@ def _glue_dataset(data, name: str, tokenizer, limit: int | None):
         DataCollatorWithPadding(tokenizer)
 
 
-def _classification(req: EvalRequest, family: str, name: str, what: Scored, device, precision, load=load_scored):
-    model, source = load(req, what, FAMILY_TASK_TYPE[family], device, precision)
-    data = _data_section(req, family, name, what.recipe)
+def _classification(req: EvalRequest, family: str, name: str, ref: AdapterRef | None, device, precision,
+                    load=load_scored):
+    model, source = load(req, ref, FAMILY_TASK_TYPE[family], device, precision)
+    recipe = ref.recipe if ref else None
+    data = _data_section(req, family, name, recipe)
     if family == "glue":
         dataset, collate = _glue_dataset(data, name, load_tokenizer(source), req.limit)
     elif family == "text_classification":
@@ -100,8 +117,8 @@ def _classification(req: EvalRequest, family: str, name: str, what: Scored, devi
         from ..data.vision import collate_images, eval_items
 
         config = model.config
-        labels = [config.id2label[i] for i in range(config.num_labels)] if what.recipe else None
-        dataset = eval_items(data, config, labels, image_processor_for(source), limit=req.limit)
+        labels = [config.id2label[i] for i in range(config.num_labels)] if recipe else None
+        dataset = eval_items(data, config, labels, load_image_processor(source), limit=req.limit)
         collate = collate_images
     preds, refs = classify.predict(model, dataset, collate, req.batch_size, device, precision.autocast)
     records = [{"idx": i, "prediction": p, "reference": r} for i, (p, r) in enumerate(zip(preds, refs))]
@@ -124,27 +141,25 @@ def _read_predictions(path: Path, n: int) -> list[str]:
     return [outputs[i] for i in range(n)]
 
 
-def _generation(req: EvalRequest, name: str, what: Scored, device, precision, load=load_scored):
+def _generation(req: EvalRequest, name: str, ref: AdapterRef | None, device, precision, load=load_scored):
     rows = load_task_rows(name, req.data, req.split, req.limit)
     from .templates import eval_rendering
 
-    model, source = load(req, what, "causal_lm", device, precision)
-    if what.kind == "gpart":  # decode merged: an unmerged layer would rebuild its W_eff for every token
+    model, source = load(req, ref, "causal_lm", device, precision)
+    if ref is not None and ref.kind in ("gpart", "authors"):
+        # Decode merged: an unmerged layer would rebuild its W_eff for every token.
         from ..core.model import merge
 
         model = merge(model)
     tokenizer = load_tokenizer(source)
     scores, records = run_generation(name, model, tokenizer, rows, req.batch_size, req.max_new_tokens,
-                                     autocast=precision.autocast, rendering=eval_rendering(what, tokenizer))
+                                     autocast=precision.autocast, rendering=eval_rendering(ref, tokenizer))
     return scores, records, model
 
 
 def evaluate(req: EvalRequest, load=load_scored) -> dict:
     """Run the evaluation, write scores and predictions, return the scores document. `load` is how the model is
     loaded (`models.load_scored`; `multi` passes one that keeps the base and swaps adapters)."""
-    if req.gguf_file and (req.adapter is not None or Path(req.gguf_file).name != req.gguf_file):
-        raise GpartError("--gguf-file takes a file name inside the --model dir, for a base scored without --adapter "
-                         "(an adapter's run records its own GGUF file)")
     family, name = parse_task(req.task)
     vllm_backend.check(req, family)
     run: dict = {"batch_size": req.batch_size, "backend": req.backend}
@@ -157,21 +172,21 @@ def evaluate(req: EvalRequest, load=load_scored) -> dict:
     elif req.predictions is not None:
         raise GpartError("--predictions scores generated text; it applies to gsm8k, math, math500 and mawps")
     else:
-        device, what = resolve_device(req.device), scored(req.adapter)
-        precision = eval_precision(device, what.recipe, req.dtype)
+        device, ref = resolve_device(req.device), req.adapter
+        precision = eval_precision(device, ref.recipe if ref else None, req.dtype)
         if family == "generation" and req.backend == "vllm":
             rows = load_task_rows(name, req.data, req.split, req.limit)
-            scores, records = vllm_backend.run_generation(req, name, rows, what, precision, device=device)
+            scores, records = vllm_backend.run_generation(req, name, rows, ref, precision, device=device)
             run.update({"device": f"cuda (vLLM, tensor_parallel_size {req.tensor_parallel_size})",
                         "dtype": vllm_backend.vllm_dtype(precision), "autocast": None})
         else:
             if family == "generation":
-                scores, records, model = _generation(req, name, what, device, precision, load)
+                scores, records, model = _generation(req, name, ref, device, precision, load)
             else:
-                scores, records, model = _classification(req, family, name, what, device, precision, load)
+                scores, records, model = _classification(req, family, name, ref, device, precision, load)
             run.update({"device": str(device), **precision.record(model)})
     output = req.output or Path(f"eval-{req.task.replace('/', '-')}.json")
-    doc = {"task": req.task, "scores": scores, "adapter": str(req.adapter) if req.adapter else None,
+    doc = {"task": req.task, "scores": scores, "adapter": req.adapter.given if req.adapter else None,
            "model": req.model, "data": req.data, "limit": req.limit, **run,
            "predictions_file": str(output.with_suffix(".predictions.jsonl"))}
     atomic.write_text(output, json.dumps(doc, indent=2))

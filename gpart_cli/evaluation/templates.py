@@ -11,20 +11,8 @@ import dataclasses
 
 from rich.console import Console
 
-from ..adapters.reference import Scored
-from ..adapters.run_info import read_run_info
+from ..adapters.reference import AdapterRef
 from ..data.chat import Rendering, default_rendering, resolve_rendering
-
-
-def recorded_task(what: Scored) -> dict:
-    """The task metadata the adapter or run dir recorded ({} for a plain model)."""
-    if what.kind is None or what.path is None:
-        return {}
-    if what.kind == "gpart":
-        from ..core.artifact import read_artifact
-
-        return read_artifact(what.path).meta.get("task") or {}
-    return read_run_info(what.path).get("task") or {}
 
 
 def _sft_data(recipe: dict | None):
@@ -38,16 +26,16 @@ def _sft_data(recipe: dict | None):
     return DataSection(**{k: v for k, v in recorded.items() if k in fields})
 
 
-def eval_rendering(what: Scored, tokenizer, console: Console | None = None) -> Rendering:
+def eval_rendering(ref: AdapterRef | None, tokenizer, console: Console | None = None) -> Rendering:
     """The run's rendering (MetaMath's prompt without an SFT recipe); a warning when it no longer hashes the same."""
-    data = _sft_data(what.recipe)
+    data = _sft_data(ref.recipe if ref else None)
     rendering = default_rendering() if data is None else resolve_rendering(data, tokenizer)
-    recorded = recorded_task(what).get("template")
+    recorded = ref.task.get("template") if ref else None
     if recorded:
         now = rendering.fingerprint(tokenizer)
         if now != recorded:
             (console or Console(stderr=True)).print(
-                f"[yellow]warning:[/] prompt template drift: {what.path} trained with {recorded.get('name')} "
+                f"[yellow]warning:[/] prompt template drift: {ref.given} trained with {recorded.get('name')} "
                 f"(sha256 {str(recorded.get('sha256'))[:12]}), this evaluation renders {now['name']} (sha256 "
                 f"{now['sha256'][:12]}). The tokenizer or its chat template differs from training's; scores may not "
                 f"reflect the adapter. Evaluate with the base the run trained on (--model)", highlight=False)

@@ -55,32 +55,32 @@ def _vllm():
 
 
 @contextmanager
-def model_dir(req, what, precision=None, device=None) -> Iterator[Path]:
+def model_dir(req, ref, precision=None, device=None) -> Iterator[Path]:
     """A dir vLLM can load: the merged or base model as given, or the adapter merged on `device` (default cpu) in
     vLLM's dtype (`vllm_dtype(precision)`; default: the run's) into --merged-dir or a temporary dir."""
     from ..adapters.loading import resolve
 
-    if what.kind is None:
+    if ref is None:
         if not req.model:
             raise GpartError("give --model (a base or merged model) and/or --adapter")
         yield Path(resolve(req.model))
         return
-    if what.kind == "merged":
-        yield what.path
+    if ref.kind == "merged":
+        yield ref.path
         return
     dtype = vllm_dtype(precision) if precision is not None else None
-    merge = _merge_gpart if what.kind in ("gpart", "peft-gpart") else _merge_peft
+    merge = _merge_gpart if ref.kind in ("gpart", "authors") else _merge_peft
     if req.merged_dir is not None:
         out = Path(req.merged_dir)
         if out.exists() and (not out.is_dir() or any(out.iterdir())):
             raise GpartError(f"--merged-dir {out} already holds files; name a new or empty directory (the merged "
                              f"model is written there and kept)")
-        merge(req, what, out, dtype, device)
+        merge(req, ref, out, dtype, device)
         yield out
         return
     with tempfile.TemporaryDirectory(prefix="gpart-vllm-") as tmp:
         out = Path(tmp) / "merged"
-        merge(req, what, out, dtype, device)
+        merge(req, ref, out, dtype, device)
         yield out
 
 
@@ -113,29 +113,22 @@ def _release_gpu() -> None:
         torch.cuda.empty_cache()
 
 
-def _merge_gpart(req, what, out: Path, dtype: str | None, device) -> None:
+def _merge_gpart(req, ref, out: Path, dtype: str | None, device) -> None:
     """W0 + Pθ in fp32, saved in `dtype` (default: the dtype the adapter was trained on, what `gpart merge` writes)."""
-    from ..adapters import authors_convert as convert
-    from ..adapters import authors_format as peft_gpart
     from ..adapters.devices import check_dtype
     from ..adapters.loading import recorded_source
     from ..adapters.merged_dir import merge_to_dir
-    from ..adapters.reference import recorded_base
-    from ..core.artifact import read_artifact
 
-    if convert.is_authors_adapter(what.path):  # the authors' PEFT-fork format (docs/interop.md)
-        base, recorded = convert.base_for(peft_gpart.read(what.path), req.model), {}
-    else:
-        recorded = read_artifact(what.path).meta.get("base_model") or {}
-        base = req.model or recorded_base(recorded.get("name_or_path"), what.path)
+    recorded = (ref.artifact.meta.get("base_model") or {}) if ref.artifact is not None else {}  # the authors': none
+    base = ref.base(req.model)
     target = check_dtype(dtype or recorded.get("dtype") or "float32")
-    check_disk_space(recorded_source(base, what.recipe, target, req.trust_remote_code), out, target,
+    check_disk_space(recorded_source(base, ref.recipe, target, req.trust_remote_code), out, target,
                      req.merged_dir is not None)
-    merge_to_dir(base, what.path, out, target, req.trust_remote_code, device)
+    merge_to_dir(base, ref, out, target, req.trust_remote_code, device)
     _release_gpu()
 
 
-def _merge_peft(req, what, out: Path, dtype: str | None, device) -> None:
+def _merge_peft(req, ref, out: Path, dtype: str | None, device) -> None:
     """LoRA / Uni-LoRA folded into the base by PEFT on `device`, saved in `dtype` (default: the run's)."""
     import torch
 
@@ -144,11 +137,11 @@ def _merge_peft(req, what, out: Path, dtype: str | None, device) -> None:
     from ..adapters.merged_dir import merge_load_dtype
     from ..adapters.reference import load_scored, peft_base
 
-    target = dtype or (((what.recipe or {}).get("model") or {}).get("dtype")) or "float32"
-    check_disk_space(peft_base(req, what, target), out, target, req.merged_dir is not None)
+    target = dtype or (((ref.recipe or {}).get("model") or {}).get("dtype")) or "float32"
+    check_disk_space(peft_base(req, ref, target), out, target, req.merged_dir is not None)
     # Loaded in the target dtype when the checkpoint is stored in it (nothing to round), else in fp32.
-    load = merge_load_dtype(peft_base(req, what, target), target)
-    model, source = load_scored(req, what, "causal_lm", device or torch.device("cpu"), Precision(load))
+    load = merge_load_dtype(peft_base(req, ref, target), target)
+    model, source = load_scored(req, ref, "causal_lm", device or torch.device("cpu"), Precision(load))
     model.merge_and_unload().to(torch_dtype(target)).save_pretrained(out, safe_serialization=True)
     load_tokenizer(source).save_pretrained(out)
     del model
@@ -204,11 +197,11 @@ def generate(path: Path, prompts: list[str], *, max_new_tokens: int, stop: list[
     return [cut_at_stop(t, stop) for t in texts]
 
 
-def run_generation(req, name: str, rows: list[dict], what, precision, console=None, device=None
+def run_generation(req, name: str, rows: list[dict], ref, precision, console=None, device=None
                    ) -> tuple[dict, list[dict]]:
     """Decode every prompt of task `name` with vLLM and score it like `tasks.run_generation`.
 
-    `what` is the scored model or adapter (`models.scored`), `precision` the one its run trained in (or --dtype),
+    `ref` is the scored adapter (None: the plain --model), `precision` the one its run trained in (or --dtype),
     `device` where an adapter is merged.
     """
     from rich.console import Console
@@ -219,9 +212,9 @@ def run_generation(req, name: str, rows: list[dict], what, precision, console=No
     from .templates import eval_rendering
 
     console = console or Console(stderr=True)
-    with model_dir(req, what, precision, device) as path, console.status(f"{name}: {len(rows)} prompts through vLLM"):
+    with model_dir(req, ref, precision, device) as path, console.status(f"{name}: {len(rows)} prompts through vLLM"):
         tokenizer = load_tokenizer(ModelSource(str(path), trust_remote_code=req.trust_remote_code))
-        rendering = eval_rendering(what, tokenizer, console)  # the run's prompts, as the hf backend renders them
+        rendering = eval_rendering(ref, tokenizer, console)  # the run's prompts, as the hf backend renders them
         outputs = generate(path, prompts_for(name, rows, rendering, tokenizer),
                            max_new_tokens=max_new_tokens_for(name, req.max_new_tokens),
                            stop=rendering.stops(tokenizer, MATH_STOPS), tensor_parallel_size=req.tensor_parallel_size,

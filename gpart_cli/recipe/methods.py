@@ -169,15 +169,18 @@ def prepare(model: nn.Module, method_section, train, task_type: str) -> Prepared
 
 
 def _start_adapter(model: nn.Module, path: str):
-    """The adapter method.init_from names, as an `Artifact`: a .gpart file or an authors' adapter (resolved on the
-    base model about to be trained)."""
-    from ..adapters import authors_convert as convert
-    from ..adapters import authors_format as peft_gpart
-    from ..core.artifact import read_artifact
+    """The adapter method.init_from names, as an `Artifact`: a .gpart file, a gpart run dir, or an authors' adapter
+    (resolved on the base model about to be trained)."""
+    from ..adapters.authors_convert import to_artifact
+    from ..adapters.reference import open_adapter
 
-    if convert.is_authors_adapter(path):
-        return convert.to_artifact(peft_gpart.read(path), model)
-    return read_artifact(path)
+    ref = open_adapter(path, "method.init_from")
+    if ref.kind == "authors":
+        return to_artifact(ref.authors, model)
+    if ref.kind != "gpart":
+        raise GpartError(f"method.init_from {path} is {ref.describe()}; it takes a GPart adapter (.gpart, a gpart run "
+                         f"dir, or an authors' adapter)")
+    return ref.artifact
 
 
 # PartitionSpec field -> the recipe field that sets it: what must agree for θ to mean the same thing in the new run.

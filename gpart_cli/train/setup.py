@@ -7,9 +7,11 @@ from dataclasses import dataclass
 import torch
 
 from ..adapters.loading import (
+    FAMILY_TASK_TYPE,
     ModelSource,
     build_from_config,
     config_from_dict,
+    load_image_processor,
     load_model,
     load_skeleton,
     load_tokenizer,
@@ -21,9 +23,6 @@ from ..data.glue import build_glue_splits, glue_task
 from ..data.splits import Splits
 from ..errors import GpartError
 from ..recipe.schema import Recipe
-
-TASK_TYPE = {"glue": "sequence_classification", "vision": "image_classification", "sft": "causal_lm",
-             "text_classification": "sequence_classification"}
 
 
 @dataclass
@@ -64,21 +63,15 @@ def _vision_config(recipe: Recipe):
     if recipe.model.config is not None:
         return config_from_dict(recipe.model.config), None
     source = model_source(recipe)
-    path = resolve(source.name_or_path)
-    try:
-        from transformers import AutoImageProcessor
-
-        processor = AutoImageProcessor.from_pretrained(path, revision=source.revision)
-    except (OSError, ValueError):
-        processor = None
-    return AutoConfig.from_pretrained(path, revision=source.revision), processor
+    return AutoConfig.from_pretrained(resolve(source.name_or_path), revision=source.revision), \
+        load_image_processor(source)
 
 
 def build(recipe: Recipe, device: torch.device | None = None, weights: bool = True) -> Setup:
     """Model (loaded onto `device`; without `weights`, its parameters on the meta device), tokenizer and splits for
     the recipe's task family."""
     family, data, seed = recipe.data.family, recipe.data, recipe.train.seed
-    task_type = TASK_TYPE[family]
+    task_type = FAMILY_TASK_TYPE[family]
     if recipe.model.pooling != "cls" and task_type != "sequence_classification":
         raise GpartError(f"model.pooling: {recipe.model.pooling} applies to text classification (data.family glue "
                          f"or text_classification); remove it for data.family {family}")

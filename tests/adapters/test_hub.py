@@ -149,9 +149,9 @@ def test_hub_errors_say_what_to_do(fake_hub, tmp_path):
     assert res.exit_code == 2 and "no such Hub model repo, or it is private or gated" in res.output
     assert "hf auth login" in res.output
     res = runner.invoke(app, ["inspect", str(tmp_path / "typo")])  # a local-looking path: never the Hub
-    assert res.exit_code == 2 and "does not exist" in res.output
+    assert res.exit_code == 2 and "no such file or directory" in res.output
     res = runner.invoke(app, ["inspect", "runs/typo"])  # could be either: both are named
-    assert res.exit_code == 2 and "--adapter runs/typo: no such local file or dir, and as a Hub repo" in res.output
+    assert res.exit_code == 2 and "ADAPTER runs/typo: no such local file or dir, and as a Hub repo: ADAPTER hf://runs/typo" in res.output
     res = runner.invoke(app, ["push", str(tmp_path), "--repo", "me/x"])
     assert res.exit_code == 2 and "is not a finished gpart run dir" in res.output
     res = runner.invoke(app, ["push", str(tmp_path), "--repo", "noslash"])

@@ -27,7 +27,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 from typer.testing import CliRunner
 
 import gpart_cli as gpart
-from gpart_cli.adapters.merged_dir import load_adapted
+from gpart_cli.adapters.reference import load_adapted
 from gpart_cli.commands.app import app
 from gpart_cli.core.artifact import save
 from gpart_cli.partition import RANDINT, SPLITMIX

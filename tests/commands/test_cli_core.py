@@ -60,7 +60,7 @@ def test_merge_errors_are_exit_code_2_without_traceback(tmp_path):
     assert result.exit_code == 2
     assert "does not fit this model" in result.output and "Traceback" not in result.output
     result = runner.invoke(app, ["merge", str(base_dir), str(tmp_path / "missing.gpart"), "-o", str(tmp_path / "m")])
-    assert result.exit_code == 2 and "missing.gpart does not exist" in result.output
+    assert result.exit_code == 2 and "missing.gpart: no such file or directory" in result.output
     assert not (tmp_path / "m").exists()
 
 

@@ -106,6 +106,7 @@ def test_conv1d_layers_decode_merged_too(tokens):
 def test_gpart_eval_decodes_an_adapter_merged(monkeypatch, tiny_llama_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
+    from gpart_cli.adapters.reference import open_adapter
     from gpart_cli.evaluation import tasks
     from gpart_cli.evaluation.runner import EvalRequest, evaluate
     from tests.conftest import ASSETS
@@ -118,7 +119,8 @@ def test_gpart_eval_decodes_an_adapter_merged(monkeypatch, tiny_llama_dir, tmp_p
     monkeypatch.setattr("gpart_cli.evaluation.runner.run_generation",
                         lambda name, m, *a, **k: decoded.append(any(isinstance(x, GPartLinear) for x in m.modules()))
                         or real(name, m, *a, **k))
-    doc = evaluate(EvalRequest(task="gsm8k", adapter=tmp_path / "a.gpart", model=str(tiny_llama_dir), limit=2,
+    adapter = open_adapter(tmp_path / "a.gpart")
+    doc = evaluate(EvalRequest(task="gsm8k", adapter=adapter, model=str(tiny_llama_dir), limit=2,
                                data=[str(ASSETS / "gsm8k" / "test.jsonl")], max_new_tokens=3, device="cpu",
                                output=tmp_path / "eval.json"))
     assert decoded == [False] and doc["scores"]["n"] == 2

@@ -3,7 +3,6 @@
 import copy
 import json
 import re
-from pathlib import Path
 
 import pytest
 import torch
@@ -164,7 +163,7 @@ def test_merge_check_reports_the_logit_gap(bert_adapters, tiny_bert_dir, tmp_pat
 def test_adapter_lists_parse(tmp_path):
     from gpart_cli.evaluation.multi import split_adapters
 
-    assert split_adapters(None) is None and split_adapters(tmp_path / "a.gpart") is None
-    assert split_adapters("runs/a, runs/b,") == [Path("runs/a"), Path("runs/b")]
+    assert split_adapters(None) is None and split_adapters(str(tmp_path / "a.gpart")) is None
+    assert split_adapters("runs/a, runs/b,") == ["runs/a", "runs/b"]
     with pytest.raises(GpartError, match="list two or more adapters"):
         split_adapters("runs/a,")

@@ -125,7 +125,7 @@ def test_without_the_harness_the_install_command_is_named(monkeypatch, tmp_path)
 
 def test_flag_combinations_are_refused_before_loading(tmp_path, tiny_task):
     res = runner.invoke(app, ["eval", "--model", str(tmp_path)])
-    assert res.exit_code == 2 and "give either --task or --lm-eval TASKS" in res.output
+    assert res.exit_code == 2 and "give --task (or --lm-eval TASKS)" in res.output
     res = runner.invoke(app, ["eval", "--task", "gsm8k", "--lm-eval", "arc_easy", "--model", str(tmp_path)])
     assert res.exit_code == 2 and "run them as two commands" in res.output
     res = runner.invoke(app, ["eval", "--lm-eval", "tiny_math_mc", "--lm-eval-include", str(tiny_task),

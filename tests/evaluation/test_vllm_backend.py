@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 import gpart_cli as gpart
 from gpart_cli.adapters.devices import Precision
-from gpart_cli.adapters.reference import scored
+from gpart_cli.adapters.reference import open_adapter
 from gpart_cli.commands.app import app
 from gpart_cli.evaluation import vllm_backend
 from gpart_cli.evaluation.generate import MATH_STOPS
@@ -204,10 +204,10 @@ def test_the_temporary_merge_is_removed_when_decoding_fails(install, adapter, ll
         raise RuntimeError("CUDA out of memory")
 
     fake = install(broken)
-    req = EvalRequest(task="gsm8k", adapter=Path(adapter), model=str(llama_dir), data=[GSM8K], limit=1,
+    req = EvalRequest(task="gsm8k", adapter=open_adapter(adapter), model=str(llama_dir), data=[GSM8K], limit=1,
                       max_new_tokens=7, backend="vllm")
     with pytest.raises(RuntimeError, match="out of memory"):
-        vllm_backend.run_generation(req, "gsm8k", load_task_rows("gsm8k", [GSM8K], None, 1), scored(Path(adapter)),
+        vllm_backend.run_generation(req, "gsm8k", load_task_rows("gsm8k", [GSM8K], None, 1), req.adapter,
                                     Precision("float32"))
     assert not Path(fake.engines[0].kwargs["model"]).parent.exists()
 

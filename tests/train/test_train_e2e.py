@@ -317,8 +317,8 @@ def test_mean_pooled_models_load_with_their_pooling(tiny_bert_dir, sst2_files, t
     from transformers import AutoModelForSequenceClassification
 
     from gpart_cli.adapters.loading import ModelSource, load_model
-    from gpart_cli.adapters.merged_dir import load_adapted
     from gpart_cli.adapters.pooling import MaskedMeanPooler
+    from gpart_cli.adapters.reference import load_adapted
 
     recipe = tmp_path / "r.yaml"
     recipe.write_text(yaml.safe_dump(glue_recipe(tiny_bert_dir, sst2_files, model__pooling="mean").to_dict()))
