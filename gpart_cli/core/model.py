@@ -241,8 +241,7 @@ def apply(model: nn.Module, config: GPartConfig) -> nn.Module:
     offset = 0
     for entry, count, (name, module) in zip(spec, sizes, found):
         n_bias = module.bias.numel() if entry["bias"] else 0
-        groups = LayerGroups(offset, count - n_bias, n_bias, n_params, config.d, config.seed, state.compute,
-                             partition)
+        groups = LayerGroups(partition, offset, count - n_bias, n_bias, state.compute)
         _set_module(model, name, GPartLinear(module, state, groups, entry["bias"]))
         offset += count
     state.head_names = _unfreeze_heads(model, config.head_modules)

@@ -76,7 +76,7 @@ def _add_delta(model: nn.Module, record: dict, delta_theta: torch.Tensor) -> Non
                              f"weights; swap into an unquantized copy")
         n_weight = module.weight.numel()
         n_bias = module.bias.numel() if entry["bias"] else 0
-        groups = LayerGroups(offset, n_weight, n_bias, n, c.d, c.seed, ComputeLog(), partition)
+        groups = LayerGroups(partition, offset, n_weight, n_bias, ComputeLog())
         local = theta_s.to(module.weight.device)
         module.weight.data.copy_(groups.build(module.weight.detach(), local))
         if n_bias:

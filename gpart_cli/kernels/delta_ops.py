@@ -21,7 +21,6 @@ import torch
 
 from .. import rng
 from ..partition import Partition
-from ..partition.feistel import ALGORITHM
 from . import cpu_native
 from .dispatch import ComputeLog, use_kernel
 from .launch import device_guard, dot_precision
@@ -39,15 +38,14 @@ def _kernels():
 
 
 class LayerGroups:
-    """The partition slice of one adapted layer."""
+    """The partition slice of one adapted layer: `partition`'s global indices [offset, offset + n_weight + n_bias),
+    its weight then its bias; `log` records which path each op took."""
 
-    def __init__(self, offset: int, n_weight: int, n_bias: int, n: int, d: int, seed: int,
-                 log: ComputeLog | None = None, partition: Partition | None = None) -> None:
-        self.offset, self.n_weight, self.n_bias = offset, n_weight, n_bias
-        self.n, self.d, self.seed = n, d, seed
-        self.log = log
-        self.partition = partition or Partition(ALGORITHM, n, d, seed)
-        self.algorithm = self.partition.algorithm
+    def __init__(self, partition: Partition, offset: int, n_weight: int, n_bias: int,
+                 log: ComputeLog | None = None) -> None:
+        self.partition, self.offset, self.n_weight, self.n_bias, self.log = partition, offset, n_weight, n_bias, log
+        # copies of the partition's fields: read by every op's self-check description and kernel launch
+        self.algorithm, self.n, self.d, self.seed = partition.algorithm, partition.n, partition.d, partition.seed
         self._ids: torch.Tensor | None = None
         self._weight_ids: tuple | None = None  # (ids, the weight's part of them): a view asked for every call
 

@@ -308,7 +308,7 @@ def test_cpu_id_cache_is_uint16_up_to_65536_groups_and_changes_no_bits(d, id_dty
     n, offset, shape = 70_000, 1_000, (out_features, 201)
     n_weight, n_bias = shape[0] * shape[1], shape[0]
     partition = Partition(FEISTEL, n, d, 7)
-    groups = LayerGroups(offset, n_weight, n_bias, n, d, seed=7)
+    groups = LayerGroups(partition, offset, n_weight, n_bias)
     ids = reference.group_of(partition)[offset:offset + n_weight + n_bias]
     assert groups.ids(torch.device("cpu")).dtype == id_dtype
     assert groups.state_bytes() == (n_weight + n_bias) * (2 if id_dtype == torch.uint16 else 4)
@@ -328,7 +328,7 @@ def test_cpu_id_cache_is_uint16_up_to_65536_groups_and_changes_no_bits(d, id_dty
     (delta64 * torch.cat([(gy.t() @ x).flatten(), gy.sum(0)]).double()).sum().backward()
     assert torch.allclose(grad.double(), theta64.grad, rtol=1e-5, atol=1e-5)
 
-    int32 = LayerGroups(offset, n_weight, n_bias, n, d, seed=7)
+    int32 = LayerGroups(partition, offset, n_weight, n_bias)
     int32._ids = ids.int()  # the int32 cache every version before kept: same bits
     assert torch.equal(int32.build(weight, theta_s), built)
     grad32 = _layer_grad(int32, gy, x)
