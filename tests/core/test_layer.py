@@ -17,6 +17,7 @@ from gpart_cli.core import reference
 from gpart_cli.core.layer import GPartLinear
 from gpart_cli.core.model import gpart_layers, state_of
 from gpart_cli.errors import GpartError
+from gpart_cli.kernels import cpu_native
 from gpart_cli.kernels.delta_ops import LayerGroups, combine_rows, sink_rows
 from gpart_cli.partition import FEISTEL, Partition
 from tests.conftest import tiny_gpt2, tiny_llama, tiny_roberta, tiny_vit
@@ -258,6 +259,32 @@ def test_merge_frees_the_id_caches_layer_by_layer(monkeypatch):
     assert cached_at_merge == list(range(8, 0, -1)) and all(layer.groups.state_bytes() == 0 for layer in layers)
 
 
+def test_a_model_forward_reads_the_compute_switches_once(monkeypatch):
+    """GPART_TRITON is read as the model's forward starts and holds for all its layers and its backward; the next
+    forward, and a layer called on its own, read the environment again, also after a forward that raised."""
+    _, model = _adapted("llama", d=16)
+    log, layers = state_of(model).compute, [layer for _, layer in gpart_layers(model)]
+    cpu = f"CPU, {cpu_native.describe()}"  # the reason the CPU runs the reference path in auto mode
+    monkeypatch.delenv("GPART_TRITON", raising=False)
+    layers[0].register_forward_pre_hook(lambda *args: monkeypatch.setenv("GPART_TRITON", "0"))
+    _out(model, _inputs("llama")).sum().backward()  # switched to 0 after the model's forward began
+    assert len(log.entries) == 2 and set(log.entries.values()) == {cpu}  # build and grad of all 8 layers
+    log.entries.clear()
+    _out(model, _inputs("llama")).sum().backward()
+    assert len(log.entries) == 2 and set(log.entries.values()) == {"GPART_TRITON=0"}
+    log.entries.clear()
+    monkeypatch.delenv("GPART_TRITON")
+    layers[1](torch.randn(2, 32)).sum().backward()
+    assert set(log.entries.values()) == {cpu}
+    layers[1].register_forward_pre_hook(lambda *args: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        _out(model, _inputs("llama"))
+    log.entries.clear()
+    monkeypatch.setenv("GPART_TRITON", "0")
+    layers[2](torch.randn(2, 32)).sum().backward()
+    assert set(log.entries.values()) == {"GPART_TRITON=0"}
+
+
 def test_head_modules_train_with_theta():
     _, model = _adapted("roberta", head_modules=["classifier"])
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
@@ -421,4 +448,4 @@ def test_shared_scaled_theta_follows_every_way_theta_changes():
         gpart.theta(twin).zero_()
     assert torch.equal(_out(twin, inputs), _out(base, inputs)) and not torch.equal(_out(model, inputs), _out(base, inputs))
     merged = gpart.merge(model)
-    assert len(merged._forward_pre_hooks) == 0
+    assert len(merged._forward_pre_hooks) == len(merged._forward_hooks) == 0
