@@ -1,4 +1,4 @@
-"""GPart on one screen (paper §3, docs/design.md §1.2): the method as written, and the oracle the tests hold the
+"""GPart on one screen (docs/design.md §1.2): the method as written, and the oracle the tests hold the
 fast path to (`core/layer.py` with `kernels/`: cached ids, compiled loops, Triton, one ∂L/∂θ buffer per step).
 
 The N adapted parameters (each target's weight, then its bias, in module-spec order) are split by a seeded
@@ -55,9 +55,9 @@ def forward(model: nn.Module, theta: torch.Tensor, partition: Partition, targets
             isometric: bool = True, **inputs):
     """`model(**inputs)` with every target's weight (and bias, with `bias`) replaced by w0 + ΔW; the model itself is
     left as it is. Backward from its output gives ∂L/∂θ (and ∂L/∂w0 where w0 requires it) by plain autograd."""
-    params = dict(model.named_parameters())
-    names = [f"{t}.{kind}" for t in targets for kind in ("weight", "bias") if kind == "weight" or
-             (bias and params.get(f"{t}.bias") is not None)]
+    params, names = dict(model.named_parameters()), []
+    for t in targets:
+        names += [f"{t}.weight"] + ([f"{t}.bias"] if bias and f"{t}.bias" in params else [])
     new = adapted(theta, partition, [params[name] for name in names], isometric)
     return torch.func.functional_call(model, dict(zip(names, new)), (), inputs)
 
