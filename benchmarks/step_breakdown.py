@@ -39,7 +39,7 @@ def _no_build(self, weight, theta_s, **kwargs):
     return weight
 
 
-def _no_grouped_sum(self, rows, gy, x, transposed, dropout=None):
+def _no_grouped_sum(self, rows, gy, x, transposed, dropout=None, **kwargs):
     groups._weight_grad(gy, x, transposed)  # keep the ∂L/∂W GEMM the floor computes too
 
 

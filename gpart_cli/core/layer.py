@@ -13,6 +13,10 @@ W_eff, since there the rebuild costs about 1% of a step (docs/design.md §3.1).
 Dropout on ΔW (method.dropout, as the authors apply `nn.Dropout` to ΔW) scales theta by 1/(1-p) and zeroes
 the dropped weights of ΔW with a mask recomputed from a key (see `gpart_cli.rng`); it is off in eval mode.
 Outside training no layer caches anything: each call builds its W_eff and drops it.
+
+Which path each op takes (Triton kernels, compiled loops, torch ops) follows switches in the environment; a model
+forward reads them once (`GPartState.switches`) and the layers hand them to every op of the forward and its
+backward. A layer called outside a model forward reads them itself.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from torch import nn
 from ..errors import GpartError
 from ..kernels.delta_ops import LayerGroups
 from ..kernels.delta_ops import as_dtype as _cast
+from ..kernels.dispatch import read_switches
 from .quantized import is_quantized, weight_shape
 
 
@@ -64,30 +69,30 @@ class GPartLinearFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, theta_s, sink, state, groups, adapt_bias, transposed, training):
+    def forward(ctx, x, weight, bias, theta_s, sink, state, groups, adapt_bias, transposed, training, switches):
         autocast = _autocast(x)
         dtype = _compute_dtype(x, weight, autocast)
         dropout = state.dropout(training)
-        w = _cast(groups.build(weight, theta_s, dropout=dropout), dtype)
-        b = groups.effective_bias(bias, theta_s) if adapt_bias else bias
+        w = _cast(groups.build(weight, theta_s, dropout=dropout, switches=switches), dtype)
+        b = groups.effective_bias(bias, theta_s, switches) if adapt_bias else bias
         keep = ctx.needs_input_grad[0] and _keeps_w_eff(w)
         ctx.save_for_backward(x, weight, bias, theta_s, w if keep else None)
-        ctx.sink, ctx.groups, ctx.adapt_bias, ctx.dtype, ctx.transposed, ctx.dropout = (
-            sink, groups, adapt_bias, dtype, transposed, dropout)
+        ctx.sink, ctx.groups, ctx.adapt_bias, ctx.dtype, ctx.transposed, ctx.dropout, ctx.switches = (
+            sink, groups, adapt_bias, dtype, transposed, dropout, switches)
         with _no_autocast(x, autocast):
             return _linear(_cast(x, dtype), w, None if b is None else _cast(b, dtype), transposed)
 
     @staticmethod
     def backward(ctx, grad_y):
         x, weight, bias, theta_s, w = ctx.saved_tensors
-        groups, dtype, transposed = ctx.groups, ctx.dtype, ctx.transposed
+        groups, dtype, transposed, switches = ctx.groups, ctx.dtype, ctx.transposed, ctx.switches
         gy = _cast(grad_y, dtype).reshape(-1, grad_y.shape[-1])  # (B*T, out)
         x2 = _cast(x, dtype).reshape(-1, x.shape[-1])             # (B*T, in)
         grad_x = grad_w = grad_b = None
         needs = ctx.needs_input_grad
         if needs[0]:
             if w is None:
-                w = _cast(groups.build(weight, theta_s, dropout=ctx.dropout), dtype)
+                w = _cast(groups.build(weight, theta_s, dropout=ctx.dropout, switches=switches), dtype)
             grad_x = _cast((gy @ (w.t() if transposed else w)).view_as(x), x.dtype)
             del w  # one W-sized buffer at a time
         if needs[1]:  # only when the user unfroze the base weight
@@ -95,13 +100,13 @@ class GPartLinearFunction(torch.autograd.Function):
             grad_w = _cast(gw.t() if transposed else gw, weight.dtype)
         rows = ctx.sink.rows() if needs[3] else None
         if rows is not None:
-            groups.add_weight_grad(rows, gy, x2, transposed, ctx.dropout)
+            groups.add_weight_grad(rows, gy, x2, transposed, ctx.dropout, switches)
         if bias is not None and (needs[2] or (ctx.adapt_bias and rows is not None)):
             gb = gy.sum(0)
             grad_b = gb.to(bias.dtype) if needs[2] else None
             if ctx.adapt_bias and rows is not None:
-                groups.add_bias_grad(rows[0], gb)
-        return grad_x, grad_w, grad_b, None, None, None, None, None, None, None
+                groups.add_bias_grad(rows[0], gb, switches)
+        return grad_x, grad_w, grad_b, None, None, None, None, None, None, None, None
 
 
 class GPartDeltaFunction(torch.autograd.Function):
@@ -111,12 +116,14 @@ class GPartDeltaFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, theta_s, sink, state, groups, shape, dtype, training):
+    def forward(ctx, x, theta_s, sink, state, groups, shape, dtype, training, switches):
         dropout = state.dropout(training)
         ctx.save_for_backward(x, theta_s)
-        ctx.sink, ctx.groups, ctx.shape, ctx.dtype, ctx.dropout = sink, groups, shape, dtype, dropout
+        ctx.sink, ctx.groups, ctx.shape, ctx.dtype, ctx.dropout, ctx.switches = (
+            sink, groups, shape, dtype, dropout, switches)
         with _no_autocast(x, _autocast(x)):
-            return F.linear(_cast(x, dtype), groups.build(None, theta_s, shape=shape, dtype=dtype, dropout=dropout))
+            delta = groups.build(None, theta_s, shape=shape, dtype=dtype, dropout=dropout, switches=switches)
+            return F.linear(_cast(x, dtype), delta)
 
     @staticmethod
     def backward(ctx, grad_y):
@@ -124,12 +131,13 @@ class GPartDeltaFunction(torch.autograd.Function):
         gy = _cast(grad_y, ctx.dtype).reshape(-1, grad_y.shape[-1])
         grad_x = None
         if ctx.needs_input_grad[0]:
-            delta = ctx.groups.build(None, theta_s, shape=ctx.shape, dtype=ctx.dtype, dropout=ctx.dropout)
+            delta = ctx.groups.build(None, theta_s, shape=ctx.shape, dtype=ctx.dtype, dropout=ctx.dropout,
+                                     switches=ctx.switches)
             grad_x = _cast((gy @ delta).view_as(x), x.dtype)
         if ctx.needs_input_grad[1]:
             x2 = _cast(x, ctx.dtype).reshape(-1, x.shape[-1])
-            ctx.groups.add_weight_grad(ctx.sink.rows(), gy, x2, False, ctx.dropout)
-        return grad_x, None, None, None, None, None, None, None
+            ctx.groups.add_weight_grad(ctx.sink.rows(), gy, x2, False, ctx.dropout, ctx.switches)
+        return grad_x, None, None, None, None, None, None, None, None
 
 
 class GPartLinear(nn.Module):
@@ -171,26 +179,29 @@ class GPartLinear(nn.Module):
         b = self.groups.effective_bias(bias.detach(), theta_s) if self.adapt_bias else bias
         return w, b
 
-    def _forward_quantized(self, x: torch.Tensor) -> torch.Tensor:
+    def _forward_quantized(self, x: torch.Tensor, switches) -> torch.Tensor:
         dtype = _compute_dtype(x, x, _autocast(x))  # the activations' dtype, or autocast's
         shape = weight_shape(self.base_layer)
         theta_s, sink = self.state.layer_theta(self.device, self.training)
-        delta = GPartDeltaFunction.apply(x, theta_s, sink, self.state, self.groups, shape, dtype, self.training)
+        delta = GPartDeltaFunction.apply(x, theta_s, sink, self.state, self.groups, shape, dtype, self.training,
+                                         switches)
         return self.base_layer(x) + delta.to(x.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        switches = self.state.switches or read_switches()  # the model forward's, or read now (a call on its own)
         if self.quantized:
-            return self._forward_quantized(x)
+            return self._forward_quantized(x, switches)
         weight, bias = self.base_layer.weight, self.base_layer.bias
         if torch.is_grad_enabled() and (self.state.theta.requires_grad or weight.requires_grad):
             theta_s, sink = self.state.layer_theta(self.device, self.training)
             return GPartLinearFunction.apply(x, weight, bias, theta_s, sink, self.state, self.groups,
-                                             self.adapt_bias, self.transposed, self.training)
+                                             self.adapt_bias, self.transposed, self.training, switches)
         # No gradient: build W_eff for this call only (at most one extra weight copy alive at a time).
         theta_s = self.state.shared_scaled_theta(self.device, dropout=self.training)
         dtype = _compute_dtype(x, weight, _autocast(x))
-        w = _cast(self.groups.build(weight, theta_s, dropout=self.state.dropout(self.training)), dtype)
-        b = self.groups.effective_bias(bias, theta_s) if self.adapt_bias else bias
+        w = _cast(self.groups.build(weight, theta_s, dropout=self.state.dropout(self.training), switches=switches),
+                  dtype)
+        b = self.groups.effective_bias(bias, theta_s, switches) if self.adapt_bias else bias
         return _linear(_cast(x, dtype), w, None if b is None else _cast(b, dtype), self.transposed)
 
 

@@ -17,7 +17,8 @@ from torch import nn
 from .. import rng
 from ..errors import GpartError
 from ..kernels.delta_ops import LayerGroups
-from ..kernels.dispatch import ComputeLog
+from ..kernels.dispatch import ComputeLog, read_switches
+from ..kernels.modes import Switches
 from ..kernels.theta_grad import GradSink, ScaledTheta, scale_theta
 from ..partition import FEISTEL, Partition
 from ..partition.feistel import check_d
@@ -53,7 +54,8 @@ class GPartState(nn.Module):
     """The one trainable vector theta (fp32, [d]) and the partition's bookkeeping.
 
     `dropout_key` is the key of the current micro-batch's ΔW dropout mask (the trainer sets it); `compute`
-    records which path (Triton kernels or reference) each op ran on.
+    records which path (Triton kernels or reference) each op ran on; `switches` are the compute-path switches of
+    the model forward under way (None outside one: a layer called on its own reads them itself).
     """
 
     def __init__(self, config: GPartConfig, targets: list[dict], n_params: int,
@@ -68,6 +70,7 @@ class GPartState(nn.Module):
         self.head_names: list[str] = []
         self.dropout_key: int | None = None
         self.compute = ComputeLog()
+        self.switches: Switches | None = None
         self._shared = _StepCache()  # device -> (key, θ_s): see shared_scaled_theta
         self._graph = _StepCache()  # (device, dropout) -> (key, θ_s, sink): see layer_theta
 
@@ -245,24 +248,33 @@ def apply(model: nn.Module, config: GPartConfig) -> nn.Module:
     partition.counts(device if device.type == "cuda" else None)  # counted on the GPU where it is not closed-form
     state = GPartState(config, spec, n_params, partition).to(device)
     model.add_module(STATE_NAME, state)
-    model.register_forward_pre_hook(_forget_shared_theta)
+    model.register_forward_pre_hook(_before_forward)
+    model.register_forward_hook(_after_forward, always_call=True)
     offset = 0
     for entry, count, (name, module) in zip(spec, sizes, found):
         n_bias = module.bias.numel() if entry["bias"] else 0
-        groups = LayerGroups(offset, count - n_bias, n_bias, n_params, config.d, config.seed, state.compute,
-                             partition)
+        groups = LayerGroups(partition, offset, count - n_bias, n_bias, state.compute)
         _set_module(model, name, GPartLinear(module, state, groups, entry["bias"]))
         offset += count
     state.head_names = _unfreeze_heads(model, config.head_modules)
     return model
 
 
-def _forget_shared_theta(model: nn.Module, args) -> None:
-    """Before each forward of the model: recompute the shared scaled theta (see GPartState.shared_scaled_theta).
-    A module-level function that finds the state through the model, so a deep copy of the model clears its own."""
+def _before_forward(model: nn.Module, args) -> None:
+    """Before each forward of the model: recompute the shared scaled theta (see GPartState.shared_scaled_theta) and
+    read the compute-path switches once for the whole forward. A module-level function that finds the state through
+    the model, so a deep copy of the model clears its own."""
     state = getattr(model, STATE_NAME, None)
     if isinstance(state, GPartState):
         state.forget_shared()
+        state.switches = read_switches()
+
+
+def _after_forward(model: nn.Module, args, output) -> None:
+    """After each forward of the model, raised or not: layers called on their own read the switches again."""
+    state = getattr(model, STATE_NAME, None)
+    if isinstance(state, GPartState):
+        state.switches = None
 
 
 def _unfreeze_heads(model: nn.Module, head_modules) -> list[str]:
@@ -333,9 +345,11 @@ def merge(model: nn.Module) -> nn.Module:
         _set_module(model, name, base)
     _remember_merge(model, state_of(model))
     delattr(model, STATE_NAME)
-    for key, hook in list(model._forward_pre_hooks.items()):  # a plain model again: no GPart hook left behind
-        if hook is _forget_shared_theta:
-            del model._forward_pre_hooks[key]
+    for hooks, ours in ((model._forward_pre_hooks, _before_forward), (model._forward_hooks, _after_forward)):
+        for key, hook in list(hooks.items()):  # a plain model again: no GPart hook left behind
+            if hook is ours:
+                del hooks[key]
+                model._forward_hooks_always_called.pop(key, None)
     return model
 
 

@@ -69,7 +69,7 @@ def _add_delta(model: nn.Module, spec: PartitionSpec, delta_theta: torch.Tensor)
                              f"weights; swap into an unquantized copy")
         n_weight = module.weight.numel()
         n_bias = module.bias.numel() if entry.bias else 0
-        groups = LayerGroups(offset, n_weight, n_bias, n, spec.d, spec.seed, ComputeLog(), partition)
+        groups = LayerGroups(partition, offset, n_weight, n_bias, ComputeLog())
         local = theta_s.to(module.weight.device)
         module.weight.data.copy_(groups.build(module.weight.detach(), local))
         if n_bias:

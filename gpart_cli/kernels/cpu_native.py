@@ -203,11 +203,11 @@ def _self_check(loops: dict) -> str | None:
     return None
 
 
-def library() -> dict | None:
-    """The checked loops (by op, then id dtype), or None (torch ops) in mode 0 or after a failure. `auto` warns
-    once when a compiler exists but its library fails (a machine without one is common: its compute path says "torch
-    ops")."""
-    chosen = mode()
+def library(chosen: str | None = None) -> dict | None:
+    """The checked loops (by op, then id dtype), or None (torch ops) in mode `chosen` (None: GPART_CPU_KERNEL now)
+    0 or after a failure. `auto` warns once when a compiler exists but its library fails (a machine without one is
+    common: its compute path says "torch ops")."""
+    chosen = chosen or mode()
     if chosen == "0":
         return None
     if "lib" not in _state:
@@ -237,9 +237,10 @@ def _load() -> dict:
     return {"lib": None if why else loops, "why": f"{why} ({path})" if why else None, "quiet": False}
 
 
-def describe() -> str:
-    """How the CPU reference path computes, for the compute-path line: "compiled loops" or "torch ops"."""
-    return "compiled loops" if library() is not None else "torch ops"
+def describe(chosen: str | None = None) -> str:
+    """How the CPU reference path computes in mode `chosen`, for the compute-path line: "compiled loops" or "torch
+    ops"."""
+    return "compiled loops" if library(chosen) is not None else "torch ops"
 
 
 def reset() -> None:
@@ -262,30 +263,31 @@ def _differentiable(*tensors: torch.Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-def build(w0: torch.Tensor | None, table: torch.Tensor, ids: torch.Tensor, drop: torch.Tensor | None
-          ) -> torch.Tensor | None:
+def build(w0: torch.Tensor | None, table: torch.Tensor, ids: torch.Tensor, drop: torch.Tensor | None,
+          chosen: str | None = None) -> torch.Tensor | None:
     """fp32 w0 + table[ids], shaped like w0 (dropped weights: w0), or fp32 [n] table[ids] without w0; None where
-    the loops do not apply (torch ops run)."""
+    the loops do not apply (torch ops run), in mode `chosen` (None: GPART_CPU_KERNEL now)."""
     if (w0 is not None and w0.dtype != torch.float32) or table.dtype != torch.float32 or ids.dtype not in _ID_SUFFIX:
         return None
     if (drop is not None and drop.dtype != torch.bool) or _differentiable(w0, table):
         return None
     if not (_usable(ids.numel(), w0, ids, drop) and _usable(table.numel(), table)):
         return None
-    loops = library()
+    loops = library(chosen)
     return None if loops is None else _run_build(loops, w0, table, ids, drop)
 
 
-def grouped_add(rows: torch.Tensor, ids: torch.Tensor, values: torch.Tensor, drop: torch.Tensor | None) -> bool:
+def grouped_add(rows: torch.Tensor, ids: torch.Tensor, values: torch.Tensor, drop: torch.Tensor | None,
+                chosen: str | None = None) -> bool:
     """Add the grouped sums of values over ids (dropped weights skipped) into rows (fp32 [2, d]); False where the
-    loops do not apply (then the caller runs the torch ops)."""
+    loops do not apply (then the caller runs the torch ops), in mode `chosen` (None: GPART_CPU_KERNEL now)."""
     if values.dtype != torch.float32 or ids.dtype not in _ID_SUFFIX or (drop is not None and drop.dtype != torch.bool):
         return False
     if _differentiable(values) or not _usable(ids.numel(), ids, values, drop):
         return False
     if not (rows.dtype == torch.float32 and rows.dim() == 2 and rows.shape[0] == 2 and _usable(rows.numel(), rows)):
         return False
-    loops = library()
+    loops = library(chosen)
     if loops is None:
         return False
     _run_grouped_add(loops, rows, ids, values, drop)

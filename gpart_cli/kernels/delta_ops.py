@@ -11,6 +11,8 @@ A layer owns the global indices [offset, offset + n_weight + n_bias): its weight
   ops widen ids to int64 anyway, and reading half the bytes makes a CPU step's gather and grouped sum faster.
 
 Dropout on ΔW is a (threshold, key) pair (see `gpart_cli.rng`): both paths recompute the mask from the key.
+Each op takes the `Switches` of the model forward it belongs to; without them (an op called on its own) it reads
+them from the environment.
 """
 
 from __future__ import annotations
@@ -21,10 +23,10 @@ import torch
 
 from .. import rng
 from ..partition import Partition
-from ..partition.feistel import ALGORITHM
 from . import cpu_native
-from .dispatch import ComputeLog, use_kernel
+from .dispatch import ComputeLog, read_switches, use_kernel
 from .launch import device_guard, dot_precision
+from .modes import Switches
 from .selfcheck import BuildCall, GradCall, IdsCall
 from .torch_ops import torch_build, torch_grouped_add
 
@@ -39,22 +41,22 @@ def _kernels():
 
 
 class LayerGroups:
-    """The partition slice of one adapted layer."""
+    """The partition slice of one adapted layer: `partition`'s global indices [offset, offset + n_weight + n_bias),
+    its weight then its bias; `log` records which path each op took."""
 
-    def __init__(self, offset: int, n_weight: int, n_bias: int, n: int, d: int, seed: int,
-                 log: ComputeLog | None = None, partition: Partition | None = None) -> None:
-        self.offset, self.n_weight, self.n_bias = offset, n_weight, n_bias
-        self.n, self.d, self.seed = n, d, seed
-        self.log = log
-        self.partition = partition or Partition(ALGORITHM, n, d, seed)
-        self.algorithm = self.partition.algorithm
+    def __init__(self, partition: Partition, offset: int, n_weight: int, n_bias: int,
+                 log: ComputeLog | None = None) -> None:
+        self.partition, self.offset, self.n_weight, self.n_bias, self.log = partition, offset, n_weight, n_bias, log
+        # copies of the partition's fields: read by every op's self-check description and kernel launch
+        self.algorithm, self.n, self.d, self.seed = partition.algorithm, partition.n, partition.d, partition.seed
         self._ids: torch.Tensor | None = None
         self._weight_ids: tuple | None = None  # (ids, the weight's part of them): a view asked for every call
 
-    def _kernel(self, op: str, device: torch.device, dtype: torch.dtype, make_call, deterministic: bool = False
-                ) -> bool:
+    def _kernel(self, op: str, device: torch.device, dtype: torch.dtype, make_call, switches: Switches,
+                deterministic: bool = False) -> bool:
         # torch-randint-v1 ids come from a sequential stream, not from the index: cached ids on every device.
-        return self.partition.on_the_fly and use_kernel(op, device, dtype, self.log, make_call, deterministic)
+        return self.partition.on_the_fly and use_kernel(op, device, dtype, self.log, make_call, deterministic,
+                                                        switches)
 
     # ---- the reference path's id cache ---------------------------------------------------------------
     def ids(self, device: torch.device) -> torch.Tensor:
@@ -84,33 +86,35 @@ class LayerGroups:
 
     # ---- ΔW ------------------------------------------------------------------------------------------
     def build(self, weight: torch.Tensor | None, theta_s: torch.Tensor, *, shape=None, dtype=None,
-              dropout: Dropout = None) -> torch.Tensor:
+              dropout: Dropout = None, switches: Switches | None = None) -> torch.Tensor:
         """W0 + ΔW in the base dtype (summed in fp32, rounded once), or ΔW alone (`weight` None) in `dtype`."""
-        device = theta_s.device
+        device, switches = theta_s.device, switches or read_switches()
         out_dtype = dtype if weight is None else weight.dtype
         if self._kernel("build", device, out_dtype, lambda: BuildCall(
                 device, out_dtype, weight is not None, dropout is not None, self.offset, self.n_weight, self.n,
-                self.d, self.seed, self.algorithm)):
+                self.d, self.seed, self.algorithm), switches):
             with device_guard(device):
                 return _kernels().build_weight(weight, theta_s, self.offset, self.n, self.d, self.seed,
                                                shape=shape, dtype=dtype, dropout=dropout, algorithm=self.algorithm)
         ids, drop = self.weight_ids(device), self._drop_mask(dropout, device)
         if weight is None:
-            return as_dtype(_build(None, theta_s, ids, drop).view(shape), dtype)
-        return as_dtype(_build(weight, theta_s, ids, drop), weight.dtype)
+            return as_dtype(_build(None, theta_s, ids, drop, switches.cpu_kernel).view(shape), dtype)
+        return as_dtype(_build(weight, theta_s, ids, drop, switches.cpu_kernel), weight.dtype)
 
     def _drop_mask(self, dropout: Dropout, device: torch.device) -> torch.Tensor | None:
         return None if dropout is None else rng.drop_mask(self.offset, self.n_weight, dropout[1], dropout[0], device)
 
-    def effective_bias(self, bias: torch.Tensor, theta_s: torch.Tensor) -> torch.Tensor:
-        delta = theta_s.index_select(0, self._bias_ids(theta_s.device))
+    def effective_bias(self, bias: torch.Tensor, theta_s: torch.Tensor, switches: Switches | None = None
+                       ) -> torch.Tensor:
+        delta = theta_s.index_select(0, self._bias_ids(theta_s.device, switches or read_switches()))
         return delta.add_(bias.float()).to(bias.dtype)
 
-    def _bias_ids(self, device: torch.device) -> torch.Tensor:
+    def _bias_ids(self, device: torch.device, switches: Switches) -> torch.Tensor:
         # A bias is small: on the kernel path its ids are recomputed rather than cached.
         start = self.offset + self.n_weight
         if self._kernel("ids", device, torch.int32,
-                        lambda: IdsCall(device, start, self.n_bias, self.n, self.d, self.seed, self.algorithm)):
+                        lambda: IdsCall(device, start, self.n_bias, self.n, self.d, self.seed, self.algorithm),
+                        switches):
             with device_guard(device):
                 return _kernels().group_ids_triton(self.n, self.d, self.seed, start, self.n_bias, device,
                                                    algorithm=self.algorithm)
@@ -118,26 +122,26 @@ class LayerGroups:
 
     # ---- ∂L/∂θ ---------------------------------------------------------------------------------------
     def add_weight_grad(self, rows: torch.Tensor, gy: torch.Tensor, x: torch.Tensor, transposed: bool,
-                        dropout: Dropout = None) -> None:
+                        dropout: Dropout = None, switches: Switches | None = None) -> None:
         """Add this layer's grouped sum of ∂L/∂W = gy^T x (gy (T, out), x (T, in)) into `rows` (fp32
         [sink_rows(device), d], see `theta_grad.GradSink`), unscaled; ∂L/∂W is not kept."""
-        device = gy.device
+        device, switches = gy.device, switches or read_switches()
         deterministic = torch.are_deterministic_algorithms_enabled()
         if self._kernel("grad", device, gy.dtype, lambda: GradCall(
                 device, gy.dtype, transposed, dropout is not None, deterministic,
                 dot_precision(gy.dtype, device)[0], *gy.shape, x.shape[1], self.offset, self.n, self.d, self.seed,
-                self.algorithm), deterministic):
+                self.algorithm), switches, deterministic):
             with device_guard(device):
                 _kernels().grad_from_gemm(rows[0], gy.contiguous(), x.contiguous(), self.offset, self.n, self.d,
                                           self.seed, transposed, dropout=dropout, deterministic=deterministic,
                                           max_members=self.partition.max_members(), algorithm=self.algorithm)
             return
         gw = _weight_grad(gy, x, transposed).reshape(-1)  # in W's storage order, fp32
-        _grouped_add(rows, self.weight_ids(device), gw, self._drop_mask(dropout, device))
+        _grouped_add(rows, self.weight_ids(device), gw, self._drop_mask(dropout, device), switches.cpu_kernel)
 
-    def add_bias_grad(self, target: torch.Tensor, gb: torch.Tensor) -> None:
+    def add_bias_grad(self, target: torch.Tensor, gb: torch.Tensor, switches: Switches | None = None) -> None:
         """Add ∂L/∂b into `target`, fp32 [d] (a gradient, or a sink's first row)."""
-        target.index_add_(0, self._bias_ids(gb.device), gb.float())
+        target.index_add_(0, self._bias_ids(gb.device, switches or read_switches()), gb.float())
 
 
 def sink_rows(device: torch.device) -> int:
@@ -157,11 +161,11 @@ def as_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
 
-def _build(w0: torch.Tensor | None, table: torch.Tensor, ids: torch.Tensor, drop: torch.Tensor | None
-           ) -> torch.Tensor:
+def _build(w0: torch.Tensor | None, table: torch.Tensor, ids: torch.Tensor, drop: torch.Tensor | None,
+           cpu_mode: str) -> torch.Tensor:
     """fp32 w0 + table[ids] shaped like w0 (w0 None: table[ids], [n]); dropped weights get no update. The compiled
-    CPU loops where they apply (CPU tensors), else torch ops; both give the same bits."""
-    built = cpu_native.build(w0, table, ids, drop)
+    CPU loops where they apply (CPU tensors, `cpu_mode` not 0), else torch ops; both give the same bits."""
+    built = cpu_native.build(w0, table, ids, drop, cpu_mode)
     if built is not None:
         return built
     if w0 is None:
@@ -169,11 +173,12 @@ def _build(w0: torch.Tensor | None, table: torch.Tensor, ids: torch.Tensor, drop
     return torch_build(w0.reshape(-1), table, ids, drop).view_as(w0)
 
 
-def _grouped_add(rows: torch.Tensor, ids: torch.Tensor, values: torch.Tensor, drop: torch.Tensor | None) -> None:
+def _grouped_add(rows: torch.Tensor, ids: torch.Tensor, values: torch.Tensor, drop: torch.Tensor | None,
+                 cpu_mode: str) -> None:
     """rows[c, j] += the sum of values[i] over ids[i] == j and not drop[i], for i in the c-th fixed part of the
-    weights, in index order (deterministic): the compiled CPU loops where they apply (CPU tensors), else torch ops,
-    with the same bits."""
-    if not cpu_native.grouped_add(rows, ids, values, drop):
+    weights, in index order (deterministic): the compiled CPU loops where they apply (CPU tensors, `cpu_mode` not 0),
+    else torch ops, with the same bits."""
+    if not cpu_native.grouped_add(rows, ids, values, drop, cpu_mode):
         torch_grouped_add(rows, ids, values, drop)
 
 

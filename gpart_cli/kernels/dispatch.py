@@ -10,6 +10,8 @@
 - `0`: the reference path everywhere.
 
 Each model's `ComputeLog` records which path each op took; `gpart train` prints it and the artifact keeps it.
+A model forward reads the switches once (`read_switches`, in the model's forward pre-hook) and its layers hand them
+to each op; an op called on its own reads them from the environment.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import torch
 
 from ..errors import GpartError
 from . import cpu_native, launch
-from .modes import read_mode
+from .modes import Switches, read_mode
 from .selfcheck import run_check
 
 _verdicts: dict[tuple, str | None] = {}  # class key -> None (kernel agrees) or why it was rejected
@@ -37,6 +39,11 @@ class KernelFallbackWarning(UserWarning):
 def mode() -> str:
     return read_mode("GPART_TRITON", "auto: kernels on CUDA with a self-check), or set 1 (kernels, errors on failure) "
                                      "or 0 (reference path")
+
+
+def read_switches() -> Switches:
+    """GPART_TRITON, GPART_CPU_KERNEL and TRITON_INTERPRET as the environment says now."""
+    return Switches(mode(), cpu_native.mode(), os.environ.get("TRITON_INTERPRET") == "1")
 
 
 @functools.cache
@@ -60,9 +67,11 @@ def device_name(device: torch.device) -> str:
     return f"{device.type} (Triton interpreter)" if device.type == "cpu" else device.type
 
 
-def _why_not(device: torch.device) -> str | None:
-    """None when Triton can run kernels on `device` in this mode, else the reason it does not."""
-    chosen = mode()
+def _why_not(device: torch.device, switches: Switches | None = None) -> str | None:
+    """None when Triton can run kernels on `device` under `switches` (None: the environment's), else the reason it
+    does not."""
+    switches = switches or read_switches()
+    chosen = switches.triton
     if chosen == "0":
         return "GPART_TRITON=0"
     if device.type == "cuda":
@@ -72,14 +81,15 @@ def _why_not(device: torch.device) -> str | None:
             raise GpartError("GPART_TRITON=1 asks for the Triton kernels but Triton is not installed: "
                              "pip install triton (or unset GPART_TRITON to use the reference path)")
         return "Triton is not installed"
-    if device.type == "cpu" and chosen == "1" and os.environ.get("TRITON_INTERPRET") == "1" and triton_installed():
+    if device.type == "cpu" and chosen == "1" and switches.interpret and triton_installed():
         return None
-    return f"CPU, {cpu_native.describe()}" if device.type == "cpu" else f"no kernels for {device.type} tensors"
+    return f"CPU, {cpu_native.describe(switches.cpu_kernel)}" if device.type == "cpu" else \
+        f"no kernels for {device.type} tensors"
 
 
-def _reject(call, reason: str) -> None:
+def _reject(call, reason: str, switches: Switches) -> None:
     where = f"{device_name(call.device)} ({str(call.dtype).removeprefix('torch.')}, Triton {triton_version()})"
-    if mode() == "1":
+    if switches.triton == "1":
         raise GpartError(f"the Triton kernel {call.op!r} failed its self-check on {where}: {reason}. "
                          f"Unset GPART_TRITON to fall back to the reference path, or set GPART_TRITON=0")
     warn_key = (call.op, call.device, call.dtype)
@@ -100,13 +110,15 @@ def _check(call) -> str | None:
 
 
 def use_kernel(op: str, device: torch.device, dtype: torch.dtype, log: "ComputeLog | None", make_call,
-               deterministic: bool = False) -> bool:
-    """Whether this op runs on its Triton kernel; the first call of its class self-checks the kernel.
+               deterministic: bool = False, switches: Switches | None = None) -> bool:
+    """Whether this op runs on its Triton kernel under `switches` (None: read from the environment now); the first
+    call of its class self-checks the kernel.
 
     `make_call()` describes the call (see `selfcheck`); it is only built where kernels could run, so the
     reference path pays a dictionary store per op and nothing more.
     """
-    reason = _why_not(device)
+    switches = switches or read_switches()
+    reason = _why_not(device, switches)
     if reason is None:
         call = make_call()
         key = call.key()
@@ -114,7 +126,7 @@ def use_kernel(op: str, device: torch.device, dtype: torch.dtype, log: "ComputeL
             _verdicts[key] = _check(call)
         reason = _verdicts[key]
         if reason is not None:
-            _reject(call, reason)
+            _reject(call, reason, switches)
             reason = f"self-check failed: {reason}"
     if log is not None:
         log.record(op, device, dtype, reason, deterministic)

@@ -54,6 +54,7 @@ class Partition:
     def __init__(self, algorithm: str, n: int, d: int, seed: int, layer_sizes: list[int] | None = None) -> None:
         self.algorithm, self.n, self.d, self.seed = check_algorithm(algorithm), n, d, seed
         sizes = list(layer_sizes) if layer_sizes is not None else [n]
+        self.layer_sizes = sizes
         self._layer_of = {}  # start offset -> module number (torch-randint-v1)
         offset = 0
         for i, size in enumerate(sizes):

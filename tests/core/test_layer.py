@@ -1,4 +1,8 @@
-"""GPart layer and injection properties (docs/design.md §1, §3) on tiny Llama, RoBERTa, ViT and GPT-2 models."""
+"""GPart layer and injection properties (docs/design.md §1, §3) on tiny Llama, RoBERTa, ViT and GPT-2 models.
+
+The oracle is `gpart_cli.core.reference`: ΔW = (θ · scale)[g] from the partition's definition, and ∂L/∂θ by
+autograd through it, on the untouched base model.
+"""
 
 import copy
 import weakref
@@ -9,11 +13,13 @@ from torch.utils.checkpoint import checkpoint
 
 import gpart_cli as gpart
 import gpart_cli.core.layer as layer_module
+from gpart_cli.core import reference
 from gpart_cli.core.layer import GPartLinear
 from gpart_cli.core.model import gpart_layers, state_of
 from gpart_cli.errors import GpartError
+from gpart_cli.kernels import cpu_native
 from gpart_cli.kernels.delta_ops import LayerGroups, combine_rows, sink_rows
-from gpart_cli.partition.feistel import group_ids, group_sizes
+from gpart_cli.partition import FEISTEL, Partition
 from tests.conftest import tiny_gpt2, tiny_llama, tiny_roberta, tiny_vit
 
 
@@ -47,6 +53,17 @@ def _delta(model):
     return torch.cat([layer.delta_weight().flatten() for _, layer in gpart_layers(model)])
 
 
+def _targets(model) -> list[str]:
+    return [name for name, _ in gpart_layers(model)]
+
+
+def _partition(base, targets, d, seed=0, bias=False) -> Partition:
+    """feistel-v1 over the targets' sizes as the base model has them (weight, then bias with `bias`)."""
+    modules = [base.get_submodule(name) for name in targets]
+    sizes = [m.weight.numel() + (m.bias.numel() if bias and m.bias is not None else 0) for m in modules]
+    return Partition(FEISTEL, sum(sizes), d, seed, sizes)
+
+
 @pytest.mark.parametrize("kind", sorted(MODELS))
 def test_theta_zero_gives_the_base_model_bitwise(kind):
     base, model = _adapted(kind)
@@ -65,9 +82,12 @@ def test_theta_zero_gives_the_base_model_bitwise(kind):
 
 @pytest.mark.parametrize("kind", ["llama", "roberta"])
 def test_unit_vectors_give_disjoint_supports_of_the_right_size(kind):
-    _, model = _adapted(kind, d=50)
+    """θ = e_j moves exactly group j's n_j weights, each by 1/√n_j, the groups disjoint: the reference's ΔW bit for
+    bit."""
+    base, model = _adapted(kind, d=50)
     state = state_of(model)
-    sizes = group_sizes(state.n_params, 50)
+    partition = _partition(base, _targets(model), 50)
+    sizes = torch.bincount(reference.group_of(partition), minlength=50)
     seen = torch.zeros(state.n_params, dtype=torch.bool)
     for j in (0, 7, 49):
         with torch.no_grad():
@@ -77,16 +97,22 @@ def test_unit_vectors_give_disjoint_supports_of_the_right_size(kind):
         nz = delta != 0
         assert int(nz.sum()) == int(sizes[j])
         assert torch.equal(delta[nz], torch.full((int(sizes[j]),), float(sizes[j]) ** -0.5))
+        assert torch.equal(delta, reference.delta(state.theta.detach(), partition))
         assert not (seen & nz).any()
         seen |= nz
 
 
 @pytest.mark.parametrize("kind", sorted(MODELS))
 def test_isometry_and_untouched_weights(kind):
+    """ΔW = Pθ with the reference's dense P, PᵀP = I so ‖ΔW‖ = ‖θ‖, and merging changes no weight outside the
+    targets."""
     base, model = _adapted(kind, d=40)
     with torch.no_grad():
         gpart.theta(model).copy_(torch.randn(40, generator=torch.Generator().manual_seed(0)))
     delta = _delta(model)
+    p = reference.dense_p(_partition(base, _targets(model), 40))
+    torch.testing.assert_close(p.t() @ p, torch.eye(40, dtype=torch.float64), rtol=0, atol=1e-12)
+    torch.testing.assert_close(delta.double(), p @ gpart.theta(model).double(), rtol=1e-6, atol=1e-7)
     assert torch.allclose(delta.double().norm(), gpart.theta(model).double().norm(), rtol=1e-6)
     merged = gpart.merge(copy.deepcopy(model))
     adapted = {n for n, _ in gpart_layers(model)}
@@ -96,46 +122,44 @@ def test_isometry_and_untouched_weights(kind):
 
 
 def test_non_isometric_ablation_drops_the_scale():
-    _, iso = _adapted("llama", d=30)
+    """isometric: false gives ΔW = θ[g], the reference without its scale; the isometric layer keeps 1/√n_j."""
+    base, iso = _adapted("llama", d=30)
     _, raw = _adapted("llama", d=30, isometric=False)
     theta = torch.randn(30, generator=torch.Generator().manual_seed(1))
     for m in (iso, raw):
         with torch.no_grad():
             gpart.theta(m).copy_(theta)
     n = state_of(raw).n_params
-    ids = group_ids(n, 30, 0).long()
-    assert torch.equal(_delta(raw), theta[ids])
-    assert torch.allclose(_delta(iso), theta[ids] / group_sizes(n, 30).float().sqrt()[ids])
+    partition = _partition(base, _targets(iso), 30)
+    assert torch.equal(_delta(raw), reference.delta(theta, partition, isometric=False))
+    assert torch.equal(_delta(iso), reference.delta(theta, partition))
     # Without the scale ‖ΔW‖² = Σ n_j θ_j², about N/d times ‖θ‖²: the isometry is lost.
     ratio = float(_delta(raw).detach().norm() ** 2 / theta.norm() ** 2)
     assert abs(ratio - n / 30) / (n / 30) < 0.01
 
 
+@pytest.mark.parametrize("bias", [False, True], ids=["weights", "weights_and_biases"])
 @pytest.mark.parametrize("isometric", [True, False], ids=["isometric", "non_isometric"])
 @pytest.mark.parametrize("kind", sorted(MODELS))
-def test_gradient_equals_P_transpose_of_the_dense_gradient(kind, isometric):
-    """∂L/∂θ = S Pᵀ ∂L/∂W against a dense reference; S = diag(1/sqrt(n_j)) for the isometric map, I for the
-    paper's non-isometric ablation (where ΔW = P θ and the gradient is the plain grouped sum)."""
-    base, model = _adapted(kind, d=64, isometric=isometric)
+def test_gradient_is_autograd_through_the_reference(kind, isometric, bias):
+    """The layer's custom backward gives the ∂L/∂θ that autograd gives through the reference (the base model in
+    fp64, each target's w0 + (θ · scale)[g]): Pᵀ ∂L/∂w with scale 1/√n_j, or 1 in the non-isometric ablation."""
+    base, model = _adapted(kind, d=64, isometric=isometric, bias=bias)
+    theta = torch.randn(64, generator=torch.Generator().manual_seed(2)) * 0.1
     with torch.no_grad():
-        gpart.theta(model).copy_(torch.randn(64, generator=torch.Generator().manual_seed(2)) * 0.1)
+        gpart.theta(model).copy_(theta)
     inputs = _inputs(kind)
     # eval(): no dropout, so both passes see the same function; grad mode still takes the Function path.
     _out(model, inputs).square().mean().backward()
     grad = gpart.theta(model).grad.double()
 
-    dense = gpart.merge(copy.deepcopy(model))
-    targets = [n for n, _ in gpart_layers(model)]
-    for p in dense.parameters():
-        p.requires_grad_(False)
-    weights = [dense.get_submodule(n).weight.requires_grad_(True) for n in targets]
-    _out(dense, inputs).square().mean().backward()
-    flat = torch.cat([w.grad.flatten() for w in weights]).double()
-    n = flat.numel()
-    ref = torch.zeros(64, dtype=torch.float64).index_add_(0, group_ids(n, 64, 0).long(), flat)
-    if isometric:
-        ref /= group_sizes(n, 64).double().sqrt()
-    assert float((grad - ref).norm() / ref.norm()) < 1e-5
+    targets = _targets(model)
+    theta64 = theta.double().requires_grad_()
+    dense = copy.deepcopy(base).double()
+    out = reference.forward(dense, theta64, _partition(base, targets, 64, bias=bias), targets, bias, isometric,
+                            **{k: v.double() if v.is_floating_point() else v for k, v in inputs.items()})
+    out.logits.square().mean().backward()
+    assert float((grad - theta64.grad).norm() / theta64.grad.norm()) < 1e-5
 
 
 def test_bias_adaptation_covers_biases_and_their_gradient():
@@ -235,6 +259,32 @@ def test_merge_frees_the_id_caches_layer_by_layer(monkeypatch):
     assert cached_at_merge == list(range(8, 0, -1)) and all(layer.groups.state_bytes() == 0 for layer in layers)
 
 
+def test_a_model_forward_reads_the_compute_switches_once(monkeypatch):
+    """GPART_TRITON is read as the model's forward starts and holds for all its layers and its backward; the next
+    forward, and a layer called on its own, read the environment again, also after a forward that raised."""
+    _, model = _adapted("llama", d=16)
+    log, layers = state_of(model).compute, [layer for _, layer in gpart_layers(model)]
+    cpu = f"CPU, {cpu_native.describe()}"  # the reason the CPU runs the reference path in auto mode
+    monkeypatch.delenv("GPART_TRITON", raising=False)
+    layers[0].register_forward_pre_hook(lambda *args: monkeypatch.setenv("GPART_TRITON", "0"))
+    _out(model, _inputs("llama")).sum().backward()  # switched to 0 after the model's forward began
+    assert len(log.entries) == 2 and set(log.entries.values()) == {cpu}  # build and grad of all 8 layers
+    log.entries.clear()
+    _out(model, _inputs("llama")).sum().backward()
+    assert len(log.entries) == 2 and set(log.entries.values()) == {"GPART_TRITON=0"}
+    log.entries.clear()
+    monkeypatch.delenv("GPART_TRITON")
+    layers[1](torch.randn(2, 32)).sum().backward()
+    assert set(log.entries.values()) == {cpu}
+    layers[1].register_forward_pre_hook(lambda *args: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        _out(model, _inputs("llama"))
+    log.entries.clear()
+    monkeypatch.setenv("GPART_TRITON", "0")
+    layers[2](torch.randn(2, 32)).sum().backward()
+    assert set(log.entries.values()) == {"GPART_TRITON=0"}
+
+
 def test_head_modules_train_with_theta():
     _, model = _adapted("roberta", head_modules=["classifier"])
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
@@ -284,8 +334,9 @@ def test_applying_twice_is_rejected():
 def test_cpu_id_cache_is_uint16_up_to_65536_groups_and_changes_no_bits(d, id_dtype, out_features):
     n, offset, shape = 70_000, 1_000, (out_features, 201)
     n_weight, n_bias = shape[0] * shape[1], shape[0]
-    groups = LayerGroups(offset, n_weight, n_bias, n, d, seed=7)
-    ids = group_ids(n, d, 7, offset, n_weight + n_bias).long()
+    partition = Partition(FEISTEL, n, d, 7)
+    groups = LayerGroups(partition, offset, n_weight, n_bias)
+    ids = reference.group_of(partition)[offset:offset + n_weight + n_bias]
     assert groups.ids(torch.device("cpu")).dtype == id_dtype
     assert groups.state_bytes() == (n_weight + n_bias) * (2 if id_dtype == torch.uint16 else 4)
     assert int(ids.max()) > 32_767  # ids past int16's range survive the uint16 cache
@@ -294,13 +345,17 @@ def test_cpu_id_cache_is_uint16_up_to_65536_groups_and_changes_no_bits(d, id_dty
     theta_s, weight, bias = torch.randn(d, generator=g), torch.randn(shape, generator=g), torch.randn(shape[0])
     gy, x = torch.randn(16, shape[0], generator=g), torch.randn(16, shape[1], generator=g)
     built = groups.build(weight, theta_s)
-    assert torch.equal(built, theta_s[ids[:n_weight]].view(shape) + weight)
-    assert torch.equal(groups.effective_bias(bias, theta_s), theta_s[ids[n_weight:]] + bias)
+    delta = reference.delta(theta_s, partition, isometric=False)[offset:offset + n_weight + n_bias]  # θ_s: scaled
+    assert torch.equal(built, weight + delta[:n_weight].view(shape))
+    assert torch.equal(groups.effective_bias(bias, theta_s), bias + delta[n_weight:])
     grad = _layer_grad(groups, gy, x)
-    ref = torch.zeros(d, dtype=torch.float64).index_add_(0, ids, torch.cat([(gy.t() @ x).flatten(), gy.sum(0)]).double())
-    assert torch.allclose(grad.double(), ref, rtol=1e-5, atol=1e-5)
+    # the grouped sum is ∂/∂θ_s of Σ (∂L/∂W, ∂L/∂b) ⊙ ΔW: by autograd through the reference, in fp64
+    theta64 = torch.zeros(d, dtype=torch.float64, requires_grad=True)
+    delta64 = reference.delta(theta64, partition, isometric=False)[offset:offset + n_weight + n_bias]
+    (delta64 * torch.cat([(gy.t() @ x).flatten(), gy.sum(0)]).double()).sum().backward()
+    assert torch.allclose(grad.double(), theta64.grad, rtol=1e-5, atol=1e-5)
 
-    int32 = LayerGroups(offset, n_weight, n_bias, n, d, seed=7)
+    int32 = LayerGroups(partition, offset, n_weight, n_bias)
     int32._ids = ids.int()  # the int32 cache every version before kept: same bits
     assert torch.equal(int32.build(weight, theta_s), built)
     grad32 = _layer_grad(int32, gy, x)
@@ -393,4 +448,4 @@ def test_shared_scaled_theta_follows_every_way_theta_changes():
         gpart.theta(twin).zero_()
     assert torch.equal(_out(twin, inputs), _out(base, inputs)) and not torch.equal(_out(model, inputs), _out(base, inputs))
     merged = gpart.merge(model)
-    assert len(merged._forward_pre_hooks) == 0
+    assert len(merged._forward_pre_hooks) == len(merged._forward_hooks) == 0

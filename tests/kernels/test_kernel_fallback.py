@@ -1,4 +1,4 @@
-"""A bad kernel never breaks a run (issue 11): self-check per class, one warning, the reference path instead.
+"""A bad kernel never breaks a run: self-check per class, one warning, the reference path instead.
 
 `auto` mode only uses kernels on CUDA; here CPU tensors are let in (`kernels_on_cpu`) so the kernels run under
 Triton's interpreter, and failing or wrong kernels are injected into `triton_gpart`.
@@ -40,7 +40,8 @@ def kernels_on_cpu(monkeypatch):
     """Without a GPU, treat CPU tensors as auto mode treats CUDA ones (kernels run under the interpreter)."""
     if not GPU:
         real = dispatch._why_not
-        monkeypatch.setattr(dispatch, "_why_not", lambda device: real(device) if dispatch.mode() == "0" else None)
+        monkeypatch.setattr(dispatch, "_why_not",
+                            lambda device, switches=None: real(device, switches) if dispatch.mode() == "0" else None)
 
 
 def _pair(d=24, device=DEVICE):

@@ -1,4 +1,5 @@
-"""Triton kernels (docs/design.md §3.3) against the reference path: bit-identical ids, exact W_eff, ∂L/∂θ to fp64.
+"""Triton kernels (docs/design.md §3.3) against the method's reference (`core/reference.py`) and the reference
+path: bit-identical ids, exact W_eff, ∂L/∂θ to fp64.
 
 With a GPU these run compiled on it; without one, in Triton's interpreter on CPU tensors (TRITON_INTERPRET=1,
 set in conftest). bf16/fp16 are checked in both: the kernels upcast before tl.dot, so the interpreter computes
@@ -13,10 +14,11 @@ from triton.runtime.interpreter import InterpreterBuilder
 
 import gpart_cli as gpart
 from gpart_cli import rng
+from gpart_cli.core import reference
 from gpart_cli.core.model import compute_path, gpart_layers
 from gpart_cli.kernels import launch
 from gpart_cli.kernels.triton_gpart import build_weight, fixed_point_scale, grad_from_gemm, group_ids_triton
-from gpart_cli.partition import FEISTEL, SPLITMIX, group_ids
+from gpart_cli.partition import FEISTEL, SPLITMIX, Partition
 from tests.conftest import DEVICE, GPU, gpu_only, tiny_gpt2, tiny_llama
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -24,17 +26,21 @@ N, D, SEED, START = 50_000, 321, 3, 100
 DROP = (rng.drop_threshold(0.3), 0xABCDEF0123)
 
 
-def _ids(start, count, n=N, d=D, seed=SEED):
-    return gpart.group_ids(n, d, seed, start, count).long().to(DEVICE)
+def _delta(theta_s, start, count, algorithm=FEISTEL, seed=SEED):
+    """The reference ΔW of the weights [start, start + count) for an already scaled θ_s: θ_s[g], flat."""
+    return reference.delta(theta_s, Partition(algorithm, N, D, seed), isometric=False)[start:start + count]
 
 
 def _dense_grad(gy, x, transposed, dropout=None, start=START):
-    """Reference ∂L/∂θ in fp64: P^T of the (masked) dense gradient."""
+    """∂L/∂θ_s in fp64 by autograd through the reference: of Σ ∂L/∂W ⊙ ΔW, ∂L/∂W = gyᵀx shaped like W (Conv1D:
+    transposed), the dropped weights' entries zero. The kernels reduce this grouped sum unscaled."""
     gw = gy.double().t() @ x.double()
     flat = (gw.t() if transposed else gw).reshape(-1)
     if dropout is not None:
         flat = flat.masked_fill(rng.drop_mask(start, flat.numel(), dropout[1], dropout[0], DEVICE), 0.0)
-    return torch.zeros(D, dtype=torch.float64, device=DEVICE).index_add_(0, _ids(start, flat.numel()), flat)
+    theta_s = torch.zeros(D, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    (_delta(theta_s, start, flat.numel()) * flat).sum().backward()
+    return theta_s.grad
 
 
 def _rel(a, b):
@@ -43,10 +49,9 @@ def _rel(a, b):
 
 @pytest.mark.parametrize("n,d,seed", [(10, 3, 0), (12345, 100, 42), (70_001, 999, 7)])
 def test_kernel_group_ids_are_bit_identical(n, d, seed):
-    ids = group_ids_triton(n, d, seed, 0, n, DEVICE).cpu()
-    assert torch.equal(ids, gpart.group_ids(n, d, seed))
-    part = group_ids_triton(n, d, seed, 3, n - 5, DEVICE).cpu()
-    assert torch.equal(part, gpart.group_ids(n, d, seed)[3:n - 2])
+    want = reference.group_of(Partition(FEISTEL, n, d, seed)).int()
+    assert torch.equal(group_ids_triton(n, d, seed, 0, n, DEVICE).cpu(), want)
+    assert torch.equal(group_ids_triton(n, d, seed, 3, n - 5, DEVICE).cpu(), want[3:n - 2])
 
 
 def test_kernel_group_ids_past_2_31():
@@ -62,7 +67,7 @@ def test_kernel_build_is_bit_exact(dtype, dropout, algorithm, seed):
     g = torch.Generator().manual_seed(0)
     w = torch.randn(40, 50, generator=g).to(DEVICE, dtype)
     theta = torch.randn(D, generator=g).to(DEVICE)
-    delta = theta[group_ids(algorithm, N, D, seed, START, 2000).long().to(DEVICE)]
+    delta = _delta(theta, START, 2000, algorithm, seed)
     if dropout is not None:
         delta = delta.masked_fill(rng.drop_mask(START, 2000, dropout[1], dropout[0], DEVICE), 0.0)
     got = build_weight(w, theta, START, N, D, seed, dropout=dropout, algorithm=algorithm)

@@ -1,17 +1,18 @@
 """One ∂L/∂θ buffer per backward pass (docs/design.md §3.1): every layer adds into it, the θ_s node scales it once.
 
-The reference is P^T of the dense gradient: the same step on the merged model, with ∂L/∂W of every adapted weight
-summed into its group and divided by √n (fp64).
+The reference is Pᵀ of the dense gradient (fp64): P built from the partition's definition (`core/reference.py`
+over feistel-v1 with the base model's target sizes), w = w0 + Pθ put into the untouched base model, ∂L/∂w by
+autograd.
 """
-
-import copy
 
 import pytest
 import torch
 
 import gpart_cli as gpart
-from gpart_cli.core.model import gpart_layers, state_of
+from gpart_cli.core import reference
+from gpart_cli.core.model import state_of
 from gpart_cli.kernels import theta_grad
+from gpart_cli.partition import FEISTEL, Partition
 from tests.conftest import tiny_llama
 
 D = 48
@@ -33,25 +34,26 @@ def _loss(model, tokens):
     return model(tokens).logits.square().mean()
 
 
-def _dense_reference(model, tokens) -> torch.Tensor:
-    """P^T ∂L/∂W: the merged model's dense gradient, grouped and scaled in fp64."""
-    merged = gpart.merge(copy.deepcopy(model))
-    names = [name for name, _ in gpart_layers(model)]
-    weights = [merged.get_submodule(name).weight for name in names]
-    for w in weights:
-        w.requires_grad_(True)
-    _loss(merged, tokens).backward()
-    dense = torch.cat([w.grad.double().flatten() for w in weights])
-    ids = torch.cat([layer.groups.ids(torch.device("cpu")).long() for _, layer in gpart_layers(model)])
-    sums = torch.zeros(D, dtype=torch.float64).index_add_(0, ids, dense)
-    return sums * state_of(model).inv_sqrt_sizes.double()
+def _dense_reference(theta, tokens) -> torch.Tensor:
+    """Pᵀ ∂L/∂w at w = w0 + Pθ, in fp64: P from the partition's definition (feistel-v1, seed 0, over the targets'
+    sizes in the base model, module order), ∂L/∂w by autograd on the base model."""
+    base = tiny_llama().double()
+    names = [name for name, _ in base.named_modules() if name.rsplit(".", 1)[-1] in TARGETS]
+    w0 = [base.get_submodule(name).weight for name in names]
+    sizes = [w.numel() for w in w0]
+    p = reference.dense_p(Partition(FEISTEL, sum(sizes), D, 0, sizes))  # [N, d], PᵀP = I
+    w = (torch.cat([t.detach().flatten() for t in w0]) + p @ theta.detach().double()).requires_grad_()
+    weights = {f"{name}.weight": piece.view_as(t) for name, piece, t in zip(names, w.split(sizes), w0)}
+    torch.func.functional_call(base, weights, (tokens,)).logits.square().mean().backward()
+    return p.t() @ w.grad
 
 
 def test_the_step_gradient_is_p_transpose_of_the_dense_gradient():
+    """∂L/∂θ of a training step equals Pᵀ ∂L/∂w of the same loss at the same weights, P from the definition."""
     model, tokens = _model(), _tokens(0)
     _loss(model, tokens).backward()
-    torch.testing.assert_close(gpart.theta(model).grad.double(), _dense_reference(model, tokens), rtol=1e-5,
-                               atol=1e-8)
+    torch.testing.assert_close(gpart.theta(model).grad.double(), _dense_reference(gpart.theta(model), tokens),
+                               rtol=1e-5, atol=1e-8)
 
 
 def test_every_layer_of_a_pass_adds_into_one_sink_and_returns_no_gradient_of_its_own(monkeypatch):

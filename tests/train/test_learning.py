@@ -1,6 +1,7 @@
 """Tests that catch wrong math in training: the optimizer's parameter groups hold exactly the recipe's learning
-rates and weight decay for exactly the right tensors, one step moves them by AdamW's update, and a run learns a
-tiny task that only θ can learn."""
+rates and weight decay for exactly the right tensors, one step moves each trainable tensor by AdamW's update with
+the recipe's lr and decay and a gradient computed here without the optimizer, and a run learns a tiny task that
+only θ can learn."""
 
 import json
 
@@ -49,25 +50,44 @@ def test_parameter_groups_hold_the_recipe_values(tiny_bert_dir, sst2_files, tmp_
         assert adapter and not any("classifier" in n for n in adapter)
 
 
+def _role(name: str) -> str:
+    """What a trainable tensor is, from its name (PEFT's prefixes removed): "head" or "adapter" (θ, LoRA's factors)."""
+    plain = name.removeprefix("base_model.model.").replace("modules_to_save.default.", "")
+    return "head" if plain in HEAD else "adapter"
+
+
+def _gradient_without_the_optimizer(t) -> dict[str, torch.Tensor]:
+    """Step 0's gradient of every trainable tensor, by name: forward and backward of the step's batches, then
+    clipped to the recipe's max_grad_norm as torch.nn.utils.clip_grad_norm_ defines it."""
+    for _, batch, weight in t.step_batches(0):
+        (t.model(**batch).loss * weight / t.recipe.train.grad_accum).backward()
+    grads = {n: p.grad.detach().clone() for n, p in t.model.named_parameters() if p.requires_grad}
+    t.model.zero_grad(set_to_none=True)
+    norm = float(torch.linalg.vector_norm(torch.cat([g.flatten() for g in grads.values()])))
+    clip = min(1.0, (t.recipe.train.max_grad_norm or float("inf")) / (norm + 1e-6))
+    return {n: g * clip for n, g in grads.items()}
+
+
 @pytest.mark.parametrize("method", ["gpart", "lora"])
-def test_one_step_is_adamw_with_each_groups_lr_and_decay(tiny_bert_dir, sst2_files, tmp_path, method):
-    """After AdamW's first step m̂ = g and v̂ = g², so each entry moves by exactly
-    -lr·wd·p - lr·g/(|g| + eps): the group's lr and decay, nothing else (clipping only rescales g)."""
+def test_one_step_is_adamw_with_the_recipes_lr_and_decay(tiny_bert_dir, sst2_files, tmp_path, method):
+    """After AdamW's first step m̂ = g and v̂ = g², so each trainable entry moves by exactly
+    -lr·wd·p - lr·g/(|g| + eps): lr the recipe's lr_theta for the adapter (θ, LoRA's factors) and lr_head for the
+    head, wd the recipe's weight decay, g computed here without the optimizer. Frozen tensors do not move."""
     t = _trainer(tiny_bert_dir, sst2_files, tmp_path, method)
-    t.model.train()
-    before = {id(p): p.detach().clone() for g in t.optimizer.param_groups for p in g["params"]}
+    t.model.eval()  # no dropout: the step and the gradient above see the same function
+    before = {n: p.detach().clone() for n, p in t.model.named_parameters()}
+    grads = _gradient_without_the_optimizer(t)
+    roles = {n: _role(n) for n in grads}
+    assert list(roles.values()).count("head") == len(HEAD) and "adapter" in roles.values()
     t._train_step(0)
-    moved = 0
-    for g in t.optimizer.param_groups:
-        for p in g["params"]:
-            state = t.optimizer.state[p]
-            grad = state["exp_avg"] / (1 - 0.9)  # first step: exp_avg = (1 - β1) g
-            old = before[id(p)]
-            lr = g["initial_lr"]  # step 0's lr (no warmup); g["lr"] is already the scheduler's next one
-            want = old * (1 - lr * g["weight_decay"]) - lr * grad / (grad.abs() + 1e-8)
-            assert torch.allclose(p.detach(), want, rtol=0, atol=1e-7), g["name"]
-            moved += int((p.detach() != old).sum())
-    assert moved > 0
+    for name, p in t.model.named_parameters():
+        if name not in grads:
+            assert torch.equal(p.detach(), before[name]), name
+            continue
+        lr, g = {"head": LR_HEAD, "adapter": LR_THETA}[roles[name]], grads[name]
+        want = before[name] * (1 - lr * WD) - lr * g / (g.abs() + 1e-8)
+        assert torch.allclose(p.detach(), want, rtol=0, atol=1e-7), name
+        assert not torch.equal(p.detach(), before[name]), name
 
 
 def _keyword_rows(n: int, seed: int) -> list[dict]:
