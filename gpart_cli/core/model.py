@@ -19,7 +19,7 @@ from ..errors import GpartError
 from ..kernels.delta_ops import LayerGroups
 from ..kernels.dispatch import ComputeLog, read_switches
 from ..kernels.modes import Switches
-from ..kernels.theta_grad import GradSink, ScaledTheta, scale_theta
+from ..kernels.theta_grad import GradSink, ThetaSCache, scale_theta
 from ..partition import FEISTEL, Partition
 from ..partition.feistel import check_d
 from ..partition.spec import PartitionSpec
@@ -37,17 +37,6 @@ def initial_theta(config: GPartConfig) -> torch.Tensor:
         return torch.zeros(config.d, dtype=torch.float32)
     u = rng.uniform(config.d, rng.init_key(config.init_seed))
     return ((2.0 * u - 1.0) * config.init_bound).float()
-
-
-class _StepCache(dict):
-    """A cache of one step's θ_s: a copy of the model (deepcopy, pickle) starts without it, as the graph it may
-    hold belongs to this model's step."""
-
-    def __deepcopy__(self, memo):
-        return _StepCache()
-
-    def __reduce__(self):
-        return _StepCache, ()
 
 
 class GPartState(nn.Module):
@@ -71,8 +60,7 @@ class GPartState(nn.Module):
         self.dropout_key: int | None = None
         self.compute = ComputeLog()
         self.switches: Switches | None = None
-        self._shared = _StepCache()  # device -> (key, θ_s): see shared_scaled_theta
-        self._graph = _StepCache()  # (device, dropout) -> (key, θ_s, sink): see layer_theta
+        self._theta_s = ThetaSCache()  # one θ_s per θ value, device and mode (kernels/theta_grad.py)
 
     @property
     def spec(self) -> PartitionSpec:
@@ -107,46 +95,16 @@ class GPartState(nn.Module):
         return training and self.config.dropout > 0
 
     def shared_scaled_theta(self, device: torch.device, dropout: bool = False) -> torch.Tensor:
-        """`scaled_theta` without a graph, computed once per theta value and device and shared by every layer
-        (calls without autograd; `layer_theta` is its training twin).
-
-        One copy per step instead of one per layer is d·4 bytes per layer fewer (256 MB for d = 1M over 64
-        layers, when they were saved for backward). The cache is keyed by theta's version counter and storage
-        (every in-place update, an optimizer step included, changes it) and cleared before each forward of the
-        model (`forget_shared`), which also covers edits through `theta.data` that bypass the version counter.
-        """
-        theta = self.theta
-        key = (self._dropout_scales(dropout), theta._version, theta.data_ptr())
-        cached = self._shared.get(device)
-        if cached is None or cached[0] != key:
-            with torch.no_grad():
-                cached = (key, self.scaled_theta(device, dropout))
-            self._shared[device] = cached
-        return cached[1]
+        """`scaled_theta` without a graph, computed once per θ value and device and shared by every layer."""
+        return self._theta_s.shared(self.theta, self.inv_sqrt_sizes, self._dropout_factor(dropout), device)
 
     def layer_theta(self, device: torch.device, training: bool) -> tuple[torch.Tensor, GradSink | None]:
-        """θ_s for the layers' Functions on `device`, and the sink their backward adds ∂L/∂W into.
-
-        With autograd on and θ trainable, θ_s is the output of one `ScaledTheta` node per device and dropout mode,
-        shared by every layer of the forward pass and keyed like `shared_scaled_theta`; its backward turns the sink
-        into ∂L/∂θ once per step (docs/design.md §3.1). Otherwise the plain shared θ_s and no sink.
-        """
-        theta = self.theta
-        if not (torch.is_grad_enabled() and theta.requires_grad):
-            return self.shared_scaled_theta(device, dropout=training), None
-        dropout = self._dropout_scales(training)
-        key = (theta._version, theta.data_ptr())
-        cached = self._graph.get((device, dropout))
-        if cached is None or cached[0] != key:
-            sink = GradSink(self.config.d, device)
-            factor = self._dropout_factor(training)
-            cached = (key, ScaledTheta.apply(theta, self.inv_sqrt_sizes, factor, device, sink), sink)
-            self._graph[(device, dropout)] = cached
-        return cached[1], cached[2]
+        """θ_s for the layers' Functions on `device`, and the sink their backward adds ∂L/∂W into (none without
+        autograd); one per step, device and mode (docs/design.md §3.1)."""
+        return self._theta_s.for_layers(self.theta, self.inv_sqrt_sizes, self._dropout_factor(training), device)
 
     def forget_shared(self) -> None:
-        self._shared.clear()
-        self._graph.clear()
+        self._theta_s.clear()
 
     def dropout(self, training: bool) -> tuple[int, int] | None:
         """(threshold, key) of ΔW dropout for a layer in this mode, or None (eval mode, or p = 0)."""
