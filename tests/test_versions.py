@@ -54,6 +54,7 @@ def test_this_environment_passes():
     assert problems() == []
 
 
+@pytest.mark.slow
 def test_importing_gpart_with_an_old_transformers_fails_with_the_message(tmp_path):
     """A real import: a distribution record of transformers 4.46.0 earlier on sys.path than the installed one."""
     info = tmp_path / "transformers-4.46.0.dist-info"

@@ -1,4 +1,4 @@
-"""One place decides device and precision (issue 10): --device for train/eval/merge, eval in the run's precision."""
+"""One place decides device and precision: --device for train/eval/merge, eval in the run's precision."""
 
 from __future__ import annotations
 

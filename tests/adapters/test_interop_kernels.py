@@ -23,6 +23,7 @@ def _ids(start, count, d=D, seed=SEED):
     return group_ids(SPLITMIX, N, d, seed, start, count).long().to(DEVICE)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("start,count,d,seed", [(0, 5000, 321, 0), (3, 4097, 23_040, 2**63 + 11),
                                                 (2**40 + 5, 300, 1_000_003, 2**64 - 1), (2**33, 64, 1, 5)])
 def test_kernel_splitmix_ids_are_bit_identical(start, count, d, seed):
@@ -30,6 +31,7 @@ def test_kernel_splitmix_ids_are_bit_identical(start, count, d, seed):
     assert torch.equal(got, group_ids(SPLITMIX, start + count, d, seed, start, count))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("transposed", [False, True])
 @pytest.mark.parametrize("deterministic", [False, True])
 def test_kernel_splitmix_gradient_matches_fp64(transposed, deterministic):

@@ -136,6 +136,7 @@ def test_negative_seed_is_taken_mod_2_64():
     assert splitmix64_mod_ids(0, 50, 97, -3).tolist() == splitmix64_mod_ids(0, 50, 97, 2**64 - 3).tolist()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.environ.get("GPART_AUTHORS_PEFT"),
                     reason="set GPART_AUTHORS_PEFT to a clone of SamsungLabs/GPart (see docs/interop.md)")
 def test_vectors_still_match_their_code():

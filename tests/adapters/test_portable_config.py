@@ -1,4 +1,4 @@
-"""Merged models that transformers 4.x and vLLM read right (issue 10): top-level rope_theta, rope_scaling,
+"""Merged models that transformers 4.x and vLLM read right: top-level rope_theta, rope_scaling,
 torch_dtype beside transformers 5's rope_parameters / dtype."""
 
 from __future__ import annotations

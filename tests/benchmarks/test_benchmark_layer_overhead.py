@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
@@ -28,6 +29,7 @@ def test_the_three_stacks_have_the_same_layers_and_each_gets_its_gradient():
     assert x.grad is not None
 
 
+@pytest.mark.slow
 def test_the_script_prints_its_figures():
     script = Path(layer_overhead.__file__)
     res = subprocess.run([sys.executable, str(script), "--layers", "2", "--width", "8", "--steps", "3"],

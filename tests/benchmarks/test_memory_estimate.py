@@ -33,6 +33,7 @@ def test_parameter_counts_match_the_model_built_from_its_config(name, config_cla
     assert counts["linear"] == linear
 
 
+@pytest.mark.slow
 def test_the_readme_table_is_the_scripts_output():
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "memory_estimate.py"), "--markdown"],
                          capture_output=True, text=True, check=True).stdout

@@ -5,6 +5,7 @@ import json
 import os
 from pathlib import Path
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 from typer.testing import CliRunner
@@ -101,6 +102,7 @@ def test_help_lists_every_command():
         assert command in result.output
 
 
+@pytest.mark.slow
 def test_cli_output_has_no_library_progress_bars():
     """datasets/transformers tqdm bars would interleave with Rich's display; the CLI switches them off."""
     import subprocess

@@ -1,4 +1,4 @@
-"""The authors' knobs (issue 13): dropout on ΔW keyed per micro-batch, and θ's uniform init (`init_bound`)."""
+"""The authors' knobs: dropout on ΔW keyed per micro-batch, and θ's uniform init (`init_bound`)."""
 
 import copy
 import json
@@ -158,6 +158,7 @@ def test_checkpoint_recompute_sees_the_same_mask(keyed):
     assert torch.equal(grads[0], grads[1])
 
 
+@pytest.mark.slow
 def test_kernel_path_applies_the_same_mask(tokens, monkeypatch):
     model, tokens = _model().to(DEVICE).train(), tokens.to(DEVICE)
     set_dropout_key(model, 2, 7)

@@ -1,4 +1,4 @@
-"""What the GPU paths must not do on the host (issue 20): decode through unmerged layers, sync the host per
+"""What the GPU paths must not do on the host: decode through unmerged layers, sync the host per
 micro-batch, copy per row per decode step. Counted on the CPU, where the same code runs."""
 
 import sys
@@ -31,6 +31,7 @@ def host_reads(monkeypatch):
     return calls
 
 
+@pytest.mark.slow
 def test_a_training_step_reads_the_device_once(tiny_bert_dir, sst2_files, tmp_path, host_reads):
     from gpart_cli.train.trainer import Trainer
 

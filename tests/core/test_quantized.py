@@ -98,6 +98,7 @@ def test_a_base_repacked_before_apply_is_refused(base_dir):
         gpart.apply(base, gpart.GPartConfig(d=40, target_modules=["q_proj"]))
 
 
+@pytest.mark.slow
 def test_kernel_path_keeps_zero_bytes_per_parameter(base_dir, tokens, monkeypatch):
     """The additive ΔW path computes group ids on the fly like the full one (GPART_TRITON=1: kernels, here under
     Triton's interpreter) and gives the reference path's gradient."""

@@ -109,6 +109,7 @@ def bert_adapters(tiny_bert_dir, tmp_path):
     return paths
 
 
+@pytest.mark.slow
 def test_eval_several_adapters_loads_the_base_once_and_scores_as_separate_runs(
         bert_adapters, tiny_bert_dir, sst2_files, tmp_path, monkeypatch):
     import gpart_cli.adapters.loading as loading

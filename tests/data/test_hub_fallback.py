@@ -1,4 +1,4 @@
-"""A fresh machine without ../shared (issue 10): recipes that name local files fall back to the hub dataset with the
+"""A fresh machine without ../shared: recipes that name local files fall back to the hub dataset with the
 same rows, say so, and name both sources when neither is reachable. The hub is mocked at `datasets.load_dataset`."""
 
 from __future__ import annotations

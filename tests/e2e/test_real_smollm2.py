@@ -10,7 +10,7 @@ from gpart_cli.commands.app import app
 from gpart_cli.evaluation.tasks import load_task_rows, run_generation
 from tests.conftest import ASSETS
 
-pytestmark = pytest.mark.assets
+pytestmark = [pytest.mark.assets, pytest.mark.slow]  # real pretrained models: end-to-end runs
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MAWPS = str(ASSETS / "mawps" / "testset.json")
 

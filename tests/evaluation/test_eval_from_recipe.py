@@ -1,4 +1,4 @@
-"""`gpart eval --adapter RUN` scores the data the run's recipe names (issue 10): dataset, split, columns, max length,
+"""`gpart eval --adapter RUN` scores the data the run's recipe names: dataset, split, columns, max length,
 image transform; not the task name as a hub id with split `validation` and columns image/label."""
 
 from __future__ import annotations

@@ -73,6 +73,7 @@ def test_cut_at_stop():
 # ---------------------------------------------------------------- generate
 
 
+@pytest.mark.slow
 def test_batched_left_padded_equals_one_at_a_time(tok, prompts):
     model = tiny_llama(len(tok), seed=8)  # seed 8: four distinct outputs, one ending early on eos
     lengths = {len(tok(p)["input_ids"]) for p in prompts}
@@ -91,6 +92,7 @@ def test_batched_left_padded_equals_one_at_a_time(tok, prompts):
                                                           stop=stops)
 
 
+@pytest.mark.slow
 def test_max_new_tokens_respected(tok, prompts):
     model = tiny_llama(len(tok))
     long = generate(model, tok, prompts, max_new_tokens=7, batch_size=5)

@@ -152,6 +152,7 @@ def test_vllm_gets_the_hf_prompts_and_greedy_parameters_and_answers_map_back(ins
     assert doc["backend"] == "vllm" and doc["scores"]["metamath"] == 0.5 and doc["scores"]["n"] == 4
 
 
+@pytest.mark.slow
 def test_vllm_on_the_merged_adapter_generates_what_the_hf_backend_generates(install, adapter, llama_dir,
                                                                             tmp_path):
     install(hf_greedy)
@@ -243,6 +244,7 @@ CHECK = Path(__file__).resolve().parents[2] / "benchmarks" / "vllm_check.py"
 GPU_AND_VLLM = torch.cuda.is_available() and importlib.util.find_spec("vllm") is not None
 
 
+@pytest.mark.slow
 def test_the_gpu_check_says_what_it_skipped_here():
     if GPU_AND_VLLM:
         pytest.skip("this machine can run the check itself (test_the_gpu_check_finds_hf_and_vllm_agree)")
@@ -255,6 +257,7 @@ def test_the_gpu_check_says_what_it_skipped_here():
     assert report["why"] == want
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not GPU_AND_VLLM, reason="needs a CUDA device and vLLM; the CPU twin is "
                                              "test_vllm_on_the_merged_adapter_generates_what_the_hf_backend_generates")
 def test_the_gpu_check_finds_hf_and_vllm_agree():

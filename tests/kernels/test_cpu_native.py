@@ -1,4 +1,4 @@
-"""The compiled CPU loops (issue 11): the same bits as torch's ops, one warning and torch ops when they cannot run."""
+"""The compiled CPU loops: the same bits as torch's ops, one warning and torch ops when they cannot run."""
 
 import copy
 import warnings
@@ -33,6 +33,7 @@ def _problem(n, d, id_dtype, seed=0):
     return ids, torch.randn(d, generator=g), torch.randn(n, generator=g), torch.rand(n, generator=g) < 0.1
 
 
+@pytest.mark.slow
 @needs_cc
 def test_the_loops_compile_and_pass_their_self_check_here(tmp_path, monkeypatch):
     monkeypatch.setenv("GPART_CACHE_DIR", str(tmp_path))
@@ -47,6 +48,7 @@ def test_the_loops_compile_and_pass_their_self_check_here(tmp_path, monkeypatch)
     assert list((tmp_path / "cpu-kernels").iterdir()) == built and built[0].stat().st_ino == inode
 
 
+@pytest.mark.slow
 @needs_cc
 def test_a_corrupt_cached_library_is_built_again(tmp_path, monkeypatch):
     monkeypatch.setenv("GPART_CACHE_DIR", str(tmp_path))
@@ -58,6 +60,7 @@ def test_a_corrupt_cached_library_is_built_again(tmp_path, monkeypatch):
     assert built.stat().st_size > 1000 and list(built.parent.iterdir()) == [built]
 
 
+@pytest.mark.slow
 @needs_cc
 def test_cc_may_carry_arguments(tmp_path, monkeypatch):
     monkeypatch.setenv("GPART_CACHE_DIR", str(tmp_path))
@@ -66,6 +69,7 @@ def test_cc_may_carry_arguments(tmp_path, monkeypatch):
     assert cpu_native.library() is not None
 
 
+@pytest.mark.slow
 @needs_cc
 def test_the_self_check_holds_under_a_float64_default_dtype(tmp_path, monkeypatch):
     monkeypatch.setenv("GPART_CACHE_DIR", str(tmp_path))
@@ -156,6 +160,7 @@ def _trained_step(model, tokens):
     return out.detach(), gpart.theta(model).grad.clone()
 
 
+@pytest.mark.slow
 @needs_cc
 def test_a_training_step_gives_the_same_bits_with_and_without_the_loops(monkeypatch, tokens):
     model = gpart.apply(tiny_llama(hidden=64), gpart.GPartConfig(d=512, target_modules=["q_proj", "v_proj"],
@@ -211,6 +216,7 @@ def test_a_library_that_fails_to_compile_warns_once(tmp_path, monkeypatch):
     assert not list((tmp_path / "cpu-kernels").glob("*.so"))
 
 
+@pytest.mark.slow
 def test_no_compiler_is_an_error_that_names_the_fix_when_the_loops_are_required(tmp_path, monkeypatch):
     monkeypatch.setenv("GPART_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv("CC", "no-such-compiler")
@@ -221,6 +227,7 @@ def test_no_compiler_is_an_error_that_names_the_fix_when_the_loops_are_required(
         cpu_native.library()
 
 
+@pytest.mark.slow
 @needs_cc
 def test_loops_that_disagree_with_torch_are_rejected(tmp_path, monkeypatch):
     monkeypatch.setenv("GPART_CACHE_DIR", str(tmp_path))
@@ -231,6 +238,7 @@ def test_loops_that_disagree_with_torch_are_rejected(tmp_path, monkeypatch):
         assert cpu_native.library() is None
 
 
+@pytest.mark.slow
 def test_mode_zero_never_compiles(tmp_path, monkeypatch):
     monkeypatch.setenv("GPART_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv("GPART_CPU_KERNEL", "0")
@@ -238,6 +246,7 @@ def test_mode_zero_never_compiles(tmp_path, monkeypatch):
     assert not (tmp_path / "cpu-kernels").exists()
 
 
+@pytest.mark.slow
 def test_an_unknown_mode_names_the_choices(monkeypatch):
     monkeypatch.setenv("GPART_CPU_KERNEL", "yes")
     with pytest.raises(GpartError, match=r"GPART_CPU_KERNEL='yes' is not one of auto, 1, 0"):

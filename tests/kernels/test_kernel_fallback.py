@@ -64,6 +64,7 @@ def _reference(model, tokens, monkeypatch):
     return result
 
 
+@pytest.mark.slow
 def test_a_failing_kernel_warns_once_and_the_run_continues_on_the_reference_path(kernels_on_cpu, monkeypatch, tokens):
     ref, model = _pair()
     want_out, want_grad = _reference(ref, tokens, monkeypatch)
@@ -85,6 +86,7 @@ def test_a_failing_kernel_warns_once_and_the_run_continues_on_the_reference_path
     assert f"build on {DEVICE} float32: triton" in compute_path(model)
 
 
+@pytest.mark.slow
 def test_a_wrong_kernel_is_caught_by_the_comparison(kernels_on_cpu, monkeypatch, tokens):
     ref, model = _pair()
     want_out, want_grad = _reference(ref, tokens, monkeypatch)
@@ -101,6 +103,7 @@ def test_a_wrong_kernel_is_caught_by_the_comparison(kernels_on_cpu, monkeypatch,
     assert f"build on {DEVICE} float32: reference: self-check failed" in compute_path(model)
 
 
+@pytest.mark.slow
 def test_a_triton_that_does_not_import_falls_back_too(kernels_on_cpu, monkeypatch, tokens):
     """Triton installed but broken (a driver or CUDA mismatch): the import fails inside the check, not the run."""
     import gpart_cli.kernels as kernels_package
@@ -114,6 +117,7 @@ def test_a_triton_that_does_not_import_falls_back_too(kernels_on_cpu, monkeypatc
     assert torch.equal(out, want_out) and torch.equal(grad, want_grad)
 
 
+@pytest.mark.slow
 def test_gpart_triton_1_turns_a_failed_check_into_an_error(monkeypatch, tokens):
     monkeypatch.setenv("GPART_TRITON", "1")  # kernels on CUDA, or on CPU tensors under the interpreter
     monkeypatch.setattr(triton_gpart, "build_weight", lambda *a, **k: torch.zeros(1))
@@ -122,6 +126,7 @@ def test_gpart_triton_1_turns_a_failed_check_into_an_error(monkeypatch, tokens):
         model(tokens.to(DEVICE))
 
 
+@pytest.mark.slow
 def test_each_kernel_class_is_checked_once(kernels_on_cpu, monkeypatch, tokens):
     calls = []
     real = selfcheck.CHECKS.copy()
@@ -138,6 +143,7 @@ def test_each_kernel_class_is_checked_once(kernels_on_cpu, monkeypatch, tokens):
     assert len(calls) > first and all(k[2] == torch.bfloat16 for k in calls[first:])
 
 
+@pytest.mark.slow
 def test_modes(monkeypatch):
     cpu, cuda = torch.device("cpu"), torch.device("cuda:0")
     monkeypatch.setenv("GPART_TRITON", "0")

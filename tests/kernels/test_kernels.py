@@ -47,6 +47,7 @@ def _rel(a, b):
     return float((a.double() - b.double()).norm() / b.double().norm())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("n,d,seed", [(10, 3, 0), (12345, 100, 42), (70_001, 999, 7)])
 def test_kernel_group_ids_are_bit_identical(n, d, seed):
     want = reference.group_of(Partition(FEISTEL, n, d, seed)).int()
@@ -54,12 +55,14 @@ def test_kernel_group_ids_are_bit_identical(n, d, seed):
     assert torch.equal(group_ids_triton(n, d, seed, 3, n - 5, DEVICE).cpu(), want[3:n - 2])
 
 
+@pytest.mark.slow
 def test_kernel_group_ids_past_2_31():
     # Global indices beyond int32 (a layer deep inside an 8B model's all-linear partition).
     n, start = 3 * 2**31 + 17, 2**32 + 5
     assert torch.equal(group_ids_triton(n, 1000, 1, start, 300, DEVICE).cpu(), gpart.group_ids(n, 1000, 1, start, 300))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("algorithm, seed", [(FEISTEL, SEED), (SPLITMIX, 2**63 + 11)])  # the authors': seed >= 2^63
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("dropout", [None, DROP])
@@ -77,6 +80,7 @@ def test_kernel_build_is_bit_exact(dtype, dropout, algorithm, seed):
     assert torch.equal(alone, delta.view(40, 50).to(dtype))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("transposed", [False, True])
 @pytest.mark.parametrize("dropout", [None, DROP])
@@ -89,6 +93,7 @@ def test_fused_gemm_reduction_matches_fp64(dtype, transposed, dropout):
     assert _rel(grad, _dense_grad(gy, x, transposed, dropout)) < 1e-6
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_deterministic_reduction_is_accurate_and_repeatable(dtype):
     g = torch.Generator().manual_seed(2)
@@ -111,6 +116,7 @@ def test_fixed_point_scale_leaves_room_for_every_group_sum():
     assert float(fixed_point_scale(torch.zeros(4, 2), torch.zeros(4, 2), 3)) == 2.0**1000  # all-zero: finite
 
 
+@pytest.mark.slow
 def test_int64_offsets_past_2_31_elements():
     """2,049 token rows 2**20 elements apart: the last row starts at element 2**31, so row * stride overflows
     int32 although both factors fit in it (131k tokens x an 18,944-wide MLP is the real-world case).
@@ -131,6 +137,7 @@ def test_int64_offsets_past_2_31_elements():
     assert _rel(grad, _dense_grad(gy.contiguous(), x.contiguous(), False)) < 1e-6
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(GPU, reason="inspects Triton's interpreter, which only runs without a GPU")
 def test_every_kernel_address_offset_is_int64(monkeypatch):
     """The reasoned bound for what the test above cannot allocate (a weight of 2**31 elements): every pointer
@@ -180,6 +187,7 @@ def test_dot_precision_follows_torch_tf32_setting(monkeypatch, allow_tf32):
     assert launch.dot_precision(torch.float32, torch.device("cpu")) == ("ieee", False)
 
 
+@pytest.mark.slow
 @gpu_only
 def test_compiled_fp32_gradient_is_full_precision_unless_tf32_allowed(allow_tf32):
     g = torch.Generator().manual_seed(4)
@@ -193,6 +201,7 @@ def test_compiled_fp32_gradient_is_full_precision_unless_tf32_allowed(allow_tf32
     assert errors[False] < 1e-6 < errors[True] < 1e-2
 
 
+@pytest.mark.slow
 @gpu_only
 def test_compiled_deterministic_reduction_is_bit_reproducible():
     g = torch.Generator().manual_seed(5)
@@ -206,6 +215,7 @@ def test_compiled_deterministic_reduction_is_bit_reproducible():
     assert all(torch.equal(runs[0], r) for r in runs[1:])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("make,targets", [(tiny_llama, ["q_proj", "v_proj"]), (tiny_gpt2, ["c_attn"])])
 def test_layer_on_the_kernel_path_matches_the_reference_path(make, targets, monkeypatch, tokens):
     base = make().to(DEVICE)
@@ -227,6 +237,7 @@ def test_layer_on_the_kernel_path_matches_the_reference_path(make, targets, monk
     assert compute_path(fused).startswith("Triton kernels on")
 
 
+@pytest.mark.slow
 def test_kernel_check_script_runs_here():
     """benchmarks/kernel_check.py: the GPU checks on a GPU; here it says what it skipped and exits 0."""
     import json

@@ -32,6 +32,7 @@ def _probe(mode: str, **env) -> tuple[str, int]:
     return out[0], int(out[1])
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
 def test_freed_blocks_are_reused_without_page_faults():
     applied, faults = _probe("on")
@@ -41,6 +42,7 @@ def test_freed_blocks_are_reused_without_page_faults():
     assert default_faults > 2 * 16000  # glibc unmaps a 64 MB block on free: 16,384 4 KB pages faulted per fill
 
 
+@pytest.mark.slow
 def test_user_settings_and_opt_out_are_respected(monkeypatch):
     for env in ({"GPART_CPU_ALLOC": "0"}, {"MALLOC_TRIM_THRESHOLD_": "131072"}):
         applied, _ = _probe("on", **env)

@@ -1,4 +1,4 @@
-"""`train.deterministic: true` (issue 11): deterministic algorithms on, and GPart's kernels reduce ∂L/∂θ in int64
+"""`train.deterministic: true`: deterministic algorithms on, and GPart's kernels reduce ∂L/∂θ in int64
 fixed point (order-free, so bit-reproducible on a GPU). The GPU half of the claim is `tests/kernels/test_kernels.py`'s
 `test_compiled_deterministic_reduction_is_bit_reproducible` and `benchmarks/kernel_check.py`."""
 
@@ -29,6 +29,7 @@ def _theta_grad(model, tokens):
     return gpart.theta(model).grad.clone()
 
 
+@pytest.mark.slow
 def test_kernels_use_the_fixed_point_reduction_under_deterministic_algorithms(tokens, monkeypatch,
                                                                               restore_determinism):
     model = gpart.apply(tiny_llama().to(DEVICE), gpart.GPartConfig(d=24, target_modules=["q_proj", "v_proj"]))

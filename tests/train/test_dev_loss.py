@@ -1,4 +1,4 @@
-"""The SFT dev loss (issue 10): chunked over the vocabulary, equal to transformers' loss, bounded in memory."""
+"""The SFT dev loss: chunked over the vocabulary, equal to transformers' loss, bounded in memory."""
 
 from __future__ import annotations
 
