@@ -80,6 +80,10 @@ class Trainer:
         from_rank0 = self.fsdp and r.model.quantization is None
         self.s: Setup = build(r, torch.device("cpu") if from_rank0 else self.device,
                               weights=self.main or not from_rank0)
+        if from_rank0:
+            from .fsdp import match_rank0
+
+            match_rank0(self.s.model)  # the skeletons take rank 0's dtypes and computed buffers
         prepared = prepare(self.s.model, r.method, t, self.s.task_type)
         quantized = getattr(prepared.model, "hf_quantizer", None) is not None  # placed at load, cannot .to()
         weights = (prepared.model.state_dict() if self.main else {}) if from_rank0 else None
@@ -87,7 +91,12 @@ class Trainer:
         if t.gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         # DDP under torchrun (evals use self.model); FSDP shards self.model in place.
-        self.forward_model = distributed.wrap(self.model, self.device, t.distributed, r.method.name, weights)
+        if self.fsdp:
+            from .fsdp import shard
+
+            self.forward_model = shard(self.model, self.device, r.method.name, weights)
+        else:
+            self.forward_model = distributed.wrap(self.model, self.device)
         del weights  # rank 0's whole CPU copy of the weights
         self.params = [p for g in prepared.groups for p in g["params"]]
         self.optimizer = torch.optim.AdamW(prepared.groups, betas=(0.9, 0.999), eps=1e-8)
