@@ -97,6 +97,21 @@ def all_ranks(flag: bool) -> list[bool]:
     return [bool(f.item()) for f in flags]
 
 
+def gather(data: torch.Tensor) -> dict[int, torch.Tensor]:
+    """Every rank's uint8 CPU tensor `data`, by rank (every rank calls it; all get all); {0: data} alone."""
+    if not dist.is_initialized():
+        return {0: data}
+    device, world = _comm_device(), dist.get_world_size()
+    sizes = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(world)]
+    dist.all_gather(sizes, torch.tensor([data.numel()], dtype=torch.int64, device=device))
+    sizes = [int(n) for n in torch.cat(sizes).tolist()]
+    padded = torch.zeros(max(sizes), dtype=torch.uint8, device=device)
+    padded[:data.numel()] = data.to(device)
+    everyone = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(everyone, padded)
+    return {rank: t[:n].cpu() for rank, (t, n) in enumerate(zip(everyone, sizes))}
+
+
 def from_rank0(read: Callable[[], dict[str, bytes]], what: str = "the checkpoint") -> dict[str, bytes]:
     """Files that rank 0 reads, handed to every rank: nodes need not share the run dir's filesystem.
 
