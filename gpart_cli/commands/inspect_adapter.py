@@ -18,11 +18,10 @@ def inspect(adapter: Annotated[str, typer.Argument(help="A .gpart adapter file, 
                                                               "the targets (default: the one the adapter records).")]
             = None, trust_remote_code: TrustRemoteCode = False):
     """Show an adapter: d, seed, partition, targets, N, base fingerprint, head, theta stats, recipe."""
-    from ..adapters.authors_convert import open_adapter
     from ..adapters.hub import adapter_path
-    from ..adapters.inspection import render, summarize
+    from ..adapters.inspection import render, summary_of
 
-    summary = summarize(open_adapter(adapter_path(adapter), model, trust_remote_code))
+    summary = summary_of(adapter_path(adapter), model, trust_remote_code)
     if as_json:
         print(json.dumps(summary, indent=2))
     else:
