@@ -41,6 +41,17 @@ def _launch(nproc: int, args: list[str], nodes: int = 1, node_rank: int = 0, por
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
 
 
+def torchrun_script(source: str, path, *args: str, ok: bool = True) -> subprocess.CompletedProcess:
+    """Write `source` to `path` and run it under torchrun on 2 gloo processes (stdout and stderr captured); with `ok`,
+    fail the test on a non-zero exit."""
+    path.write_text(source)
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                          "127.0.0.1", "--master_port", str(_free_port()), str(path), *map(str, args)],
+                         capture_output=True, text=True, timeout=300, env={**ENV, "PYTHONPATH": str(ROOT)})
+    assert res.returncode == 0 or not ok, res.stderr[-3000:]
+    return res
+
+
 def torchrun(nproc: int, recipe, out, *extra: str) -> str:
     """Run `gpart train` under torchrun; returns stderr (the console), failing the test on a non-zero exit."""
     proc = _launch(nproc, [str(recipe), "--output", str(out), *extra])
@@ -254,12 +265,7 @@ distributed.shutdown()
 
 
 def test_files_read_on_rank_0_reach_every_rank_and_so_do_its_errors(tmp_path):
-    script = tmp_path / "rank0_files.py"
-    script.write_text(RANK0_FILES)
-    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
-                          "127.0.0.1", "--master_port", str(_free_port()), str(script)],
-                         capture_output=True, text=True, timeout=300, env={**ENV, "PYTHONPATH": str(ROOT)})
-    assert res.returncode == 0, res.stderr[-3000:]
+    res = torchrun_script(RANK0_FILES, tmp_path / "rank0_files.py")
     lines = sorted(res.stdout.splitlines())
     assert lines == ["0 error: checkpoint X is unreadable", "0 ok",
                      "1 error: rank 0 could not read the checkpoint; see its error message above", "1 ok"]
@@ -290,13 +296,8 @@ distributed.shutdown(ok=True)
 
 
 def test_generation_eval_is_shared_out_over_the_ranks_and_scores_as_one_process(tiny_llama_dir, tmp_path):
-    script = tmp_path / "sharded_generation.py"
-    script.write_text(SHARDED_GENERATION)
-    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
-                          "127.0.0.1", "--master_port", str(_free_port()), str(script), str(tiny_llama_dir),
-                          str(ASSETS / "gsm8k" / "test.jsonl")], capture_output=True, text=True, timeout=300,
-                         env={**ENV, "PYTHONPATH": str(ROOT)})
-    assert res.returncode == 0, res.stderr[-3000:]
+    res = torchrun_script(SHARDED_GENERATION, tmp_path / "sharded_generation.py", tiny_llama_dir,
+                          ASSETS / "gsm8k" / "test.jsonl")
     lines = [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
     alone = next(line["alone"] for line in lines if "alone" in line)
     ranks = [line["got"] for line in lines if "got" in line]

@@ -7,8 +7,6 @@ build: tied input/output embeddings, a bf16 checkpoint, text classification, the
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -17,7 +15,7 @@ from safetensors.torch import load_file
 
 from gpart_cli.recipe.schema import from_dict
 from tests.conftest import ASSETS, tiny_qwen2
-from tests.train.test_ddp import ENV, ROOT, _free_port, assert_same_adapter, single, torchrun
+from tests.train.test_ddp import assert_same_adapter, single, torchrun, torchrun_script
 
 pytestmark = pytest.mark.slow
 GSM = ASSETS / "gsm8k"
@@ -120,13 +118,7 @@ dist.destroy_process_group()
 
 def placement(recipe, tmp_path) -> list[dict]:
     """Set `recipe` up on 2 gloo ranks: each rank's record (see PLACEMENT), in rank order."""
-    script = tmp_path / "placement.py"
-    script.write_text(PLACEMENT)
-    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
-                          "127.0.0.1", "--master_port", str(_free_port()), str(script), str(recipe),
-                          str(tmp_path / "run")], capture_output=True, text=True, timeout=300,
-                         env={**ENV, "PYTHONPATH": str(ROOT)})
-    assert res.returncode == 0, res.stderr[-3000:]
+    res = torchrun_script(PLACEMENT, tmp_path / "placement.py", recipe, tmp_path / "run")
     ranks = sorted((json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")),
                    key=lambda r: r["rank"])
     assert [r["rank"] for r in ranks] == [0, 1]
@@ -214,12 +206,7 @@ distributed.shutdown()
 
 
 def test_ranks_that_would_shard_different_units_raise_instead_of_hanging(tmp_path):
-    script = tmp_path / "mismatch.py"
-    script.write_text(MISMATCH)
-    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
-                          "127.0.0.1", "--master_port", str(_free_port()), str(script)],
-                         capture_output=True, text=True, timeout=300, env={**ENV, "PYTHONPATH": str(ROOT)})
-    assert res.returncode == 0, res.stderr[-3000:]
+    res = torchrun_script(MISMATCH, tmp_path / "mismatch.py")
     lines = dict(line.split(" ", 1) for line in res.stdout.splitlines())
     fix = ("Every rank must build the same model: give every node the same model files and the same torch and "
            "transformers versions, or use train.distributed: ddp")
@@ -255,12 +242,7 @@ def test_a_dtype_only_rank_0_can_read_reaches_every_rank(tiny_llama_dir, tmp_pat
     config = json.loads((model / "config.json").read_text())
     config.pop("dtype", None), config.pop("torch_dtype", None)
     (model / "config.json").write_text(json.dumps(config))
-    script = tmp_path / "dtype_auto.py"
-    script.write_text(DTYPE_AUTO)
-    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
-                          "127.0.0.1", "--master_port", str(_free_port()), str(script), str(model)],
-                         capture_output=True, text=True, timeout=300, env={**ENV, "PYTHONPATH": str(ROOT)})
-    assert res.returncode == 0, res.stderr[-3000:]
+    res = torchrun_script(DTYPE_AUTO, tmp_path / "dtype_auto.py", model)
     ranks = sorted((json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")),
                    key=lambda r: r["rank"])
     assert ranks == [{"rank": 0, "dtypes": ["torch.bfloat16"], "meta": False},

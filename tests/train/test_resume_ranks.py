@@ -3,16 +3,13 @@ generator state is checkpointed and restored (2 gloo processes, the base model's
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 import torch
 import yaml
 
 import gpart_cli as gpart
 from tests.conftest import glue_recipe
-from tests.train.test_ddp import ENV, ROOT, _free_port, torchrun
+from tests.train.test_ddp import torchrun, torchrun_script
 
 pytestmark = pytest.mark.slow
 
@@ -47,12 +44,8 @@ def test_a_resumed_two_process_run_ends_on_the_theta_of_the_run_that_went_throug
     recipe = tmp_path / "r.yaml"
     recipe.write_text(yaml.safe_dump(cfg.to_dict()))
     torchrun(2, recipe, tmp_path / "through")
-    script = tmp_path / "stop.py"
-    script.write_text(STOP)
-    stopped = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
-                              "127.0.0.1", "--master_port", str(_free_port()), str(script), "train", str(recipe),
-                              "--output", str(tmp_path / "resumed"), "3"],
-                             capture_output=True, text=True, timeout=300, env={**ENV, "PYTHONPATH": str(ROOT)})
+    stopped = torchrun_script(STOP, tmp_path / "stop.py", "train", recipe, "--output", tmp_path / "resumed", "3",
+                              ok=False)
     assert stopped.returncode != 0 and "stopped by the test" in stopped.stderr, stopped.stderr[-3000:]
     assert (tmp_path / "resumed" / "checkpoints" / "last").resolve().name == "last-00000003"
     torchrun(2, recipe, tmp_path / "resumed", "--resume")
