@@ -9,10 +9,8 @@ from rich.table import Table
 
 from ..core.artifact import Artifact
 from ..core.config import STORED
-from ..errors import GpartError
 from ..kernels.dispatch import describe
 from . import authors_format
-from .authors_convert import base_for, is_authors_adapter, meta_model, open_adapter, to_artifact
 
 LORA_RANK = 8  # the comparison point users know: LoRA r=8 on the same target modules
 
@@ -20,21 +18,6 @@ LORA_RANK = 8  # the comparison point users know: LoRA r=8 on the same target mo
 def lora_equivalent_params(targets: list[dict], rank: int = LORA_RANK) -> int:
     """Trainable parameters of LoRA with rank `rank` on the same 2-D target weights: r·(in + out) each."""
     return sum(rank * (t["shape"][0] + t["shape"][1]) for t in targets if len(t["shape"]) == 2)
-
-
-def summary_of(path, model: str | None = None, trust_remote_code: bool = False) -> dict:
-    """What `gpart inspect` shows: a `.gpart` file, or an authors' adapter resolved against its base. An authors'
-    adapter whose base is not given (`model`) and cannot be opened from its record is summarised from its own two
-    files, saying what the base would add (`summarize_unresolved`)."""
-    if model is not None or not is_authors_adapter(path):
-        return summarize(open_adapter(path, model, trust_remote_code))
-    adapter = authors_format.read(path)
-    try:
-        base = base_for(adapter, None)
-        skeleton = meta_model(base, adapter, trust_remote_code)
-    except GpartError as e:
-        return summarize_unresolved(adapter, str(e))
-    return summarize(to_artifact(adapter, skeleton, base))
 
 
 def _theta_stats(theta) -> dict:
@@ -163,7 +146,7 @@ def _unresolved_rows(s: dict) -> list[tuple[str, str]]:
         ("base model", f"{base.get('name_or_path') or 'not recorded'} (revision {base.get('revision') or 'default'})"),
         *_task_rows(s),
         ("size", _size(s["size_bytes"])),
-        ("base not opened", s["unresolved"]["why"]),
+        ("base not used", s["unresolved"]["why"]),
         ("--model BASE adds", s["unresolved"]["with_model"]),
     ]
 
