@@ -61,7 +61,8 @@ def summarize_unresolved(adapter: authors_format.AuthorsAdapter, why: str) -> di
         "target_modules": adapter.target_modules if isinstance(adapter.target_modules, str)
         else list(adapter.target_modules), "bias": adapter.bias,
         "base_model": {"name_or_path": raw.get("base_model_name_or_path") or None, "revision": raw.get("revision")},
-        "task": {"type": adapter.task_type, "num_labels": adapter.num_labels, "head_modules": list(adapter.head_modules)},
+        "task": {"type": adapter.task_type, "num_labels": adapter.num_labels,
+                 "head_modules": list(adapter.head_modules)},
         "head": {name: list(t.shape) for name, t in adapter.head.items()},
         "head_params": sum(t.numel() for t in adapter.head.values()), "theta": _theta_stats(adapter.theta),
         "imported_from": {"format": authors_format.FORMAT, "adapter_config": raw,

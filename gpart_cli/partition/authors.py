@@ -14,8 +14,9 @@ order then its bias (when biases are adapted), exactly as gpart's module spec do
 
 `torch-randint-v1` (their `assignment_backend: materialized`, and their only partition before 2026-07-22, when
     adapters had no assignment_backend): one `torch.Generator` (CPU) seeded once with the seed, then
-    `torch.randint(0, d, (numel,), generator=g, dtype=torch.int32)` per module in order (weight and bias together). It depends on torch's CPU generator (Mersenne Twister) and its randint: a torch release that
-    changed either would change the partition. The stream is sequential, so the ids are cached on every device;
+    `torch.randint(0, d, (numel,), generator=g, dtype=torch.int32)` per module in order (weight and bias together).
+    It depends on torch's CPU generator (Mersenne Twister) and its randint: a torch release that changed either
+    would change the partition. The stream is sequential, so the ids are cached on every device;
     the generator state before each module is kept (about 5 KB each) so any module's ids can be rebuilt alone.
 
 Scale (isometric): 1 / sqrt(float32(max(n_j, 1))) computed in fp32, as they compute it, so merged weights agree

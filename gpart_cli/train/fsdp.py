@@ -17,10 +17,11 @@
 - Placement (torch's FSDP2 pattern of meta init, `to_empty`, then a rank-0 broadcast): rank 0 loads the checkpoint
   on the CPU; the other ranks build the same model with every parameter on the meta device (no memory) and take
   from rank 0 what a config alone does not say (`match_rank0`). Each rank checks that the others would shard the
-  same units (one collective per unit: a difference would hang NCCL), shards its model, the meta ranks allocate only their shards (`to_empty`), and rank 0 broadcasts the weights one
-  tensor at a time; each rank keeps its slice (`set_model_state_dict(broadcast_from_rank0=True)`). Per GPU: the
-  shards, plus one whole tensor in flight; in host memory: one copy of the model on rank 0's node. (Loading on the
-  CPU on every rank and sharding would hold a copy per rank: 8 x 140 GB of host memory for a 70B model in bf16.)
+  same units (one collective per unit: a difference would hang NCCL), shards its model, the meta ranks allocate
+  only their shards (`to_empty`), and rank 0 broadcasts the weights one tensor at a time; each rank keeps its
+  slice (`set_model_state_dict(broadcast_from_rank0=True)`). Per GPU: the shards, plus one whole tensor in flight;
+  in host memory: one copy of the model on rank 0's node. (Loading on the CPU on every rank and sharding would
+  hold a copy per rank: 8 x 140 GB of host memory for a 70B model in bf16.)
 """
 
 from __future__ import annotations

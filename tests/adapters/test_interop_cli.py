@@ -192,8 +192,8 @@ def test_inspect_without_a_resolvable_base_shows_what_the_adapter_says(tmp_path,
     assert res.exit_code == 0, res.output
     for shown in ("partition splitmix64-mod-v1", "37 · 9223372036854775813", "query, value (biases adapted)",
                   f"‖θ‖={float(theta.norm()):.4g}", "assignment_backend stateless (splitmix64-mod-v1)",
-                  "--model BASE adds │ the module spec (target names and shapes), N and weights per θ entry, the base "
-                  "fingerprint and the size vs LoRA r=8"):
+                  "--model BASE adds │ the module spec (target names and shapes), N and weights per θ entry, the "
+                  "base fingerprint and the size vs LoRA r=8"):
         assert shown in text, shown
     # Not recorded at all: the same summary, and the reason.
     (adapter / "adapter_config.json").write_text(json.dumps({**THEIR_CONFIG, "base_model_name_or_path": None}))
