@@ -14,7 +14,8 @@ CUDA the GPU-only checks are listed as skipped. Prints one JSON object on stdout
 Other GPU checks (Triton kernels against the reference path, vLLM loading of the merged dir, ...) plug in through
 `register_check` below: see "Hook: more GPU checks". Those of issue 20 confirm on the GPU what CPU tests check of the
 GPU paths: dropout masks hashed on the device, merged decoding bit for bit, one host sync per step, the vLLM merge on
-the device, and (2 GPUs) FSDP's per-rank memory, the sharded generation eval under NCCL and a clean teardown.
+the device, and (2 GPUs) FSDP's per-rank memory, the sharded generation eval under NCCL and a clean teardown. With 2
+GPUs, `multi_gpu_fsdp_tied` trains a model with tied embeddings under FSDP to the θ of one GPU (issue 27).
 """
 
 from __future__ import annotations
@@ -73,8 +74,9 @@ def byte_bpe_tokenizer(texts: list[str], vocab_size: int, **special: str):
     return PreTrainedTokenizerFast(tokenizer_object=tok, **special)
 
 
-def build_model(out: Path) -> Path:
-    """A 2-layer Qwen2 (rope_theta 1e6, as Qwen2.5) and its tokenizer, saved to `out`."""
+def build_model(out: Path, tied: bool = False) -> Path:
+    """A 2-layer Qwen2 (rope_theta 1e6, as Qwen2.5) and its tokenizer, saved to `out`; `tied`: its output layer is
+    its input embedding, as in Qwen2.5-0.5B/3B."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     from gpart_cli.data.sft import format_prompt
@@ -85,7 +87,7 @@ def build_model(out: Path) -> Path:
     torch.manual_seed(0)
     config = Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                          num_key_value_heads=2, vocab_size=len(fast), max_position_embeddings=512, rope_theta=1e6,
-                         eos_token_id=0, pad_token_id=0, bos_token_id=None, tie_word_embeddings=False)
+                         eos_token_id=0, pad_token_id=0, bos_token_id=None, tie_word_embeddings=tied)
     Qwen2ForCausalLM(config).save_pretrained(out)
     return out
 
@@ -334,6 +336,48 @@ def check_multi_gpu(ctx: dict) -> dict:
                                       for r in ranks)
     return {"ok": clean and bounded and bool(after) and after.get("n") == 8, "fsdp_ranks": ranks,
             "ddp_after": after, "stderr_tail": (placed.stderr + ddp.stderr)[-1500:] if not clean else ""}
+
+
+@register_check("multi_gpu_fsdp_tied")
+def check_fsdp_tied(ctx: dict) -> dict:
+    """Under torchrun on 2 GPUs (NCCL): `gpart train` with FSDP on a model whose output layer is its input embedding
+    (Qwen2.5-0.5B/3B, Gemma, SmolLM2), with the authors' splitmix64-mod-v1 partition, ends at the θ of one GPU. In
+    fp32, so that only the reduction order differs. A rank that shards other units than rank 0 would hang NCCL:
+    GPART_DIST_TIMEOUT bounds the wait."""
+    if not ctx["cuda"] or torch.cuda.device_count() < 2:
+        return {"skipped": "needs 2 CUDA GPUs (gloo runs of the same code: tests/train/test_fsdp_placement.py)"}
+    import subprocess
+
+    import yaml
+
+    from gpart_cli.core.artifact import read_artifact
+    from gpart_cli.recipe.schema import from_dict
+
+    raw = {"model": {"name_or_path": str(build_model(ctx["work"] / "qwen2-tied", tied=True))},
+           "method": {"name": "gpart", "d": 512, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"],
+                      "partition": "splitmix64-mod-v1", "seed": 2**63 + 11},
+           "data": {"family": "sft", "task": "gsm8k", "train_files": [str(ctx["train_file"])],
+                    "query_column": "question", "response_column": "answer", "dev_samples": 8, "max_length": 256},
+           "train": {"max_steps": 3, "batch_size": 2, "grad_accum": 2, "precision": "fp32", "eval_before": False,
+                     "distributed": "fsdp"}, "name": "tied"}
+    recipe = ctx["work"] / "tied.yaml"
+    recipe.write_text(yaml.safe_dump(from_dict(raw).to_dict()))
+    train = [sys.executable, "-m", "gpart_cli", "train", str(recipe), "--overwrite", "--output"]
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", *train[2:]]
+    env = {**os.environ, "GPART_DIST_TIMEOUT": "300"}
+    try:
+        runs = [subprocess.run([*train, str(ctx["work"] / "tied-one"), "--device", "cuda:0"], capture_output=True,
+                               text=True, timeout=900, env=env),
+                subprocess.run([*launch, str(ctx["work"] / "tied-fsdp")], capture_output=True, text=True, timeout=900,
+                               env=env)]
+    except subprocess.TimeoutExpired as e:
+        return {"ok": False, "error": f"timed out after {e.timeout} s: {' '.join(map(str, e.cmd))}"}
+    if not all(p.returncode == 0 and "terminate called" not in p.stderr for p in runs):
+        return {"ok": False, "stderr_tail": "".join(p.stderr for p in runs)[-1500:]}
+    one, two = (read_artifact(ctx["work"] / d / "adapter.gpart").theta for d in ("tied-one", "tied-fsdp"))
+    relative = float((two - one).norm() / one.norm().clamp(min=1e-30))
+    return {"ok": relative < 1e-3 and bool(one.abs().sum() > 0), "theta_relative_diff": relative,
+            "theta_max_abs_diff": float((two - one).abs().max())}
 
 
 def environment(device: torch.device) -> dict:

@@ -64,6 +64,16 @@ def tiny_gpt2(seed: int = 0):
     return GPT2LMHeadModel(cfg).eval()
 
 
+def tiny_qwen2(vocab: int = 101, seed: int = 0, tied: bool = True):
+    """A 2-layer Qwen2 whose output layer is its input embedding (tied, as Qwen2.5-0.5B/3B, Gemma, SmolLM2)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=512, tie_word_embeddings=tied)
+    return Qwen2ForCausalLM(cfg).eval()
+
+
 @pytest.fixture
 def tokens():
     return torch.randint(0, 90, (2, 9), generator=torch.Generator().manual_seed(1))

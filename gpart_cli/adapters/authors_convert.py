@@ -63,7 +63,8 @@ def to_artifact(adapter: AuthorsAdapter, model: nn.Module, name_or_path: str | N
         "isometric": adapter.isometric, "targets": spec, "n_params": n, "base_model": base, "task": task,
         "recipe": {}, "versions": {"peft": adapter.raw.get("peft_version")}, "dropout": adapter.dropout,
         "init_bound": adapter.init_bound, "init_seed": None, "compute": None,
-        "imported_from": {"format": peft_gpart.FORMAT, "adapter_config": adapter.raw},
+        "imported_from": {"format": peft_gpart.FORMAT, "adapter_config": adapter.raw,
+                          "assignment_backend": peft_gpart.backend_line(adapter.raw)},
     }
     return Artifact(path=adapter.weights_path, theta=adapter.theta, meta=meta, head=dict(adapter.head))
 

@@ -7,8 +7,11 @@ An adapter saved by their code is a directory with two files:
   its parameters under `base_model.model.<module>.<param>`.
 
 Their `assignment_backend` is one of gpart's partition algorithms (`stateless` = splitmix64-mod-v1,
-`materialized` = torch-randint-v1). What gpart does not implement is refused with the field named, never
-approximated: a mis-merged adapter would look fine and be wrong.
+`materialized` = torch-randint-v1). Their code has written the field since 2026-07-22 (SamsungLabs/GPart 35b0fa7,
+which also made `stateless` the default); before, every group came from the torch.randint stream. PEFT writes every
+field of a config, so an adapter without the field was saved by that older code: torch-randint-v1. What gpart does
+not implement is refused with the field named, never approximated: a mis-merged adapter would look fine and be
+wrong.
 """
 
 from __future__ import annotations
@@ -35,6 +38,9 @@ FORMAT = "peft-gpart"
 BACKENDS = {"stateless": SPLITMIX, "materialized": RANDINT,
             # names their config still accepts (with a FutureWarning) for the same two backends
             "implicit_stateless_v1": SPLITMIX, "legacy_streaming": RANDINT}
+# Why an adapter without assignment_backend is read as torch-randint-v1 (`gpart inspect` shows it).
+ABSENT_BACKEND = ("absent: saved by the authors' code before 2026-07-22 (SamsungLabs/GPart 35b0fa7 added the field, "
+                  "and PEFT writes every field), whose groups came from torch.randint; read as " + RANDINT)
 TASK_TYPES = {"SEQ_CLS": "sequence_classification", "CAUSAL_LM": "causal_lm", "FEATURE_EXTRACTION": "base"}
 # field: (value gpart implements, what to do instead). Anything else in these fields is refused.
 _ONLY = {
@@ -153,11 +159,19 @@ def _targets(directory: Path, raw: dict) -> tuple | str:
 
 
 def _partition(directory: Path, raw: dict) -> str:
-    backend = raw.get("assignment_backend", "stateless")  # their config's default when the field is absent
+    backend = raw.get("assignment_backend")
+    if backend is None:
+        return RANDINT  # see ABSENT_BACKEND
     if backend not in BACKENDS:
         raise _refuse(directory, "assignment_backend", backend, "use stateless (splitmix64-mod-v1) or materialized "
                                                                "(torch-randint-v1)")
     return BACKENDS[backend]
+
+
+def backend_line(raw: dict) -> str:
+    """Their assignment_backend and the gpart partition it is read as, or why a missing one is torch-randint-v1."""
+    backend = raw.get("assignment_backend")
+    return ABSENT_BACKEND if backend is None else f"{backend} ({BACKENDS.get(backend, 'not supported')})"
 
 
 def _bias(directory: Path, raw: dict) -> bool:

@@ -158,7 +158,9 @@ def load_skeleton(source: ModelSource, task_type: str, num_labels: int | None = 
 
 
 def skeleton_from_config(config, task_type: str, dtype: str = "float32", trust_remote_code: bool = False):
-    """A model of `config` with its parameters on the meta device (see `load_skeleton`)."""
+    """A model of `config` with its parameters on the meta device (see `load_skeleton`): tied and in eval mode, as
+    `from_pretrained` returns it. A config without a dtype gives fp32 for `auto` (only the weights say more: under
+    FSDP rank 0 hands its dtypes over, `train.fsdp.match_rank0`)."""
     from accelerate import init_empty_weights
 
     if dtype == "auto":  # what the checkpoint is stored in, as from_pretrained(dtype="auto") reads it
@@ -167,7 +169,11 @@ def skeleton_from_config(config, task_type: str, dtype: str = "float32", trust_r
     else:
         resolved = torch_dtype(dtype)
     with init_empty_weights():
-        return auto_class(task_type).from_config(config, dtype=resolved, trust_remote_code=trust_remote_code)
+        model = auto_class(task_type).from_config(config, dtype=resolved, trust_remote_code=trust_remote_code)
+    # init_empty_weights re-registers every parameter it sees, tied ones too (transformers 5): tie them again, or an
+    # FSDP rank would shard embed_tokens and lm_head as two units where rank 0 has one.
+    model.tie_weights()
+    return model.eval()
 
 
 def load_tokenizer(source: ModelSource):

@@ -18,10 +18,10 @@ def inspect(adapter: Annotated[str, typer.Argument(help="A .gpart adapter file, 
                                                               "the targets (default: the one the adapter records).")]
             = None, trust_remote_code: TrustRemoteCode = False):
     """Show an adapter: d, seed, partition, targets, N, base fingerprint, head, theta stats, recipe."""
-    from ..adapters.inspection import render, summarize
-    from ..adapters.reference import open_adapter, resolved_artifact
+    from ..adapters.inspection import render, summarize_adapter
+    from ..adapters.reference import open_adapter
 
-    summary = summarize(resolved_artifact(open_adapter(adapter, "ADAPTER"), model, trust_remote_code))
+    summary = summarize_adapter(open_adapter(adapter, "ADAPTER"), model, trust_remote_code)
     if as_json:
         print(json.dumps(summary, indent=2))
     else:

@@ -71,12 +71,13 @@ def _feistel_group(idx, n, d, half, hmask, k0, k1, k2, k3):
 @triton.jit
 def _splitmix_group(idx, d, base_hi, base_lo):
     """splitmix64(seed + idx) mod d in uint64 lanes; base = seed + GAMMA (mod 2**64) arrives as two 32-bit halves."""
-    base = (base_hi.to(tl.uint64) << 32) | base_lo.to(tl.uint64)
+    # tl.cast, not .to: Triton passes an integer argument equal to 1 as a Python int (d = 1 is a valid partition).
+    base = (tl.cast(base_hi, tl.uint64) << 32) | tl.cast(base_lo, tl.uint64)
     z = idx.to(tl.uint64) + base
     z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9
     z = (z ^ (z >> 27)) * 0x94D049BB133111EB
     z = z ^ (z >> 31)
-    return (z % d.to(tl.uint64)).to(tl.int64)
+    return (z % tl.cast(d, tl.uint64)).to(tl.int64)
 
 
 @triton.jit
@@ -105,7 +106,13 @@ def _dropped(idx, drop_thr, dk0, dk1):
     return _lowbias32((idx & 0xFFFFFFFF) ^ salt) < drop_thr
 
 
-@triton.jit
+# Arguments derived from the seed or the dropout key are data, not sizes: never specialised (a key that happens to
+# equal 1 or a multiple of 16 would otherwise compile a kernel of its own, a class the self-check does not key on).
+_KEYS = ("half", "hmask", "k0", "k1", "k2", "k3")
+_DROP_KEYS = ("drop_thr", "dk0", "dk1")
+
+
+@triton.jit(do_not_specialize=_KEYS)
 def _ids_kernel(out_ptr, start, count, n, d, half, hmask, k0, k1, k2, k3, ALGO: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < count
@@ -122,7 +129,7 @@ def _to_bf16_rne(v):
     return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_KEYS + _DROP_KEYS)
 def _build_kernel(w_ptr, theta_ptr, out_ptr, start, count, n, d, half, hmask, k0, k1, k2, k3, drop_thr, dk0, dk1,
                   ALGO: tl.constexpr, HAS_BASE: tl.constexpr, DROPOUT: tl.constexpr, OUT_BF16: tl.constexpr,
                   BLOCK: tl.constexpr):
@@ -141,7 +148,7 @@ def _build_kernel(w_ptr, theta_ptr, out_ptr, start, count, n, d, half, hmask, k0
         tl.store(out_ptr + offs, t.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_KEYS + _DROP_KEYS)
 def _grad_kernel(gy_ptr, x_ptr, grad_ptr, fixed_ptr, T, M, N, stride_gt, stride_gm, stride_xt, stride_xn,
                  start, idx_sm, idx_sn, n, d, half, hmask, k0, k1, k2, k3, drop_thr, dk0, dk1,
                  ALGO: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, DROPOUT: tl.constexpr,

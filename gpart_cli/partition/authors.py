@@ -5,17 +5,18 @@ counted, not closed-form; a group that gets no weight is counted as 1 (its scale
 The global index i runs over the targeted modules in `named_modules()` order, each module's weight in storage
 order then its bias (when biases are adapted), exactly as gpart's module spec does.
 
-`splitmix64-mod-v1` (their `assignment_backend: stateless`, the default of their config):
+`splitmix64-mod-v1` (their `assignment_backend: stateless`, the default of their config since 2026-07-22):
     g(i) = splitmix64((seed + i) mod 2**64) mod d, every operation on unsigned 64-bit integers, where
     splitmix64(x) is one output of the SplitMix64 generator whose state was x: z = x + 0x9E3779B97F4A7C15,
     z = (z ^ z>>30) * 0xBF58476D1CE4E5B9, z = (z ^ z>>27) * 0x94D049BB133111EB, z ^ z>>31 (all mod 2**64).
     A seed outside [0, 2**64) (theirs may be negative) is taken mod 2**64. Random access, like feistel-v1: the
     GPU kernels compute it on the fly.
 
-`torch-randint-v1` (their `assignment_backend: materialized`): one `torch.Generator` (CPU) seeded once with the
-    seed, then `torch.randint(0, d, (numel,), generator=g, dtype=torch.int32)` per module in order (weight and
-    bias together). It depends on torch's CPU generator (Mersenne Twister) and its randint: a torch release that
-    changed either would change the partition. The stream is sequential, so the ids are cached on every device;
+`torch-randint-v1` (their `assignment_backend: materialized`, and their only partition before 2026-07-22, when
+    adapters had no assignment_backend): one `torch.Generator` (CPU) seeded once with the seed, then
+    `torch.randint(0, d, (numel,), generator=g, dtype=torch.int32)` per module in order (weight and bias together).
+    It depends on torch's CPU generator (Mersenne Twister) and its randint: a torch release that changed either
+    would change the partition. The stream is sequential, so the ids are cached on every device;
     the generator state before each module is kept (about 5 KB each) so any module's ids can be rebuilt alone.
 
 Scale (isometric): 1 / sqrt(float32(max(n_j, 1))) computed in fp32, as they compute it, so merged weights agree

@@ -7,7 +7,8 @@ files) and restoring are separate steps so that in a multi-process run rank 0 re
 
 Layout of a checkpoint dir:
   trainable.safetensors   the parameters that train (theta + head for gpart), by name
-  optimizer.safetensors   optimizer tensors (`state.<param index>.<key>`) and RNG byte states (`rng.*`)
+  optimizer.safetensors   optimizer tensors (`state.<param index>.<key>`) and RNG byte states: `rng.torch` (rank 0's
+                          CPU generator) and `rng.rank.<rank>.device` (each rank's generator on its own device)
   state.json              step, optimizer scalars and param groups, scheduler state, Python/NumPy RNG, extras
 """
 
@@ -61,32 +62,50 @@ def _join_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
-def _rng_state() -> tuple[dict[str, torch.Tensor], dict]:
+def device_rng_state(device: torch.device) -> torch.Tensor:
+    """The state of the generator that draws on `device` (the base model's dropout): its CUDA generator, or the
+    CPU's. Each rank has its own; `distributed.gather` brings them to rank 0 for the checkpoint."""
+    if device.type == "cuda":
+        return torch.cuda.get_rng_state(device)
+    return torch.get_rng_state()
+
+
+def _rng_state(device_states: dict[int, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict]:
+    # Rank 0's CPU, Python and NumPy generators (restored on every rank), and each rank's device generator by rank.
     tensors = {"rng.torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        for i, s in enumerate(torch.cuda.get_rng_state_all()):
-            tensors[f"rng.cuda.{i}"] = s
+    tensors.update({f"rng.rank.{rank}.device": state for rank, state in device_states.items()})
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     meta = {"python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
             "numpy": [kind, keys.tolist(), pos, has_gauss, gauss]}
     return tensors, meta
 
 
-def _restore_rng(tensors: dict[str, torch.Tensor], meta: dict) -> None:
+def _restore_rng(tensors: dict[str, torch.Tensor], meta: dict, device: torch.device, rank: int) -> None:
     torch.set_rng_state(tensors["rng.torch"])
-    cuda = [tensors[k] for k in sorted(tensors) if k.startswith("rng.cuda.")]
-    if cuda and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(cuda)
+    own = tensors.get(f"rng.rank.{rank}.device")
+    if device.type == "cuda":
+        index = torch.cuda.current_device() if device.index is None else device.index
+        if own is None and rank == 0:  # older gpart: rank 0's process saved every visible GPU as rng.cuda.<index>
+            own = tensors.get(f"rng.cuda.{index}")
+        if own is not None:
+            torch.cuda.set_rng_state(own, index)
+    elif own is not None:
+        torch.set_rng_state(own)
+    # A rank the checkpoint has no state for (the run resumes on more ranks) keeps the state its seed gave it.
     version, state, gauss = meta["python"]
     random.setstate((version, tuple(state), gauss))
     kind, keys, pos, has_gauss, cached = meta["numpy"]
     np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
 
 
-def save_checkpoint(path: Path, model: nn.Module, optimizer, scheduler, step: int, extra: dict) -> None:
-    """Write everything needed to continue bit-identically from `step`, then point `path` at it."""
+def save_checkpoint(path: Path, model: nn.Module, optimizer, scheduler, step: int, extra: dict,
+                    device_states: dict[int, torch.Tensor]) -> None:
+    """Write everything needed to continue bit-identically from `step`, then point `path` at it.
+
+    `device_states`: each rank's `device_rng_state`, by rank (one entry in a single process).
+    """
     opt_tensors, opt_meta = _split_optimizer(optimizer.state_dict())
-    rng_tensors, rng_meta = _rng_state()
+    rng_tensors, rng_meta = _rng_state(device_states)
     state = {"step": step, "optimizer": opt_meta, "scheduler": scheduler.state_dict(), "rng": rng_meta,
              "extra": extra}
     target = path.with_name(f"{path.name}-{step:08d}")
@@ -120,8 +139,10 @@ def read_checkpoint(path: Path) -> dict[str, bytes]:
         raise _unreadable(path, e) from None
 
 
-def restore_checkpoint(files: dict[str, bytes], path: Path, model: nn.Module, optimizer, scheduler) -> dict:
-    """Restore the checkpoint read from `path` by `read_checkpoint`; returns its state (step, extra)."""
+def restore_checkpoint(files: dict[str, bytes], path: Path, model: nn.Module, optimizer, scheduler,
+                       device: torch.device, rank: int = 0) -> dict:
+    """Restore the checkpoint read from `path` by `read_checkpoint` on rank `rank`, whose generator draws on
+    `device`; returns its state (step, extra)."""
     try:
         state = json.loads(files["state.json"])
         trainable = load(files["trainable.safetensors"])
@@ -131,5 +152,5 @@ def restore_checkpoint(files: dict[str, bytes], path: Path, model: nn.Module, op
     load_trainable_state(model, trainable)
     optimizer.load_state_dict(_join_optimizer(tensors, state["optimizer"]))
     scheduler.load_state_dict(state["scheduler"])
-    _restore_rng(tensors, state["rng"])
+    _restore_rng(tensors, state["rng"], device, rank)
     return state

@@ -87,6 +87,31 @@ def average_gradients(params: list[torch.Tensor]) -> None:
         offset += g.numel()
 
 
+def all_ranks(flag: bool) -> list[bool]:
+    """`flag` of every rank, in rank order (every rank calls it); [flag] without a process group."""
+    if not dist.is_initialized():
+        return [flag]
+    device = _comm_device()
+    flags = [torch.zeros(1, dtype=torch.int32, device=device) for _ in range(dist.get_world_size())]
+    dist.all_gather(flags, torch.tensor([int(flag)], dtype=torch.int32, device=device))
+    return [bool(f.item()) for f in flags]
+
+
+def gather(data: torch.Tensor) -> dict[int, torch.Tensor]:
+    """Every rank's uint8 CPU tensor `data`, by rank (every rank calls it; all get all); {0: data} alone."""
+    if not dist.is_initialized():
+        return {0: data}
+    device, world = _comm_device(), dist.get_world_size()
+    sizes = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(world)]
+    dist.all_gather(sizes, torch.tensor([data.numel()], dtype=torch.int64, device=device))
+    sizes = [int(n) for n in torch.cat(sizes).tolist()]
+    padded = torch.zeros(max(sizes), dtype=torch.uint8, device=device)
+    padded[:data.numel()] = data.to(device)
+    everyone = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(everyone, padded)
+    return {rank: t[:n].cpu() for rank, (t, n) in enumerate(zip(everyone, sizes))}
+
+
 def from_rank0(read: Callable[[], dict[str, bytes]], what: str = "the checkpoint") -> dict[str, bytes]:
     """Files that rank 0 reads, handed to every rank: nodes need not share the run dir's filesystem.
 
@@ -124,16 +149,11 @@ def from_rank0(read: Callable[[], dict[str, bytes]], what: str = "the checkpoint
     return out
 
 
-def wrap(model: torch.nn.Module, device: torch.device, mode: str = "ddp", method: str = "gpart",
-         weights: dict | None = None) -> torch.nn.Module:
-    """The module to call for training: DDP around `model`, `model` sharded in place (FSDP; `weights`: see
-    `fsdp.shard`), or `model` itself."""
+def wrap(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """The module to call for training under DDP: DDP around `model`, or `model` itself without a process group.
+    (FSDP shards the model in place: `fsdp.shard`.)"""
     if not dist.is_initialized():
         return model
-    if mode == "fsdp":
-        from .fsdp import shard
-
-        return shard(model, device, method, weights)
     from torch.nn.parallel import DistributedDataParallel
 
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)

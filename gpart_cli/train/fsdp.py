@@ -15,14 +15,18 @@
 - An unmerged GPart layer builds W_eff for each call and keeps no copy of it after (in eval as in training), so
   nothing unsharded outlives its block's forward.
 - Placement (torch's FSDP2 pattern of meta init, `to_empty`, then a rank-0 broadcast): rank 0 loads the checkpoint
-  on the CPU; the other ranks build the same model with every parameter on the meta device (no memory). Each rank
-  shards its model, the meta ranks allocate only their shards (`to_empty`), and rank 0 broadcasts the weights one
-  tensor at a time; each rank keeps its slice (`set_model_state_dict(broadcast_from_rank0=True)`). Per GPU: the
-  shards, plus one whole tensor in flight; in host memory: one copy of the model on rank 0's node. (Loading on the
-  CPU on every rank and sharding would hold a copy per rank: 8 x 140 GB of host memory for a 70B model in bf16.)
+  on the CPU; the other ranks build the same model with every parameter on the meta device (no memory) and take
+  from rank 0 what a config alone does not say (`match_rank0`). Each rank checks that the others would shard the
+  same units (one collective per unit: a difference would hang NCCL), shards its model, the meta ranks allocate
+  only their shards (`to_empty`), and rank 0 broadcasts the weights one tensor at a time; each rank keeps its
+  slice (`set_model_state_dict(broadcast_from_rank0=True)`). Per GPU: the shards, plus one whole tensor in flight;
+  in host memory: one copy of the model on rank 0's node. (Loading on the CPU on every rank and sharding would
+  hold a copy per rank: 8 x 140 GB of host memory for a 70B model in bf16.)
 """
 
 from __future__ import annotations
+
+import json
 
 import torch
 from torch import nn
@@ -104,9 +108,10 @@ def shard(model: nn.Module, device: torch.device, method: str = "gpart", weights
                 torch.utils.swap_tensors(p, nn.Parameter(torch.empty_like(p, device=device), p.requires_grad))
             elif p.device != device:
                 p.data = p.data.to(device)
-    for unit in [*units, *_embeddings(model)]:
-        if any(p not in keep for p in unit.parameters()):
-            fully_shard(unit, ignored_params=keep)
+    units = [unit for unit in [*units, *_embeddings(model)] if any(p not in keep for p in unit.parameters())]
+    _check_same_plan(model, units, keep)
+    for unit in units:
+        fully_shard(unit, ignored_params=keep)
     # The root reshards after its forward too (it holds only norms and the like): otherwise a no-grad forward
     # (an evaluation) leaves it gathered until something reshards it, and a `state_dict()` that rank 0 alone
     # calls while saving (PEFT does) would put the ranks out of step at the next forward.
@@ -115,6 +120,91 @@ def shard(model: nn.Module, device: torch.device, method: str = "gpart", weights
         _materialise(model, device)
         _load_from_rank0(model, weights)
     return model
+
+
+def match_rank0(model: nn.Module) -> None:
+    """Give every rank's model rank 0's parameter dtypes and non-persistent buffers (every rank calls it, before the
+    method is applied).
+
+    A skeleton is built from the config alone. With dtype `auto` and a config that records no dtype it would come out
+    fp32 where rank 0's `from_pretrained` takes the weights' dtype, and buffers computed at init follow the dtype a
+    model was built in. Non-persistent buffers (rotary frequencies) are in no state dict, so the broadcast of the
+    weights does not carry them: rank 0's are sent here.
+    """
+    import torch.distributed as dist
+    from safetensors.torch import load, save
+
+    from .distributed import from_rank0
+
+    if not dist.is_initialized():
+        return
+
+    def read() -> dict[str, bytes]:
+        dtypes = {name: str(p.dtype).removeprefix("torch.") for name, p in model.named_parameters()}
+        return {"dtypes": json.dumps(dtypes).encode(), "buffers": save(non_persistent_buffers(model))}
+
+    files = from_rank0(read, "its model's dtypes and buffers")
+    if dist.get_rank() == 0:
+        return
+    dtypes = json.loads(files["dtypes"])
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name in dtypes and p.is_meta:
+                p.data = p.data.to(getattr(torch, dtypes[name]))
+    ours = dict(model.named_buffers())
+    for name, value in load(files["buffers"]).items():
+        if name in ours:
+            owner, _, leaf = name.rpartition(".")
+            model.get_submodule(owner).register_buffer(leaf, value.to(ours[name].device), persistent=False)
+
+
+def non_persistent_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The buffers no state dict holds (computed at init), by name: contiguous CPU copies."""
+    saved = set(model.state_dict())
+    return {name: b.detach().cpu().contiguous().clone() for name, b in model.named_buffers() if name not in saved}
+
+
+def plan(model: nn.Module, units: list[nn.Module], keep: set[nn.Parameter]) -> list[str]:
+    """What sharding will do, one line per FSDP unit (the root last) and one for the replicated tensors: every
+    parameter by name, shape and dtype. Every rank must have the same lines: each unit is one collective."""
+    names = {id(m): name for name, m in model.named_modules()}
+    full = {p: name for name, p in model.named_parameters()}
+    owned: set[nn.Parameter] = set()
+    lines = []
+    for unit in [*units, model]:
+        mine = [(full[p], p) for p in unit.parameters() if p not in keep and p not in owned]
+        owned.update(p for _, p in mine)
+        lines.append(f"unit {names[id(unit)] or '(root)'}: " + _params_line(mine))
+    lines.append("replicated: " + _params_line([(n, p) for n, p in model.named_parameters() if p in keep]))
+    return lines
+
+
+def _params_line(params: list[tuple[str, nn.Parameter]]) -> str:
+    return ", ".join(f"{n} {list(p.shape)} {str(p.dtype).removeprefix('torch.')}" for n, p in params) or "-"
+
+
+def _check_same_plan(model: nn.Module, units: list[nn.Module], keep: set[nn.Parameter]) -> None:
+    """Raise on every rank, instead of hanging in a collective, when the ranks would shard different units."""
+    import torch.distributed as dist
+
+    from .distributed import all_ranks, from_rank0
+
+    mine = plan(model, units, keep)
+    rank0 = json.loads(from_rank0(lambda: {"plan": json.dumps(mine).encode()}, "its FSDP plan")["plan"])
+    differ = [r for r, same in enumerate(all_ranks(mine == rank0)) if not same]
+    if not differ:
+        return
+    rank = dist.get_rank()
+    detail = _first_difference(rank0, mine, rank) if rank in differ else "see the message of those ranks"
+    raise GpartError(f"train.distributed: fsdp: ranks {differ} would shard the model differently from rank 0 "
+                     f"({detail}). Every rank must build the same model: give every node the same model files and the "
+                     f"same torch and transformers versions, or use train.distributed: ddp")
+
+
+def _first_difference(rank0: list[str], mine: list[str], rank: int) -> str:
+    i = next((i for i, (a, b) in enumerate(zip(rank0, mine)) if a != b), min(len(rank0), len(mine)))
+    theirs, ours = (lines[i] if i < len(lines) else "nothing" for lines in (rank0, mine))
+    return f"rank 0 has {theirs!r}, rank {rank} has {ours!r}"
 
 
 def _materialise(model: nn.Module, device: torch.device) -> None:

@@ -26,7 +26,7 @@ from ..evaluation import classify
 from ..recipe.methods import prepare, save_result, trainable_count
 from ..recipe.schema import Recipe
 from . import cpu_alloc, distributed, sharding, tracking
-from .checkpoint import load_trainable_state, read_checkpoint, restore_checkpoint, save_checkpoint
+from .checkpoint import device_rng_state, load_trainable_state, read_checkpoint, restore_checkpoint, save_checkpoint
 from .determinism import configure as configure_determinism
 from .dev_loss import mean_dev_loss
 from .progress import TrainProgress
@@ -80,6 +80,10 @@ class Trainer:
         from_rank0 = self.fsdp and r.model.quantization is None
         self.s: Setup = build(r, torch.device("cpu") if from_rank0 else self.device,
                               weights=self.main or not from_rank0)
+        if from_rank0:
+            from .fsdp import match_rank0
+
+            match_rank0(self.s.model)  # the skeletons take rank 0's dtypes and computed buffers
         prepared = prepare(self.s.model, r.method, t, self.s.task_type)
         quantized = getattr(prepared.model, "hf_quantizer", None) is not None  # placed at load, cannot .to()
         weights = (prepared.model.state_dict() if self.main else {}) if from_rank0 else None
@@ -87,7 +91,12 @@ class Trainer:
         if t.gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         # DDP under torchrun (evals use self.model); FSDP shards self.model in place.
-        self.forward_model = distributed.wrap(self.model, self.device, t.distributed, r.method.name, weights)
+        if self.fsdp:
+            from .fsdp import shard
+
+            self.forward_model = shard(self.model, self.device, r.method.name, weights)
+        else:
+            self.forward_model = distributed.wrap(self.model, self.device)
         del weights  # rank 0's whole CPU copy of the weights
         self.params = [p for g in prepared.groups for p in g["params"]]
         self.optimizer = torch.optim.AdamW(prepared.groups, betas=(0.9, 0.999), eps=1e-8)
@@ -237,30 +246,33 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return total, norm
 
-    def _checkpoint(self, step: int) -> None:
+    def _checkpoint(self, step: int, best: bool = False, gather: bool = True) -> None:
+        """Write checkpoints/last (and checkpoints/best) on rank 0. Every rank calls it, unless `gather` is False:
+        each rank's device generator state then reaches rank 0 (a collective); without it rank 0 saves its own."""
+        own = device_rng_state(self.device)
+        states = distributed.gather(own) if gather else {self.rank: own}
         if not self.main:
             return
-        save_checkpoint(self.out / "checkpoints" / "last", self.model, self.optimizer, self.scheduler, step,
-                        self.state)
+        for name in ("best", "last") if best else ("last",):
+            save_checkpoint(self.out / "checkpoints" / name, self.model, self.optimizer, self.scheduler, step,
+                            self.state, states)
 
     def _maybe_eval(self, step: int) -> None:
         t = self.recipe.train
         every = t.eval_every or self.steps_per_epoch
-        if not self.main and not self.fsdp:  # rank 0 evaluates and writes; the others carry on (DDP waits for it)
-            return
         if self.s.splits.dev is None or (step % every and step != self.total_steps):
             if t.save_every and step % t.save_every == 0:
                 self._checkpoint(step)
             return
-        metrics = self.evaluate_split(self.s.splits.dev)
-        score = dev_score(self.recipe, metrics)
-        self._log({"step": step, "dev": metrics})
-        if self.state["best_score"] is None or score > self.state["best_score"]:
-            self.state.update(best_score=score, best_step=step, best_dev=metrics)
-            if self.main:
-                save_checkpoint(self.out / "checkpoints" / "best", self.model, self.optimizer, self.scheduler, step,
-                                self.state)
-        self._checkpoint(step)
+        best = False
+        if self.main or self.fsdp:  # rank 0 evaluates and decides (under FSDP every rank evaluates with it)
+            metrics = self.evaluate_split(self.s.splits.dev)
+            score = dev_score(self.recipe, metrics)
+            self._log({"step": step, "dev": metrics})
+            if self.state["best_score"] is None or score > self.state["best_score"]:
+                self.state.update(best_score=score, best_step=step, best_dev=metrics)
+                best = True
+        self._checkpoint(step, best)
 
     def train(self) -> None:
         t = self.recipe.train
@@ -269,7 +281,7 @@ class Trainer:
         if self.resume:
             last = self.out / "checkpoints" / "last"
             saved = restore_checkpoint(distributed.from_rank0(lambda: read_checkpoint(last)), last, self.model,
-                                       self.optimizer, self.scheduler)
+                                       self.optimizer, self.scheduler, self.device, self.rank)
             start, self.state = saved["step"], saved["extra"]
             if self.main:
                 self._truncate_log(start)
@@ -289,7 +301,7 @@ class Trainer:
                 try:
                     loss, norm = self._train_step(step)
                 except KeyboardInterrupt:
-                    self._checkpoint(step)
+                    self._checkpoint(step, gather=False)  # the other ranks may not be here
                     raise
                 rate = samples / (time.perf_counter() - tick)
                 lr = self.scheduler.get_last_lr()[0]

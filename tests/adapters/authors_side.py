@@ -6,7 +6,8 @@ project environment):
     PYTHONPATH=$GPART_AUTHORS_PEFT python tests/adapters/authors_side.py vectors
 
 where GPART_AUTHORS_PEFT is a directory holding their `peft/` package (a clone of SamsungLabs/GPart: its repository
-root). Commands (arguments and results as JSON files):
+root). Their older code runs the same way from a copy of `peft/` at an older commit (test_interop_authors.py extracts
+it from the clone's history into a temp dir). Commands (arguments and results as JSON files):
 - `vectors`: print the pinned test vectors of tests/adapters/test_partitions_pinned.py (ids, counts, scales).
 - `save SPEC OUT`: apply their GPart to the model dir in SPEC, set theta and the head from SPEC's seed, save the
   adapter to OUT/adapter, their logits to OUT/logits.safetensors and (unless SPEC says merge: false) their merged
@@ -94,9 +95,11 @@ def _base(spec: dict):
 def _peft_model(spec: dict):
     from peft import GPartConfig, get_peft_model
 
+    # backend None: their code from before assignment_backend existed (it has no such argument)
+    backend = {} if spec["backend"] is None else {"assignment_backend": spec["backend"]}
     config = GPartConfig(d=spec["d"], proj_seed=spec["seed"], target_modules=spec["targets"], bias=spec["bias"],
-                         assignment_backend=spec["backend"], modules_to_save=spec.get("heads"),
-                         task_type={"seq_cls": "SEQ_CLS", "causal_lm": "CAUSAL_LM"}[spec["task"]])
+                         modules_to_save=spec.get("heads"),
+                         task_type={"seq_cls": "SEQ_CLS", "causal_lm": "CAUSAL_LM"}[spec["task"]], **backend)
     return get_peft_model(_base(spec), config)
 
 

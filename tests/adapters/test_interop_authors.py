@@ -14,10 +14,12 @@ a subprocess (tests/adapters/authors_side.py) with GPART_AUTHORS_PEFT first on P
 Without it these tests skip (docs/interop.md).
 """
 
+import io
 import json
 import os
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -42,9 +44,38 @@ AutoModel = {"seq_cls": AutoModelForSequenceClassification, "causal_lm": AutoMod
 TOKENS = [[5, 17, 33, 8, 61, 2, 90, 44, 12], [71, 3, 29, 55, 10, 88, 6, 19, 40]]
 
 
-def theirs(*args) -> None:
-    """Run a command of authors_side.py with their fork first on the path."""
-    env = {**os.environ, "PYTHONPATH": AUTHORS}
+# Their last commit before 35b0fa7 (2026-07-22) added assignment_backend: adapters it saved lack the field, and their
+# groups came from the per-module torch.randint stream.
+BEFORE_BACKENDS = "ffd0442"
+
+
+@pytest.fixture(scope="module")
+def their_code(tmp_path_factory):
+    """`at(commit)`: a directory holding their `peft/` package at `commit` (None: the GPART_AUTHORS_PEFT checkout),
+    extracted from that clone's history into a temp dir; their code never enters this repository."""
+    copies: dict[str, str] = {}
+
+    def at(commit: str | None) -> str:
+        if commit is None:
+            return AUTHORS
+        if commit not in copies:
+            res = subprocess.run(["git", "-C", AUTHORS, "archive", "--format=tar", commit, "peft"], capture_output=True)
+            if res.returncode != 0:
+                pytest.skip(f"{AUTHORS} has no commit {commit} of SamsungLabs/GPart "
+                            f"({res.stderr.decode().strip().splitlines()[-1]}); a full git clone has it "
+                            f"(git -C {AUTHORS} fetch --unshallow)")
+            out = tmp_path_factory.mktemp(f"gpart-{commit}")
+            with tarfile.open(fileobj=io.BytesIO(res.stdout)) as tar:
+                tar.extractall(out, filter="data")
+            copies[commit] = str(out)
+        return copies[commit]
+
+    return at
+
+
+def theirs(*args, code: str | None = None) -> None:
+    """Run a command of authors_side.py with their fork (the checkout, or `code`) first on the path."""
+    env = {**os.environ, "PYTHONPATH": code or AUTHORS}
     res = subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], env=env, capture_output=True, text=True,
                          timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -72,14 +103,20 @@ CASES = {
     # model is checked against their unmerged forward, which reads ΔW in the weight's storage order as gpart does.
     "gpt2-conv1d-materialized": (tiny_gpt2, {"task": "causal_lm", "d": 50, "seed": 42, "backend": "materialized",
                                              "targets": ["c_attn"], "bias": "all", "heads": None, "merge": False}),
+    # Saved by their code before assignment_backend existed: gpart reads the missing field as torch-randint-v1.
+    "llama-saved-before-assignment_backend": (tiny_llama, {"task": "causal_lm", "d": 50, "seed": 7, "backend": None,
+                                                           "targets": ["q_proj", "v_proj"], "bias": "none",
+                                                           "heads": None, "commit": BEFORE_BACKENDS}),
 }
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_their_adapter_merges_to_their_weights(case, tmp_path):
+def test_their_adapter_merges_to_their_weights(case, tmp_path, their_code):
     make, fields = CASES[case]
     spec = _spec(tmp_path, make(), **fields)
-    theirs("save", spec, tmp_path)
+    theirs("save", spec, tmp_path, code=their_code(fields.get("commit")))
+    recorded = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert recorded.get("assignment_backend") == fields["backend"]  # None: their code wrote no such field
     res = CliRunner().invoke(app, ["merge", str(tmp_path / "base"), str(tmp_path / "adapter"), "-o",
                                    str(tmp_path / "merged"), "--dtype", "float32", "--device", "cpu"])
     assert res.exit_code == 0, res.output
@@ -93,6 +130,11 @@ def test_their_adapter_merges_to_their_weights(case, tmp_path):
         assert worst == 0.0  # same fp32 products, same sums: bit for bit
     model, art, _ = load_adapted(str(tmp_path / "base"), tmp_path / "adapter")
     assert art.meta["partition"] == (SPLITMIX if fields["backend"] == "stateless" else RANDINT)
+    if fields["backend"] is None:  # inspect says what it read and why
+        res = CliRunner().invoke(app, ["inspect", str(tmp_path / "adapter"), "--model", str(tmp_path / "base"),
+                                       "--json"])
+        assert json.loads(res.output)["imported_from"]["assignment_backend"].startswith(
+            "absent: saved by the authors' code before 2026-07-22")
     their_logits = load_file(tmp_path / "logits.safetensors")["logits"]
     merged = AutoModel[fields["task"]].from_pretrained(tmp_path / "merged").eval()
     for ours in (_our_logits(model), _our_logits(merged)):

@@ -31,9 +31,15 @@ THEIR_CONFIG = {
 }
 
 
+# Their code before 2026-07-22 (SamsungLabs/GPart ffd0442) wrote no assignment_backend (nor the two fields below).
+ABSENT = object()
+BEFORE_BACKENDS = {"assignment_backend": ABSENT, "partition_scope": ABSENT, "projection_type": ABSENT}
+
+
 def write_theirs(directory, model, config=None, seed=3):
-    """An authors' adapter dir for `model` (a classifier with `classifier` head): random theta and head."""
-    config = {**THEIR_CONFIG, **(config or {})}
+    """An authors' adapter dir for `model` (a classifier with `classifier` head): random theta and head. A field
+    set to ABSENT is left out."""
+    config = {k: v for k, v in {**THEIR_CONFIG, **(config or {})}.items() if v is not ABSENT}
     g = torch.Generator().manual_seed(seed)
     tensors = {"base_model.gpart_theta_d": torch.randn(config["d"], generator=g) * 0.5}
     for name, p in model.named_parameters():
@@ -66,30 +72,51 @@ def test_read_maps_every_field(tmp_path, roberta_dir):
     assert (materialized.partition, materialized.seed, materialized.bias) == (RANDINT, 2**64 - 1, False)
 
 
-@pytest.mark.parametrize("field,value", [("projection_type", "fastfood"), ("grouping_strategy", "signed_magnitude"),
-                                         ("partition_scope", "transformer_block"), ("layers_to_transform", [0]),
-                                         ("target_modules", "all-linear"), ("assignment_backend", "cuda_magic"),
-                                         ("bias", "lora_only"), ("use_rslora", True)])
-def test_unsupported_fields_are_refused_with_their_name(tmp_path, roberta_dir, field, value):
+WHOLE_MODULES = "gpart adapts whole target modules only; re-save the adapter without it"
+UNKNOWN = "this gpart does not know the field"
+
+
+@pytest.mark.parametrize("field,value,why", [
+    ("projection_type", "fastfood", "the Fastfood projection is dense"),
+    ("grouping_strategy", "signed_magnitude", "signed-magnitude grouping depends on the pretrained weights"),
+    ("partition_scope", "transformer_block", "per-transformer-block partitions are not implemented"),
+    # the fields that must be empty: each would make their code adapt other weights than gpart does
+    ("layers_to_transform", [0], WHOLE_MODULES),
+    ("exclude_modules", ["roberta.encoder.layer.0.attention.self.query"], WHOLE_MODULES),
+    ("target_parameters", ["attention.self.query.weight"], WHOLE_MODULES),
+    ("trainable_token_indices", [1, 2], WHOLE_MODULES),
+    ("layer_replication", [[0, 1]], WHOLE_MODULES),
+    ("use_dora", True, WHOLE_MODULES),
+    ("target_modules", "all-linear", "'all-linear' depends on PEFT's output-layer rules"),
+    ("assignment_backend", "cuda_magic", "use stateless (splitmix64-mod-v1) or materialized"),
+    ("bias", "lora_only", "use none, all or gpart_only"),
+    ("use_rslora", True, UNKNOWN)])
+def test_unsupported_fields_are_refused_with_their_name(tmp_path, roberta_dir, field, value, why):
     base, model = roberta_dir
     adapter = write_theirs(tmp_path / "a", model, {field: value})
     for args in (["merge", str(base), str(adapter), "-o", str(tmp_path / "m")],
                  ["convert", str(adapter), "-o", str(tmp_path / "x.gpart"), "--model", str(base)]):
         res = runner.invoke(app, args)
-        assert res.exit_code == 2 and field in res.output and "Traceback" not in res.output, res.output
+        message = " ".join(res.output.split())
+        assert res.exit_code == 2 and "Traceback" not in res.output, res.output
+        assert f"{field} = {value!r} is not supported: {why}" in message, message
     assert not (tmp_path / "m").exists() and not (tmp_path / "x.gpart").exists()
 
 
-def test_merge_equals_w0_plus_their_partition(tmp_path, roberta_dir):
+@pytest.mark.parametrize("config,partition", [({}, SPLITMIX), (BEFORE_BACKENDS, RANDINT)],
+                         ids=["stateless", "saved-before-assignment_backend"])
+def test_merge_equals_w0_plus_their_partition(tmp_path, roberta_dir, config, partition):
+    # An adapter without assignment_backend comes from their code before the field existed: torch.randint groups
+    # (read as their later default, stateless, the merged weights were off by up to 0.04 on a tiny Llama).
     base, model = roberta_dir
-    adapter = write_theirs(tmp_path / "a", model)
+    adapter = write_theirs(tmp_path / "a", model, config)
     res = runner.invoke(app, ["merge", str(base), str(adapter), "-o", str(tmp_path / "m"), "--device", "cpu"])
     assert res.exit_code == 0, res.output
     merged = load_file(tmp_path / "m" / "model.safetensors")
     theta = load_file(adapter / "adapter_model.safetensors")["base_model.gpart_theta_d"]
     targets = [(n, m) for n, m in model.named_modules() if n.endswith((".query", ".value"))]
     sizes = [m.weight.numel() + m.bias.numel() for _, m in targets]
-    part = Partition(SPLITMIX, sum(sizes), 37, 2**63 + 5, sizes)  # the ids the pinned vectors check
+    part = Partition(partition, sum(sizes), 37, 2**63 + 5, sizes)  # the ids the pinned vectors check
     table, offset = theta * part.scales(True), 0
     for (name, m), size in zip(targets, sizes):
         delta = table[part.ids(offset, size).long()]
@@ -126,17 +153,65 @@ def test_convert_both_ways_and_inspect(tmp_path, roberta_dir):
     assert res.exit_code == 0, res.output
     again = peft_gpart.read(tmp_path / "b")
     assert (again.partition, again.seed, again.d, again.bias) == (SPLITMIX, 2**63 + 5, 37, True)
-    assert torch.equal(again.theta, art.theta) and again.head.keys() == art.head.keys()
+    assert torch.equal(again.theta, art.theta) and sorted(again.head) == sorted(art.head)
+    theirs = load_file(adapter / "adapter_model.safetensors")  # the head's values went through both conversions
+    assert all(torch.equal(again.head[k], theirs["base_model.model." + k]) for k in art.head)
+    assert len(art.head) == 4 and all(torch.equal(art.head[k], again.head[k]) for k in art.head)
     written = json.loads((tmp_path / "b" / "adapter_config.json").read_text())
     assert written["assignment_backend"] == "stateless" and written["bias"] == "gpart_only"
     assert written["task_type"] == "SEQ_CLS" and written["modules_to_save"] == ["classifier", "score"]
 
 
-def test_inspect_without_a_resolvable_base_says_to_pass_model(tmp_path, roberta_dir):
-    _, model = roberta_dir
-    res = runner.invoke(app, ["inspect", str(write_theirs(tmp_path / "a", model))])
-    assert res.exit_code == 2 and "--model" in res.output
+@pytest.fixture
+def wide(monkeypatch):
+    """The CLI's console 250 columns wide: table cells on one line each."""
+    from gpart_cli.commands.common import console
 
+    monkeypatch.setattr(console, "width", 250)
+
+
+def test_inspect_without_a_resolvable_base_shows_what_the_adapter_says(tmp_path, roberta_dir, wide):
+    # Their file records module-name patterns, not the module spec: without a base it still says d, seed, partition,
+    # targets, head and θ, and what --model adds. (THEIR_CONFIG records a local base, which gpart does not open.)
+    _, model = roberta_dir
+    adapter = write_theirs(tmp_path / "a", model)
+    theta = load_file(adapter / "adapter_model.safetensors")["base_model.gpart_theta_d"].double()
+    res = runner.invoke(app, ["inspect", str(adapter), "--json"])
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.output)
+    assert (summary["d"], summary["seed"], summary["partition"], summary["target_modules"], summary["bias"]) == \
+        (37, 2**63 + 5, SPLITMIX, ["query", "value"], True)
+    assert summary["theta"]["norm"] == pytest.approx(float(theta.norm()))
+    assert summary["head"]["classifier.out_proj.weight"] == [3, 32] and summary["head_params"] == 32 * 32 + 32 + 3 * 33
+    assert summary["unresolved"]["why"] == (f"{adapter} was trained on the local model /somewhere/base; pass --model "
+                                            "/somewhere/base to confirm (gpart does not open local paths named only "
+                                            "inside an adapter)")
+    assert "n_params" not in summary and "targets" not in summary
+    res = runner.invoke(app, ["inspect", str(adapter)])
+    text = " ".join(res.output.split())
+    assert res.exit_code == 0, res.output
+    for shown in ("partition splitmix64-mod-v1", "37 · 9223372036854775813", "query, value (biases adapted)",
+                  f"‖θ‖={float(theta.norm()):.4g}", "assignment_backend stateless (splitmix64-mod-v1)",
+                  "--model BASE adds │ the module spec (target names and shapes), N and weights per θ entry, the "
+                  "base fingerprint and the size vs LoRA r=8"):
+        assert shown in text, shown
+    # Not recorded at all: the same summary, and the reason.
+    (adapter / "adapter_config.json").write_text(json.dumps({**THEIR_CONFIG, "base_model_name_or_path": None}))
+    summary = json.loads(runner.invoke(app, ["inspect", str(adapter), "--json"]).output)
+    assert summary["unresolved"]["why"] == f"{adapter} does not record its base model; pass --model"
+
+
+def test_inspect_says_why_an_adapter_without_assignment_backend_is_torch_randint(tmp_path, roberta_dir, wide):
+    base, model = roberta_dir
+    adapter = write_theirs(tmp_path / "a", model, BEFORE_BACKENDS)
+    why = ("absent: saved by the authors' code before 2026-07-22 (SamsungLabs/GPart 35b0fa7 added the field, and "
+           "PEFT writes every field), whose groups came from torch.randint; read as torch-randint-v1")
+    for args in ([], ["--model", str(base)]):
+        res = runner.invoke(app, ["inspect", str(adapter), "--json", *args])
+        summary = json.loads(res.output)
+        assert summary["partition"] == RANDINT and summary["imported_from"]["assignment_backend"] == why
+        res = runner.invoke(app, ["inspect", str(adapter), *args])
+        assert f"assignment_backend {why}" in " ".join(res.output.split())
 
 def test_feistel_adapters_are_not_exported(tmp_path):
     model = gpart.apply(tiny_roberta(), gpart.GPartConfig(d=16, target_modules=["query"]))

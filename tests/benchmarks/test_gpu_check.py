@@ -46,6 +46,8 @@ def test_cpu_run_trains_evaluates_merges_and_says_what_it_skipped(capsys, tmp_pa
     assert (merged["rope_theta"], merged["dtype"], merged["max_logit_diff_vs_adapter"]) == (1e6, "float32", 0.0)
     assert calls == [["cuda", "device", "merged_dir", "model_dir", "run_dir", "test_file", "train_file", "work"]]
     assert report["checks"]["extra"] == {"skipped": "no vLLM here"}
+    assert report["checks"]["multi_gpu_fsdp_tied"] == {
+        "skipped": "needs 2 CUDA GPUs (gloo runs of the same code: tests/train/test_fsdp_placement.py)"}
     assert any("bf16" in s for s in report["skipped"]) and "extra: no vLLM here" in report["skipped"]
     assert "skipped: bf16 weights and autocast on a GPU" in err and "train: ok" in err
 

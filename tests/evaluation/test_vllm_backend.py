@@ -319,3 +319,20 @@ def test_a_merge_that_cannot_fit_on_disk_is_refused_before_it_starts(install, ad
 def test_merged_dir_without_vllm_is_a_user_error(tmp_path, llama_dir):
     res, _ = _eval(tmp_path, "--model", str(llama_dir), "--merged-dir", str(tmp_path / "m"))
     assert res.exit_code == 2 and "--merged-dir names where --backend vllm merges" in " ".join(res.output.split())
+
+
+def test_the_disk_space_check_counts_a_tied_embedding_once(tmp_path, monkeypatch):
+    # Qwen2.5-0.5B's embedding is 27% of its weights, and its output layer is the same tensor: written once.
+    import shutil
+
+    from gpart_cli.adapters.loading import ModelSource
+    from gpart_cli.errors import GpartError
+    from tests.conftest import tiny_qwen2
+
+    model = tiny_qwen2()
+    model.save_pretrained(tmp_path / "qwen")
+    count = model.num_parameters()
+    assert count == sum(p.numel() for p in model.parameters()) < sum(p.numel() for p in model.state_dict().values())
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: SimpleNamespace(total=2**30, used=2**30, free=2**20))
+    with pytest.raises(GpartError, match=rf"about 0\.0 GiB \({count:,} parameters in bfloat16\)"):
+        vllm_backend.check_disk_space(ModelSource(str(tmp_path / "qwen")), tmp_path / "merged", "bfloat16")

@@ -12,7 +12,7 @@ import gpart_cli as gpart
 from gpart_cli.core.layer import GPartLinear
 from gpart_cli.errors import GpartError
 from gpart_cli.train import fsdp
-from tests.conftest import tiny_gpt2, tiny_llama, tiny_roberta, tiny_vit
+from tests.conftest import tiny_gpt2, tiny_llama, tiny_qwen2, tiny_roberta, tiny_vit
 
 
 @pytest.fixture
@@ -158,3 +158,20 @@ def test_the_process_group_gets_a_timeout_long_enough_for_rank_0_alone(monkeypat
     monkeypatch.setenv("GPART_DIST_TIMEOUT", "2h")
     with pytest.raises(GpartError, match="GPART_DIST_TIMEOUT='2h': give the collective timeout in whole seconds"):
         distributed.timeout()
+
+
+def test_a_tied_skeleton_is_tied_and_in_eval_mode_as_from_pretrained_returns_it(tmp_path):
+    """accelerate's init_empty_weights re-registers every parameter, which unties tied embeddings (transformers 5):
+    ranks but 0 would then shard embed_tokens and lm_head as two FSDP units where rank 0 has one."""
+    from gpart_cli.adapters.loading import ModelSource, load_model, load_skeleton
+
+    tiny_qwen2().save_pretrained(tmp_path)
+    source = ModelSource(str(tmp_path))
+    loaded, skeleton = load_model(source, "causal_lm"), load_skeleton(source, "causal_lm")
+    assert skeleton.get_input_embeddings().weight is skeleton.get_output_embeddings().weight
+    assert (skeleton.training, loaded.training) == (False, False)
+    assert {n: (p.shape, p.dtype) for n, p in skeleton.named_parameters()} == \
+        {n: (p.shape, p.dtype) for n, p in loaded.named_parameters()}
+    plans = [fsdp.plan(m, fsdp.blocks(m) + fsdp._embeddings(m), set()) for m in (loaded, skeleton)]
+    assert plans[0] == plans[1]
+    assert plans[0][-2] == "unit (root): model.embed_tokens.weight [101, 32] float32, model.norm.weight [32] float32"
