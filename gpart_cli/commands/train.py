@@ -27,5 +27,5 @@ def train(recipe: Annotated[Path, typer.Argument(help="A recipe YAML file (see r
     out = output or default_output(parsed)
     try:
         run(parsed, out, resume=resume, overwrite=overwrite, dry_run=dry_run, console=err_console, device=device)
-    except KeyboardInterrupt:
-        raise typer.Exit(130) from None
+    except KeyboardInterrupt as e:  # run() said where the run resumes from
+        raise typer.Exit(getattr(e, "exit_code", 130)) from None

@@ -120,6 +120,14 @@ def read_checkpoint(path: Path) -> dict[str, bytes]:
         raise _unreadable(path, e) from None
 
 
+def checkpoint_step(path: Path) -> int | None:
+    """The step the checkpoint at `path` was saved at; None when there is none (or it cannot be read)."""
+    try:
+        return int(json.loads((path / "state.json").read_text())["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def restore_checkpoint(files: dict[str, bytes], path: Path, model: nn.Module, optimizer, scheduler) -> dict:
     """Restore the checkpoint read from `path` by `read_checkpoint`; returns its state (step, extra)."""
     try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 from pathlib import Path
 
 from rich.console import Console
@@ -11,6 +12,8 @@ from rich.table import Table
 from ..core.model import compute_path
 from ..recipe.schema import Recipe
 from . import distributed, run_dir
+from .checkpoint import checkpoint_step
+from .interrupt import Interrupted
 from .trainer import Trainer
 
 
@@ -38,13 +41,17 @@ def run(recipe: Recipe, out: Path, *, resume: bool = False, overwrite: bool = Fa
     trainer = Trainer(recipe, out, console, resume=resume, device=device)
     ok = False
     try:
-        plan = None if dry_run else shared_plan(out, recipe, resume, overwrite)
-        trainer.resume = bool(plan and plan.resume)
-        results = _run(trainer, recipe, out, plan, console)
+        with trainer.stops:  # Ctrl-C and SIGTERM: see `interrupt`
+            plan = None if dry_run else shared_plan(out, recipe, resume, overwrite)
+            trainer.resume = bool(plan and plan.resume)
+            results = _run(trainer, recipe, out, plan, console)
         ok = True
         return results
-    except BaseException as e:
-        trainer.tracking.close("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+    except KeyboardInterrupt:
+        trainer.tracking.close("KILLED")
+        raise _interrupted(trainer, recipe, out, console) from None
+    except BaseException:
+        trainer.tracking.close("FAILED")
         raise
     finally:
         trainer.release()
@@ -79,13 +86,7 @@ def _run(trainer: Trainer, recipe: Recipe, out: Path, plan: run_dir.RunDirPlan |
             console.print(plan.note)
         run_dir.begin(plan, recipe)
     distributed.barrier()
-    try:
-        trainer.train()
-    except KeyboardInterrupt:
-        # The run dir's recipe.yaml is the resolved one, --set overrides included.
-        console.print(f"\n[yellow]interrupted[/]: checkpoint saved. Resume with:\n  gpart train "
-                      f"{out / 'recipe.yaml'} --output {out} --resume")
-        raise
+    trainer.train()
     if not trainer.main and not trainer.all_evaluate:  # rank 0 finishes alone, unless every rank evaluates
         return None
     results = trainer.finish()
@@ -98,3 +99,26 @@ def _run(trainer: Trainer, recipe: Recipe, out: Path, plan: run_dir.RunDirPlan |
     console.print(f"result: [bold]{results['result']}[/] · metrics {out / 'metrics.jsonl'} · "
                   f"scores {out / 'results.json'}")
     return results
+
+
+def _interrupted(trainer: Trainer, recipe: Recipe, out: Path, console: Console) -> Interrupted:
+    """Say where the interrupted run resumes from (its last checkpoint), with the command that does it."""
+    step = trainer.saved_step
+    if step is None and trainer.main and run_dir.state_of(out) is run_dir.DirState.RESUMABLE:
+        step = checkpoint_step(out / "checkpoints" / "last")  # stopped before a --resume had restored it
+    stopped = Interrupted(trainer.stops.signum or signal.SIGINT, step, getattr(trainer, "total_steps", None))
+    if not trainer.main:
+        return stopped
+    # The run dir's recipe.yaml is the resolved one, --set overrides included.
+    command = f"gpart train {out / 'recipe.yaml'} --output {out}"
+    if step is not None:
+        of = "" if stopped.total is None else f"/{stopped.total}"
+        console.print(f"\n[yellow]interrupted[/]: checkpoint at step {step}{of}. Resume with:\n  {command} --resume",
+                      soft_wrap=True)
+    elif (out / "recipe.yaml").is_file():
+        again = " --overwrite" if run_dir.state_of(out) is run_dir.DirState.ENDED else ""
+        console.print(f"\n[yellow]interrupted[/] before the first checkpoint: nothing to resume. Start again with:\n"
+                      f"  {command}{again}", soft_wrap=True)
+    else:
+        console.print("\n[yellow]interrupted[/] before training started: nothing was written", soft_wrap=True)
+    return stopped
