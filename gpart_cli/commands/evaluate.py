@@ -56,7 +56,7 @@ def evaluate(task: Annotated[Optional[str], typer.Option(help="glue/<task>, visi
     """Score a model, an adapter, or given predictions on a task."""
     from ..adapters.hub import adapter_path
     from ..evaluation.multi import evaluate_many, split_adapters, summary_table
-    from ..evaluation.runner import EvalRequest
+    from ..evaluation.runner import EvalRequest, scores_path
     from ..evaluation.runner import evaluate as run_eval
 
     if (task is None) == (lm_eval is None):
@@ -74,8 +74,8 @@ def evaluate(task: Annotated[Optional[str], typer.Option(help="glue/<task>, visi
             raise GpartError("--lm-eval scores one adapter at a time; run one command per adapter")
         summary = evaluate_many(req, [adapter_path(str(p)) for p in many])
         console.print(summary_table(summary))
-        console.print(f"scores: {req.output or 'eval-' + task.replace('/', '-') + '.json'} (one JSON per adapter "
-                      f"beside it)")
+        console.print(f"scores: {summary['output']} · each adapter's: "
+                      f"{', '.join(d['output'] for d in summary['adapters'])}")
         return
     if lm_eval is not None:
         from ..evaluation import lm_eval_backend
@@ -92,5 +92,4 @@ def evaluate(task: Annotated[Optional[str], typer.Option(help="glue/<task>, visi
     console.print(table)
     where = f" · {doc['device']}, {doc['dtype']}" + (f" + {doc['autocast']} autocast" if doc.get("autocast") else "") \
         if "device" in doc else ""
-    console.print(f"scores: {req.output or 'eval-' + task.replace('/', '-') + '.json'} · predictions: "
-                  f"{doc['predictions_file']}{where}")
+    console.print(f"scores: {scores_path(req, task)} · predictions: {doc['predictions_file']}{where}")

@@ -17,6 +17,7 @@ from .. import atomic
 from ..adapters.devices import eval_precision, resolve_device
 from ..adapters.loading import load_tokenizer
 from ..adapters.reference import Scored, image_processor_for, load_scored, scored
+from ..data.sources import local_copies_hint
 from ..errors import GpartError
 from . import classify, vllm_backend
 from .tasks import GENERATION_TASKS, load_task_rows, max_new_tokens_for, run_generation, score_outputs
@@ -44,6 +45,41 @@ class EvalRequest:
     backend: str = "hf"              # generation tasks: hf (transformers generate) | vllm (see vllm_backend)
     tensor_parallel_size: int = 1    # vllm: GPUs one model is split over
     merged_dir: Path | None = None   # vllm: where an adapter is merged (kept); None: a temporary dir under $TMPDIR
+
+
+def scores_path(req: EvalRequest, label: str | None = None) -> Path:
+    """Where the scores JSON of `req` goes (its predictions JSONL beside it), for the task `label` (default req.task):
+
+    - --output FILE: there; --output DIR (an existing folder): DIR/eval-TASK.json;
+    - an adapter: its run dir (the folder holding recipe.yaml: the adapter itself, or the folder of adapter.gpart,
+      adapter/ or model/) gets eval-TASK.json; any other adapter file or folder: NAME.eval-TASK.json beside it;
+    - predictions made elsewhere: NAME.eval-TASK.json beside that file;
+    - a local --model folder: NAME.eval-TASK.json beside it;
+    - else (a hub or pkg: model, an hf:// adapter in the Hub cache): runs/eval/MODEL/eval-TASK.json.
+    Never a file in the current folder by default: scores of different models would overwrite each other there.
+    """
+    name = f"eval-{(label or req.task).replace('/', '-')}.json"
+    if req.output is not None:
+        return req.output / name if req.output.is_dir() else req.output
+    if req.adapter is not None and not _in_hub_cache(req.adapter):
+        run = next((d for d in (req.adapter, req.adapter.parent) if (d / "recipe.yaml").is_file()), None)
+        return run / name if run is not None else _beside(req.adapter, name)
+    if req.predictions is not None:
+        return _beside(req.predictions, name)
+    if req.model is not None and Path(req.model).is_dir():
+        return _beside(Path(req.model), name)
+    model = (req.model or (req.adapter.parent.name if req.adapter else "model")).removeprefix("pkg:")
+    return Path("runs") / "eval" / model.strip("/").replace("/", "--") / name
+
+
+def _beside(path: Path, name: str) -> Path:
+    return path.parent / f"{path.stem if path.is_file() else path.name}.{name}"
+
+
+def _in_hub_cache(path: Path) -> bool:
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HUB_CACHE).resolve() in path.resolve().parents
 
 
 def parse_task(task: str) -> tuple[str, str]:
@@ -144,6 +180,11 @@ def _generation(req: EvalRequest, name: str, what: Scored, device, precision, lo
 def evaluate(req: EvalRequest, load=load_scored) -> dict:
     """Run the evaluation, write scores and predictions, return the scores document. `load` is how the model is
     loaded (`models.load_scored`; `multi` passes one that keeps the base and swaps adapters)."""
+    with local_copies_hint("Pass local copies with --data FILE"):  # offline: a request has no recipe to fix
+        return _evaluate(req, load)
+
+
+def _evaluate(req: EvalRequest, load) -> dict:
     if req.gguf_file and (req.adapter is not None or Path(req.gguf_file).name != req.gguf_file):
         raise GpartError("--gguf-file takes a file name inside the --model dir, for a base scored without --adapter "
                          "(an adapter's run records its own GGUF file)")
@@ -172,7 +213,7 @@ def evaluate(req: EvalRequest, load=load_scored) -> dict:
             else:
                 scores, records, model = _classification(req, family, name, what, device, precision, load)
             run.update({"device": str(device), **precision.record(model)})
-    output = req.output or Path(f"eval-{req.task.replace('/', '-')}.json")
+    output = scores_path(req)
     doc = {"task": req.task, "scores": scores, "adapter": str(req.adapter) if req.adapter else None,
            "model": req.model, "data": req.data, "limit": req.limit, **run,
            "predictions_file": str(output.with_suffix(".predictions.jsonl"))}
