@@ -13,8 +13,9 @@ from .common import Device, TrustRemoteCode, console, err_console, user_errors
 
 
 @user_errors
-def evaluate(task: Annotated[Optional[str], typer.Option(help="glue/<task>, vision/<dataset>, gsm8k, math (the "
-                                                            "5,000-problem test), math500 or mawps.")] = None,
+def evaluate(task: Annotated[Optional[str], typer.Option(help="glue/<task>, text_classification/<name>, "
+                                                            "vision/<dataset>, gsm8k, math (the 5,000-problem test), "
+                                                            "math500 or mawps.")] = None,
              adapter: Annotated[Optional[str], typer.Option(help="A .gpart file, PEFT adapter dir (the authors' GPart "
                                                                  "ones too), merged model dir, gpart run dir, or "
                                                                  "hf://user/name; a,b,... scores several .gpart "
