@@ -94,7 +94,8 @@ def build(recipe: Recipe, device: torch.device | None = None, weights: bool = Tr
 
         tokenizer = load_tokenizer(model_source(recipe))
         splits = build_text_classification_splits(data, tokenizer, seed)
-        model = apply_pooling(_model(recipe, task_type, splits.num_labels, splits.labels, device), recipe.model.pooling)
+        model = apply_pooling(_model(recipe, task_type, splits.num_labels, splits.labels, device, weights),
+                              recipe.model.pooling)
     elif family == "vision":
         from ..data.vision import build_vision_splits
 

@@ -42,6 +42,13 @@ def dev_score(recipe: Recipe, metrics: dict) -> float:
     return metrics[classify.main_metric(recipe.data.family, recipe.data.task)]
 
 
+def step_counts(train, rows: int) -> tuple[int, int, int]:
+    """(micro-batches per epoch, optimizer steps per epoch, steps of the run) for `rows` training rows."""
+    batches = math.ceil(rows / train.batch_size)
+    total = train.max_steps or max(1, math.ceil(train.epochs * batches / train.grad_accum))
+    return batches, max(1, math.ceil(batches / train.grad_accum)), total
+
+
 class Trainer:
     """One training run of a recipe into an output directory."""
 
@@ -97,10 +104,7 @@ class Trainer:
         del weights  # rank 0's whole CPU copy of the weights
         self.params = [p for g in prepared.groups for p in g["params"]]
         self.optimizer = torch.optim.AdamW(prepared.groups, betas=(0.9, 0.999), eps=1e-8)
-        n = len(self.s.splits.train)
-        self.batches_per_epoch = math.ceil(n / t.batch_size)
-        self.steps_per_epoch = max(1, math.ceil(self.batches_per_epoch / t.grad_accum))
-        self.total_steps = t.max_steps or max(1, math.ceil(t.epochs * self.batches_per_epoch / t.grad_accum))
+        self.batches_per_epoch, self.steps_per_epoch, self.total_steps = step_counts(t, len(self.s.splits.train))
         self.scheduler = self._scheduler()
         self._perm: tuple[int, torch.Tensor] | None = None
 
