@@ -19,7 +19,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 
 def _print_version(value: bool) -> None:
     if value:
-        from .. import __version__
+        from ..versions import __version__
 
         typer.echo(f"gpart {__version__}")
         raise typer.Exit()
