@@ -103,15 +103,18 @@ def glue_recipe(model_dir, files, **over):
 
 
 def interrupt_training_at(monkeypatch, step: int):
-    """Make every Trainer raise KeyboardInterrupt (Ctrl-C) as training step `step` starts; returns the original
-    `_train_step` so a test can restore it before resuming."""
+    """Make every Trainer get a Ctrl-C (a real SIGINT to this process) while training step `step` runs, counting
+    from 1: the run stops with its checkpoint at `step`. Returns the original `_train_step` so a test can restore it
+    before resuming."""
+    import signal
+
     from gpart_cli.train.trainer import Trainer
 
     original = Trainer._train_step
 
     def interrupt(self, s):
-        if s == step:
-            raise KeyboardInterrupt
+        if s == step - 1:
+            os.kill(os.getpid(), signal.SIGINT)
         return original(self, s)
 
     monkeypatch.setattr(Trainer, "_train_step", interrupt)

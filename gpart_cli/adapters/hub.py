@@ -10,9 +10,12 @@ Every Hub failure becomes a `GpartError` that names the fix (log in, unset HF_HU
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
+import os
 import re
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 
@@ -77,23 +80,49 @@ _AUTO_CLASS = {"sequence_classification": "AutoModelForSequenceClassification", 
                "image_classification": "AutoModelForImageClassification"}
 
 
+def offline_switch() -> str | None:
+    """The environment setting that switches the Hub off, as `NAME=value` (huggingface_hub reads HF_HUB_OFFLINE,
+    and TRANSFORMERS_OFFLINE when HF_HUB_OFFLINE is unset), or None when neither does."""
+    from huggingface_hub import constants
+
+    if not constants.HF_HUB_OFFLINE:
+        return None
+    name = "HF_HUB_OFFLINE" if os.environ.get("HF_HUB_OFFLINE") else "TRANSFORMERS_OFFLINE"
+    return f"{name}={os.environ.get(name, '1')}"
+
+
+def _network_errors() -> tuple[type[BaseException], ...]:
+    """The exception types of a Hub request that got no answer: no network, no DNS, refused, timed out (raised by
+    the HTTP client huggingface_hub uses: httpx, its httpx2 fork, or requests in older versions)."""
+    kinds: list = [ConnectionError, TimeoutError, socket.gaierror]
+    for module, names in (("httpx", ("TransportError",)), ("httpx2", ("TransportError",)),
+                          ("requests", ("ConnectionError", "Timeout"))):
+        try:
+            found = importlib.import_module(module)
+        except ImportError:
+            continue
+        kinds += [getattr(found, name) for name in names if hasattr(found, name)]
+    return tuple(kinds)
+
+
 @contextlib.contextmanager
-def hub_errors(what: str, repo: str):
-    """Turn huggingface_hub's failures while doing `what` with `repo` into GpartErrors that say what to do."""
+def hub_errors(what: str, repo: str, fix: str = "pass a local adapter file"):
+    """Turn huggingface_hub's failures while doing `what` with `repo` into GpartErrors that say what to do; `fix` is
+    the way around the Hub when it cannot be reached."""
     from huggingface_hub import errors
 
     try:
         yield
     except errors.OfflineModeIsEnabled:
-        raise GpartError(f"{what} {repo}: the Hugging Face Hub is switched off (HF_HUB_OFFLINE=1); unset "
-                         f"HF_HUB_OFFLINE to reach it") from None
+        switch = offline_switch() or "HF_HUB_OFFLINE=1"
+        raise GpartError(f"{what} {repo}: the Hugging Face Hub is switched off ({switch}); unset "
+                         f"{switch.split('=')[0]} to reach it") from None
     except errors.LocalEntryNotFoundError:
-        from huggingface_hub import constants
-
-        why, fix = (("is switched off (HF_HUB_OFFLINE=1)", "unset HF_HUB_OFFLINE") if constants.HF_HUB_OFFLINE else
-                    ("could not be reached", "check the connection"))
-        raise GpartError(f"{what} {repo}: not in the local Hugging Face cache, and the Hub {why}: {fix}, or pass "
-                         f"a local adapter file") from None
+        switch = offline_switch()
+        why, unset = ((f"is switched off ({switch})", f"unset {switch.split('=')[0]}") if switch else
+                      ("could not be reached", "check the network connection"))
+        raise GpartError(f"{what} {repo}: not in the local Hugging Face cache, and the Hub {why}: {unset}, or "
+                         f"{fix}") from None
     except errors.RevisionNotFoundError:
         raise GpartError(f"{what} {repo}: the Hub repo has no such revision; check the part after @") from None
     except (errors.RepositoryNotFoundError, errors.GatedRepoError):
@@ -103,6 +132,12 @@ def hub_errors(what: str, repo: str):
         status = getattr(getattr(e, "response", None), "status_code", None)
         fix = LOGIN + " with a token that may write to it" if status in (401, 403) else "check the repo id and retry"
         raise GpartError(f"{what} {repo}: the Hub answered {first_line(e)}; {fix}") from None
+    except _network_errors() as e:
+        from huggingface_hub import constants
+
+        raise GpartError(f"{what} {repo}: could not reach the Hugging Face Hub at {constants.ENDPOINT} "
+                         f"({type(e).__name__}: {first_line(e)}); check the network connection (and HTTPS_PROXY / "
+                         f"HF_ENDPOINT if you use them), or {fix}") from None
 
 
 # ---- push ------------------------------------------------------------------------------------------------
@@ -177,7 +212,8 @@ def push(run: str | Path, repo: str, private: bool = False) -> str:
     if get_token() is None:
         raise GpartError(f"gpart push {repo}: no Hugging Face token; {LOGIN}")
     api = HfApi()
-    with hub_errors("gpart push", repo), tempfile.TemporaryDirectory(prefix="gpart-push-") as tmp:
+    offline = "run gpart push again where the Hub can be reached"
+    with hub_errors("gpart push", repo, offline), tempfile.TemporaryDirectory(prefix="gpart-push-") as tmp:
         staged = Path(tmp)
         if result.is_dir():
             shutil.copytree(result, staged / result.name)

@@ -9,6 +9,7 @@ no command reads the file twice, and a wrong name fails here with what exists ne
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import json
 import os
@@ -44,6 +45,7 @@ class AdapterRef:
     artifact: Artifact | None = None                       # kind gpart
     authors: authors_format.AuthorsAdapter | None = None   # kind authors
     run_info: dict = field(default_factory=dict)           # gpart_run.json beside a PEFT or merged result
+    from_hub: bool = False                                 # fetched from the Hub into its cache
 
     @property
     def recipe(self) -> dict | None:
@@ -81,6 +83,11 @@ class AdapterRef:
             return recorded
         return json.loads((self.path / "adapter_config.json").read_text()).get("base_model_name_or_path")
 
+    @property
+    def run_dir(self) -> Path | None:
+        """The gpart run dir the adapter belongs to (the folder holding its recipe.yaml), if any."""
+        return next((d for d in (self.path, self.path.parent) if (d / "recipe.yaml").is_file()), None)
+
     def base(self, model: str | None) -> str:
         """`model` (--model), else the recorded base when it is a hub id or pkg: model (never a local path the
         adapter names: an adapter must not make gpart read files the user did not name)."""
@@ -100,11 +107,14 @@ def open_adapter(text: str | os.PathLike, option: str = "--adapter") -> AdapterR
     """
     given = str(text)
     if hub.is_hub_ref(given):
-        path = hub.fetch(given, option)
-    else:
-        path = Path(given).expanduser()
-        if not path.exists():
-            raise _no_such_path(given, path, option)
+        return dataclasses.replace(_open_local(hub.fetch(given, option), given, option), from_hub=True)
+    path = Path(given).expanduser()
+    if not path.exists():
+        raise _no_such_path(given, path, option)
+    return _open_local(path, given, option)
+
+
+def _open_local(path: Path, given: str, option: str) -> AdapterRef:
     if authors_format.is_adapter(path):
         adapter = authors_format.read(path)
         return AdapterRef("authors", adapter.directory, given, authors=adapter)

@@ -5,12 +5,32 @@ Exit codes: 0 ok, 2 user error (a `GpartError`: the message names the field or f
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import typer
 
 from . import convert, evaluate, inspect_adapter, merge, push, sweep_d, train
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+# rich_markup_mode None: help texts are plain text, so pip install 'gpart[vllm]' is not read as Rich markup (which
+# printed 'gpart').
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="Fine-tune Hugging Face models with GPart: one vector theta, partitioned over all weights.")
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from ..versions import __version__
+
+        typer.echo(f"gpart {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                                   help="Print gpart's version and exit.")] = False) -> None:
+    """Options before the command."""
+
+
 app.command(name="inspect")(inspect_adapter.inspect)
 app.command()(merge.merge)
 app.command()(convert.convert)

@@ -11,8 +11,10 @@ from rich.markup import escape
 
 from ..errors import GpartError
 
-console = Console()
-err_console = Console(stderr=True)
+# soft_wrap: a line is printed whole, never cut at the console width (80 columns when piped to a file), so a printed
+# command or path can be copied as it is. Tables still fit the width.
+console = Console(soft_wrap=True)
+err_console = Console(stderr=True, soft_wrap=True)
 
 
 def user_errors(fn):

@@ -13,8 +13,9 @@ from .common import Device, TrustRemoteCode, console, err_console, user_errors
 
 
 @user_errors
-def evaluate(task: Annotated[Optional[str], typer.Option(help="glue/<task>, vision/<dataset>, gsm8k, math (the "
-                                                            "5,000-problem test), math500 or mawps.")] = None,
+def evaluate(task: Annotated[Optional[str], typer.Option(help="glue/<task>, text_classification/<name>, "
+                                                            "vision/<dataset>, gsm8k, math (the 5,000-problem test), "
+                                                            "math500 or mawps.")] = None,
              adapter: Annotated[Optional[str], typer.Option(help="A .gpart file, PEFT adapter dir (the authors' GPart "
                                                                  "ones too), merged model dir, gpart run dir, or "
                                                                  "hf://user/name; a,b,... scores several .gpart "
@@ -56,7 +57,7 @@ def evaluate(task: Annotated[Optional[str], typer.Option(help="glue/<task>, visi
     """Score a model, an adapter, or given predictions on a task (an adapter's run dir: the task it recorded)."""
     from ..adapters.reference import open_adapter
     from ..evaluation.multi import evaluate_many, split_adapters, summary_table
-    from ..evaluation.runner import EvalRequest, check_gguf_file, recorded_task
+    from ..evaluation.runner import EvalRequest, check_gguf_file, recorded_task, scores_path
     from ..evaluation.runner import evaluate as run_eval
 
     if task is not None and lm_eval is not None:
@@ -77,8 +78,8 @@ def evaluate(task: Annotated[Optional[str], typer.Option(help="glue/<task>, visi
             raise GpartError("--lm-eval scores one adapter at a time; run one command per adapter")
         summary = evaluate_many(req, refs)
         console.print(summary_table(summary))
-        console.print(f"scores: {req.output or 'eval-' + task.replace('/', '-') + '.json'} (one JSON per adapter "
-                      f"beside it)")
+        console.print(f"scores: {summary['output']} · each adapter's: "
+                      f"{', '.join(d['output'] for d in summary['adapters'])}")
         return
     if lm_eval is not None:
         from ..evaluation import lm_eval_backend
@@ -95,5 +96,4 @@ def evaluate(task: Annotated[Optional[str], typer.Option(help="glue/<task>, visi
     console.print(table)
     where = f" · {doc['device']}, {doc['dtype']}" + (f" + {doc['autocast']} autocast" if doc.get("autocast") else "") \
         if "device" in doc else ""
-    console.print(f"scores: {req.output or 'eval-' + task.replace('/', '-') + '.json'} · predictions: "
-                  f"{doc['predictions_file']}{where}")
+    console.print(f"scores: {scores_path(req, task)} · predictions: {doc['predictions_file']}{where}")

@@ -25,6 +25,9 @@ def sweep_d(recipe: Annotated[Path, typer.Argument(help="A recipe YAML file.")],
             overrides: Overrides = None,
             output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Sweep directory (default "
                                                             "runs/sweep-RECIPE_NAME).")] = None,
+            rerun_changed: Annotated[bool, typer.Option("--rerun-changed", help="Train again the runs in --output "
+                                                        "whose recorded recipe differs from this sweep's (else "
+                                                        "they are refused).")] = False,
             device: Device = None):
     """Train and evaluate one run per d, seed and learning rate; the dev split picks the lr; write a table,
     results.csv/json and plot.png."""
@@ -36,6 +39,12 @@ def sweep_d(recipe: Annotated[Path, typer.Argument(help="A recipe YAML file.")],
     if unknown or not methods:
         raise GpartError(f"--method {method!r}: use some of {', '.join(METHODS)}")
     out = output or Path("runs") / f"sweep-{recipe.stem}"
-    sweep(recipe, overrides or [], methods, parse_ints(d, "--d"), parse_ints(seeds, "--seeds"), out, err_console,
-          lrs=parse_lr_grid(lr or [], methods), lr_heads=parse_lr_head(lr_head), device=device)
+    try:
+        sweep(recipe, overrides or [], methods, parse_ints(d, "--d"), parse_ints(seeds, "--seeds"), out, err_console,
+              lrs=parse_lr_grid(lr or [], methods), lr_heads=parse_lr_head(lr_head), device=device,
+              rerun_changed=rerun_changed)
+    except KeyboardInterrupt as e:
+        err_console.print("sweep interrupted: run the same gpart sweep-d command again to go on (finished runs are "
+                          "reused, the interrupted one resumes)")
+        raise typer.Exit(getattr(e, "exit_code", 130)) from None
     console.print(f"results: {out / 'results.csv'} · {out / 'results.json'} · plot {out / 'plot.png'}")

@@ -17,7 +17,9 @@ def train(recipe: Annotated[Path, typer.Argument(help="A recipe YAML file (see r
                                                           "(default runs/RECIPE_NAME).")] = None,
           resume: Annotated[bool, typer.Option(help="Continue the run in --output from its last checkpoint.")] = False,
           overwrite: Annotated[bool, typer.Option(help="Replace an existing run in --output.")] = False,
-          dry_run: Annotated[bool, typer.Option(help="Validate the recipe, load model and data, then stop.")] = False,
+          dry_run: Annotated[bool, typer.Option(help="Print the resolved recipe, the data, the trainable parameter "
+                                                     "count and (SFT) one rendered training example with its loss "
+                                                     "mask, then stop; no weights are read.")] = False,
           device: Device = None):
     """Fine-tune a model from a YAML recipe: writes adapter, metrics.jsonl, checkpoints and results.json."""
     from ..recipe.schema import load_recipe
@@ -27,5 +29,5 @@ def train(recipe: Annotated[Path, typer.Argument(help="A recipe YAML file (see r
     out = output or default_output(parsed)
     try:
         run(parsed, out, resume=resume, overwrite=overwrite, dry_run=dry_run, console=err_console, device=device)
-    except KeyboardInterrupt:
-        raise typer.Exit(130) from None
+    except KeyboardInterrupt as e:  # run() said where the run resumes from
+        raise typer.Exit(getattr(e, "exit_code", 130)) from None

@@ -7,6 +7,8 @@ and gpart says which source it used. With neither reachable the error names both
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from pathlib import Path
 
 from ..errors import GpartError, first_line
@@ -59,13 +61,28 @@ def _hub_split(path: str, config: str | None, split: str, revision: str | None):
     return datasets.load_dataset(path, config, split=split, revision=revision)
 
 
+# How the user points gpart at local copies of the data, for the offline hint: a training run's recipe names its
+# files; `gpart eval` has no recipe but --data (`local_copies_hint`).
+_LOCAL_COPIES = contextvars.ContextVar("local_copies", default="Point the recipe's files at local copies")
+
+
+@contextlib.contextmanager
+def local_copies_hint(text: str):
+    """Within this block, a hub dataset that cannot be loaded says `text` as the way to local copies."""
+    token = _LOCAL_COPIES.set(text)
+    try:
+        yield
+    finally:
+        _LOCAL_COPIES.reset(token)
+
+
 def load_hub(path: str, config: str | None, split: str, what: str, revision: str | None = None):
     """One split of a hub dataset; GpartError naming it (and the offline hint) when `datasets` cannot load it."""
     try:
         return _hub_split(path, config, split, revision)
     except Exception as e:  # network, missing split/config and script-only repos surface as many exception types
         raise GpartError(f"could not load {what} {hub_name(path, config, split, revision)}: {first_line(e)}. "
-                         f"Offline? Point the recipe's files at local copies") from None
+                         f"Offline? {_LOCAL_COPIES.get()}") from None
 
 
 def _load_local(files: list[str], what: str):

@@ -20,6 +20,7 @@ from ..adapters.devices import eval_precision, resolve_device
 from ..adapters.loading import load_tokenizer
 from ..adapters.reference import load_scored
 from ..errors import GpartError
+from .runner import scores_path
 
 INSTALL = "pip install 'gpart[lm-eval]'"
 TASK_LABEL = "lm-eval"  # the scores JSON's "task" and its default name, eval-lm-eval.json
@@ -121,10 +122,10 @@ def evaluate(req, tasks: list[str], num_fewshot: int | None = None, include: lis
         out = lm_eval.simple_evaluate(model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=req.limit,
                                       task_manager=manager, log_samples=True, random_seed=0, numpy_random_seed=0,
                                       torch_random_seed=0, fewshot_random_seed=0)
-    output = req.output or Path(f"eval-{TASK_LABEL}.json")
+    output = scores_path(req, TASK_LABEL)
     predictions = output.with_suffix(".predictions.jsonl")
     doc = {"task": TASK_LABEL, "lm_eval_tasks": tasks, "num_fewshot": num_fewshot, "scores": scores_of(out["results"]),
-           "adapter": str(req.adapter) if req.adapter else None, "model": req.model, "limit": req.limit,
+           "adapter": req.adapter.given if req.adapter else None, "model": req.model, "limit": req.limit,
            "batch_size": req.batch_size, "backend": "lm-eval", "device": str(device), **precision.record(model),
            "lm_eval_version": getattr(lm_eval, "__version__", None), "predictions_file": str(predictions)}
     atomic.write_text(output, json.dumps(doc, indent=2))

@@ -17,6 +17,7 @@ from .. import atomic
 from ..adapters.devices import eval_precision, resolve_device
 from ..adapters.loading import FAMILY_TASK_TYPE, load_image_processor, load_tokenizer
 from ..adapters.reference import AdapterRef, load_scored
+from ..data.sources import local_copies_hint
 from ..errors import GpartError
 from . import classify, vllm_backend
 from .tasks import GENERATION_TASKS, load_task_rows, max_new_tokens_for, run_generation, score_outputs
@@ -59,6 +60,35 @@ def recorded_task(refs: list[AdapterRef]) -> str:
     if len(tasks) > 1:
         raise GpartError(f"the adapters were trained for different tasks ({', '.join(sorted(tasks))}); give --task")
     return tasks.pop()
+
+
+def scores_path(req: EvalRequest, label: str | None = None) -> Path:
+    """Where the scores JSON of `req` goes (its predictions JSONL beside it), for the task `label` (default req.task):
+
+    - --output FILE: there; --output DIR (an existing folder): DIR/eval-TASK.json;
+    - an adapter: its run dir (`AdapterRef.run_dir`) gets eval-TASK.json; any other adapter file or folder:
+      NAME.eval-TASK.json beside it;
+    - predictions made elsewhere: NAME.eval-TASK.json beside that file;
+    - a local --model folder: NAME.eval-TASK.json beside it;
+    - else (a hub or pkg: model, an hf:// adapter in the Hub cache): runs/eval/MODEL/eval-TASK.json.
+    Never a file in the current folder by default: scores of different models would overwrite each other there.
+    """
+    name = f"eval-{(label or req.task).replace('/', '-')}.json"
+    if req.output is not None:
+        return req.output / name if req.output.is_dir() else req.output
+    if req.adapter is not None and not req.adapter.from_hub:
+        run = req.adapter.run_dir
+        return run / name if run is not None else _beside(req.adapter.path, name)
+    if req.predictions is not None:
+        return _beside(req.predictions, name)
+    if req.model is not None and Path(req.model).is_dir():
+        return _beside(Path(req.model), name)
+    model = (req.model or (req.adapter.path.parent.name if req.adapter else "model")).removeprefix("pkg:")
+    return Path("runs") / "eval" / model.strip("/").replace("/", "--") / name
+
+
+def _beside(path: Path, name: str) -> Path:
+    return path.parent / f"{path.stem if path.is_file() else path.name}.{name}"
 
 
 def parse_task(task: str) -> tuple[str, str]:
@@ -160,6 +190,11 @@ def _generation(req: EvalRequest, name: str, ref: AdapterRef | None, device, pre
 def evaluate(req: EvalRequest, load=load_scored) -> dict:
     """Run the evaluation, write scores and predictions, return the scores document. `load` is how the model is
     loaded (`models.load_scored`; `multi` passes one that keeps the base and swaps adapters)."""
+    with local_copies_hint("Pass local copies with --data FILE"):  # offline: a request has no recipe to fix
+        return _evaluate(req, load)
+
+
+def _evaluate(req: EvalRequest, load) -> dict:
     family, name = parse_task(req.task)
     vllm_backend.check(req, family)
     run: dict = {"batch_size": req.batch_size, "backend": req.backend}
@@ -185,7 +220,7 @@ def evaluate(req: EvalRequest, load=load_scored) -> dict:
             else:
                 scores, records, model = _classification(req, family, name, ref, device, precision, load)
             run.update({"device": str(device), **precision.record(model)})
-    output = req.output or Path(f"eval-{req.task.replace('/', '-')}.json")
+    output = scores_path(req)
     doc = {"task": req.task, "scores": scores, "adapter": req.adapter.given if req.adapter else None,
            "model": req.model, "data": req.data, "limit": req.limit, **run,
            "predictions_file": str(output.with_suffix(".predictions.jsonl"))}

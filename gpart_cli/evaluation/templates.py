@@ -38,5 +38,6 @@ def eval_rendering(ref: AdapterRef | None, tokenizer, console: Console | None = 
                 f"[yellow]warning:[/] prompt template drift: {ref.given} trained with {recorded.get('name')} "
                 f"(sha256 {str(recorded.get('sha256'))[:12]}), this evaluation renders {now['name']} (sha256 "
                 f"{now['sha256'][:12]}). The tokenizer or its chat template differs from training's; scores may not "
-                f"reflect the adapter. Evaluate with the base the run trained on (--model)", highlight=False)
+                f"reflect the adapter. Evaluate with the base the run trained on (--model)", highlight=False,
+                soft_wrap=True)
     return rendering

@@ -157,6 +157,37 @@ _POSITIVE = {"method.rank", "train.batch_size", "train.grad_accum", "data.max_le
 _NON_NEGATIVE = {"method.seed", "train.seed", "train.weight_decay", "train.lr_theta", "train.lr_head",
                  "train.epochs", "train.max_grad_norm", "method.init_bound"}
 
+_SFT, _VISION, _TEXT = ("sft",), ("vision",), ("glue", "text_classification")
+# Fields that only some data families read: (those families, {another family or "*": the field that does the job
+# there}). Set to anything but its default under another family, such a field would be accepted and do nothing.
+_FAMILY_FIELDS = {
+    "eval.task": (_SFT, {"*": "data.task"}),
+    "eval.files": (_SFT, {"*": "data.eval_files"}),
+    "eval.split": (_SFT, {"*": "data.eval_split"}),
+    "eval.limit": (_SFT, {"*": "data.max_eval_samples"}),
+    "eval.max_new_tokens": (_SFT, {}),
+    "eval.dev_batch_size": (_SFT, {"*": "eval.batch_size"}),
+    "data.query_column": (_SFT, {"vision": "data.image_column", "*": "data.text_columns"}),
+    "data.response_column": (_SFT, {"*": "data.label_column"}),
+    "data.messages_column": (_SFT, {"vision": "data.image_column", "*": "data.text_columns"}),
+    "data.format": (_SFT, {}),
+    "data.chat_template": (_SFT, {}),
+    "data.packing": (_SFT, {}),
+    "data.image_column": (_VISION, {"sft": "data.query_column", "*": "data.text_columns"}),
+    "data.image_size": (_VISION, {"*": "data.max_length"}),
+    "data.train_transform": (_VISION, {}),
+    "data.eval_transform": (_VISION, {}),
+    "data.classes": (_VISION, {"text_classification": "data.labels"}),
+    "data.labels": (("text_classification",), {"vision": "data.classes"}),
+    "data.text_columns": (_TEXT, {"vision": "data.image_column", "sft": "data.query_column"}),
+    "data.label_column": (_TEXT + _VISION, {"sft": "data.response_column"}),
+    "data.eval_files": (_TEXT + _VISION, {"sft": "eval.files"}),
+    "data.eval_split": (_TEXT + _VISION, {"sft": "eval.split"}),
+    "data.max_eval_samples": (_TEXT + _VISION, {"sft": "eval.limit"}),
+    "data.max_length": (_TEXT + _SFT, {"vision": "data.image_size"}),
+    "data.dev_samples": (_TEXT + _SFT, {"vision": "data.dev_fraction"}),
+}
+
 
 def _coerce(path: str, value: Any, hint) -> Any:
     """Check `value` against the annotation `hint`; YAML's "5e-3" strings become floats."""
@@ -249,7 +280,27 @@ def from_dict(raw: dict) -> Recipe:
     if recipe.model.name_or_path is None and recipe.model.config is None:
         raise GpartError("recipe field model.name_or_path is missing: give a hub id, a local dir, "
                          "pkg:PACKAGE/dir, or model.config to build a model from a config")
+    _check_family_fields(recipe)
     return recipe
+
+
+def _check_family_fields(recipe: Recipe) -> None:
+    """Refuse a field set for a data family that does not read it, naming the field that does the job there."""
+    family = recipe.data.family
+    for path, (families, instead) in _FAMILY_FIELDS.items():
+        section, name = path.split(".")
+        part = getattr(recipe, section)
+        value, default = getattr(part, name), _default(type(part), name)
+        if family in families or value == default:
+            continue
+        other = instead.get(family, instead.get("*"))
+        raise GpartError(f"recipe field {path} = {value!r} does nothing for data.family {family} (it applies to "
+                         f"{', '.join(families)}); " + (f"set {other} instead" if other else "remove it"))
+
+
+def _default(cls, name: str):
+    field = next(f for f in dataclasses.fields(cls) if f.name == name)
+    return field.default_factory() if field.default is dataclasses.MISSING else field.default
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:

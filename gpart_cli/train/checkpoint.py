@@ -139,6 +139,14 @@ def read_checkpoint(path: Path) -> dict[str, bytes]:
         raise _unreadable(path, e) from None
 
 
+def checkpoint_step(path: Path) -> int | None:
+    """The step the checkpoint at `path` was saved at; None when there is none (or it cannot be read)."""
+    try:
+        return int(json.loads((path / "state.json").read_text())["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def restore_checkpoint(files: dict[str, bytes], path: Path, model: nn.Module, optimizer, scheduler,
                        device: torch.device, rank: int = 0) -> dict:
     """Restore the checkpoint read from `path` by `read_checkpoint` on rank `rank`, whose generator draws on

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 from pathlib import Path
 
 from rich.console import Console
@@ -11,6 +12,9 @@ from rich.table import Table
 from ..core.model import compute_path
 from ..recipe.schema import Recipe
 from . import distributed, run_dir
+from .checkpoint import checkpoint_step
+from .dry_run import dry_run as dry_run_report
+from .interrupt import Interrupted
 from .trainer import Trainer
 
 
@@ -19,14 +23,18 @@ def default_output(recipe: Recipe) -> Path:
 
 
 def summary_table(results: dict) -> Table:
+    """Scores before and after training on the eval split (none for an SFT run without eval.task), then the best dev
+    score, the one that picked the checkpoint: for SFT the dev loss."""
     table = Table(title=f"{results['task']} · {results['method']} · {results['trainable_params']:,} trainable params")
     table.add_column("metric")
     table.add_column("before", justify="right")
     table.add_column("after", justify="right")
+    fmt = (lambda v: "-" if v is None else (f"{v:.4f}" if isinstance(v, float) else str(v)))  # noqa: E731
     before, after = results.get("before") or {}, results.get("after") or {}
     for key in after or before:
-        fmt = (lambda v: "-" if v is None else (f"{v:.4f}" if isinstance(v, float) else str(v)))
         table.add_row(key, fmt(before.get(key)), fmt(after.get(key)))
+    for key, value in (results.get("best_dev") or {}).items():
+        table.add_row(f"dev {key} (best, step {results.get('best_step')})", "-", fmt(value))
     return table
 
 
@@ -35,16 +43,27 @@ def run(recipe: Recipe, out: Path, *, resume: bool = False, overwrite: bool = Fa
     """Train the recipe into `out` on `device` (default: cuda when available); returns results.json's content
     (None for a dry run and off rank 0)."""
     console = console or Console(stderr=True)
-    trainer = Trainer(recipe, out, console, resume=resume, device=device)
+    trainer = Trainer(recipe, out, console, resume=resume, device=device)  # checks device and trackers first
+    if dry_run:
+        try:
+            if trainer.main:
+                dry_run_report(recipe, console, f"device {trainer.device} · output {out}")
+            return None
+        finally:
+            distributed.shutdown()
     ok = False
     try:
-        plan = None if dry_run else shared_plan(out, recipe, resume, overwrite)
-        trainer.resume = bool(plan and plan.resume)
-        results = _run(trainer, recipe, out, plan, console)
+        with trainer.stops:  # Ctrl-C and SIGTERM: see `interrupt`
+            plan = shared_plan(out, recipe, resume, overwrite)
+            trainer.resume = plan.resume
+            results = _run(trainer, recipe, out, plan, console)
         ok = True
         return results
-    except BaseException as e:
-        trainer.tracking.close("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+    except KeyboardInterrupt:
+        trainer.tracking.close("KILLED")
+        raise _interrupted(trainer, recipe, out, console) from None
+    except BaseException:
+        trainer.tracking.close("FAILED")
         raise
     finally:
         trainer.release()
@@ -61,8 +80,7 @@ def shared_plan(out: Path, recipe: Recipe, resume: bool, overwrite: bool) -> run
     return run_dir.RunDirPlan(Path(out), **json.loads(distributed.from_rank0(decide, "the run dir")["plan"]))
 
 
-def _run(trainer: Trainer, recipe: Recipe, out: Path, plan: run_dir.RunDirPlan | None,
-         console: Console) -> dict | None:
+def _run(trainer: Trainer, recipe: Recipe, out: Path, plan: run_dir.RunDirPlan, console: Console) -> dict | None:
     trainer.setup()
     splits = trainer.s.splits
     parallel = f" × {trainer.world} processes ({recipe.train.distributed})" if trainer.world > 1 else ""
@@ -71,21 +89,13 @@ def _run(trainer: Trainer, recipe: Recipe, out: Path, plan: run_dir.RunDirPlan |
                       f"{len(splits.train):,} train / {len(splits.dev) if splits.dev else 0:,} dev rows · "
                       f"{trainer.total_steps:,} steps · device {trainer.device}{parallel} · weights "
                       f"{recipe.model.dtype}{' · bf16 autocast' if trainer.autocast_dtype else ''} · output {out}")
-    if plan is None:
-        return None
     # Only now that data, model and method have loaded does the run dir change (see run_dir).
     if trainer.main:
         if plan.note:
             console.print(plan.note)
         run_dir.begin(plan, recipe)
     distributed.barrier()
-    try:
-        trainer.train()
-    except KeyboardInterrupt:
-        # The run dir's recipe.yaml is the resolved one, --set overrides included.
-        console.print(f"\n[yellow]interrupted[/]: checkpoint saved. Resume with:\n  gpart train "
-                      f"{out / 'recipe.yaml'} --output {out} --resume")
-        raise
+    trainer.train()
     if not trainer.main and not trainer.all_evaluate:  # rank 0 finishes alone, unless every rank evaluates
         return None
     results = trainer.finish()
@@ -98,3 +108,26 @@ def _run(trainer: Trainer, recipe: Recipe, out: Path, plan: run_dir.RunDirPlan |
     console.print(f"result: [bold]{results['result']}[/] · metrics {out / 'metrics.jsonl'} · "
                   f"scores {out / 'results.json'}")
     return results
+
+
+def _interrupted(trainer: Trainer, recipe: Recipe, out: Path, console: Console) -> Interrupted:
+    """Say where the interrupted run resumes from (its last checkpoint), with the command that does it."""
+    step = trainer.saved_step
+    if step is None and trainer.main and run_dir.state_of(out) is run_dir.DirState.RESUMABLE:
+        step = checkpoint_step(out / "checkpoints" / "last")  # stopped before a --resume had restored it
+    stopped = Interrupted(trainer.stops.signum or signal.SIGINT, step, getattr(trainer, "total_steps", None))
+    if not trainer.main:
+        return stopped
+    # The run dir's recipe.yaml is the resolved one, --set overrides included.
+    command = f"gpart train {out / 'recipe.yaml'} --output {out}"
+    if step is not None:
+        of = "" if stopped.total is None else f"/{stopped.total}"
+        console.print(f"\n[yellow]interrupted[/]: checkpoint at step {step}{of}. Resume with:\n  {command} --resume",
+                      soft_wrap=True)
+    elif (out / "recipe.yaml").is_file():
+        again = " --overwrite" if run_dir.state_of(out) is run_dir.DirState.ENDED else ""
+        console.print(f"\n[yellow]interrupted[/] before the first checkpoint: nothing to resume. Start again with:\n"
+                      f"  {command}{again}", soft_wrap=True)
+    else:
+        console.print("\n[yellow]interrupted[/] before training started: nothing was written", soft_wrap=True)
+    return stopped

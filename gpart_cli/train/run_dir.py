@@ -33,6 +33,8 @@ _RESUME_SAFE = {"source", "name", "train.log_every", "train.on_nan", "eval.batch
                 "eval.max_new_tokens", "eval.dev_batch_size", "train.distributed", "train.report_to"}
 # The transforms only matter for vision runs.
 _VISION_ONLY = {"data.train_transform", "data.eval_transform"}
+# Of those, the ones a finished run's scores depend on (its final evaluation ran with them).
+_SCORES = {"eval.limit", "eval.max_new_tokens"}
 
 
 class DirState(Enum):
@@ -123,19 +125,29 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
+def recipe_changes(out: Path, recipe: Recipe, finished: bool = False) -> list[str]:
+    """The fields in which `recipe` differs from the one `out` recorded, as "field: old -> new", in what matters to
+    the run: for a --resume, what changes the trained result; for a `finished` run reused as it is, also what
+    changes its scores (eval.limit, eval.max_new_tokens)."""
+    saved = out / "recipe.yaml"
+    old, new = _flatten(yaml.safe_load(saved.read_text()) or {}), _flatten(recipe.to_dict())
+    ignored = _RESUME_SAFE | (_VISION_ONLY if recipe.data.family != "vision" else set())
+    if finished:
+        ignored = ignored - _SCORES
+    changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in ignored)
+    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed]
+
+
 def _check_same_recipe(out: Path, recipe: Recipe) -> None:
     """--resume continues the recorded recipe: refuse one that changed in what matters."""
     saved = out / "recipe.yaml"
     if not saved.is_file():
         raise GpartError(f"--resume: {out} has a checkpoint but no recipe.yaml to check it against; restore "
                          f"{saved}, or start over with --overwrite or --output DIR")
-    old, new = _flatten(yaml.safe_load(saved.read_text()) or {}), _flatten(recipe.to_dict())
-    ignored = _RESUME_SAFE | (_VISION_ONLY if recipe.data.family != "vision" else set())
-    changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in ignored)
+    changed = recipe_changes(out, recipe)
     if changed:
-        diffs = "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:5])
-        raise GpartError(f"--resume: the recipe changed since {out} started ({diffs}). Resume with the "
-                         f"original recipe, start over with --overwrite, or train the changed recipe with "
+        raise GpartError(f"--resume: the recipe changed since {out} started ({'; '.join(changed[:5])}). Resume with "
+                         f"the original recipe, start over with --overwrite, or train the changed recipe with "
                          f"--output DIR")
 
 

@@ -2,7 +2,9 @@
 
 Each run lives in its own folder `<method>-d<d>-s<seed>` (d-free methods: `<method>-s<seed>`). Finished runs
 (results.json present) are skipped on a rerun, interrupted ones resume from their checkpoint, and a failed
-run is logged to failures.jsonl while the sweep goes on.
+run is logged to failures.jsonl while the sweep goes on. A finished or interrupted run whose recorded recipe is not
+the one the sweep would train now (compared as `gpart train --resume` compares them) is refused up front, naming
+the difference, or trained again from scratch with `rerun_changed` (`--rerun-changed`).
 """
 
 from __future__ import annotations
@@ -137,19 +139,45 @@ def dev_score(recipe: Recipe, results: dict) -> float | None:
 
 
 def _run_one(recipe_path: Path, overrides: list[str], key: RunKey, out: Path, console: Console,
-             device: str | None = None) -> dict:
+             device: str | None = None, fresh: bool = False) -> dict:
     from .run import run
 
     recipe = load_recipe(recipe_path, [*overrides, *key.overrides()])
-    resume = (out / "checkpoints" / "last").is_dir()
+    resume = not fresh and (out / "checkpoints" / "last").is_dir()
     return run(recipe, out, resume=resume, overwrite=not resume, console=console, device=device)
+
+
+def changed_runs(recipe_path: Path, overrides: list[str], keys: list[RunKey], out: Path) -> dict[str, list[str]]:
+    """The runs in `out` that a sweep would reuse (finished) or resume (interrupted) but whose recorded recipe is
+    not the one it would train now, by folder, with their differences (`run_dir.recipe_changes`)."""
+    from .run_dir import recipe_changes
+
+    changed = {}
+    for key in keys:
+        folder = out / key.folder
+        finished, resumable = (folder / "results.json").is_file(), (folder / "checkpoints" / "last").is_dir()
+        if not (finished or resumable) or not (folder / "recipe.yaml").is_file():
+            continue  # trained from scratch anyway
+        diffs = recipe_changes(folder, load_recipe(recipe_path, [*overrides, *key.overrides()]), finished=finished)
+        if diffs:
+            changed[key.folder] = diffs
+    return changed
+
+
+def _refuse_changed(changed: dict[str, list[str]], out: Path) -> None:
+    shown = "; ".join(f"{folder} ({', '.join(diffs[:3])})" for folder, diffs in list(changed.items())[:3])
+    more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
+    raise GpartError(f"{out} holds runs of another recipe than this sweep's: {shown}{more}. Pass --rerun-changed to "
+                     f"train those again (their old runs are replaced), sweep with the recipe they were trained "
+                     f"with, or pass --output DIR for a new sweep")
 
 
 def sweep(recipe_path: Path, overrides: list[str], methods: list[str], ds: list[int], seeds: list[int],
           out: Path, console: Console | None = None, lrs: dict[str, list] | None = None,
-          lr_heads: list | None = None, device: str | None = None) -> dict:
+          lr_heads: list | None = None, device: str | None = None, rerun_changed: bool = False) -> dict:
     """Run (or reuse) every run of the grid on `device` (as `gpart train --device`) and write results.csv,
-    results.json and plot.png into `out`.
+    results.json and plot.png into `out`. A run in `out` of another recipe is refused (GpartError), or with
+    `rerun_changed` trained again.
 
     Where a cell (method, d, seed) has several learning rates, the run with the best dev score is selected and
     its test score is the cell's result; the test split never chooses.
@@ -166,18 +194,22 @@ def sweep(recipe_path: Path, overrides: list[str], methods: list[str], ds: list[
         raise GpartError("choosing the learning rate needs a dev split: set data.dev_fraction > 0 (e.g. --set "
                          "data.dev_fraction=0.1) or pass one value per method to --lr")
     metric = main_metric(base)
+    changed = changed_runs(recipe_path, overrides, keys, out)
+    if changed and not rerun_changed:
+        _refuse_changed(changed, out)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     for key in keys:
         run_dir = out / key.folder
         done = run_dir / "results.json"
-        if done.is_file():
+        if done.is_file() and key.folder not in changed:
             console.print(f"[dim]skip {key.folder}: already finished[/]")
             results = json.loads(done.read_text())
         else:
             console.rule(key.folder)
             try:
-                results = _run_one(recipe_path, overrides, key, run_dir, console, device)
+                results = _run_one(recipe_path, overrides, key, run_dir, console, device,
+                                   fresh=key.folder in changed)
             except (GpartError, RuntimeError, ValueError) as e:  # one bad run must not end the sweep
                 console.print(f"[red]failed {key.folder}:[/] {e}")
                 with open(out / "failures.jsonl", "a") as f:

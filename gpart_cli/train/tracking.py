@@ -39,11 +39,39 @@ def backends(report_to: list | None) -> list[str]:
 
 
 def check(report_to: list | None) -> None:
-    """Fail before anything is loaded when a named backend's library is not installed."""
+    """Fail before anything is loaded when a named backend's library is not installed, or (MLflow) its tracking URI
+    names a store it cannot open."""
     missing = [b for b in backends(report_to) if importlib.util.find_spec(_MODULE[b]) is None]
     if missing:
         raise GpartError(f"train.report_to names {', '.join(missing)}, which is not installed: {INSTALL} "
                          f"(or pip install {' '.join(missing)}), or remove it from train.report_to")
+    if "mlflow" in backends(report_to):
+        _check_mlflow_store()
+
+
+_DATABASES = ("sqlite", "postgresql", "mysql", "mssql")  # MLflow's database stores (SQLAlchemy URIs)
+
+
+def _check_mlflow_store() -> None:
+    """The store MLFLOW_TRACKING_URI (or MLflow's default) names opens: a client is made, nothing is logged. A
+    database URI with mlflow-skinny, which gpart[track] installs, fails here and not after the model has loaded."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    uri = mlflow.get_tracking_uri()
+    named = (f"MLFLOW_TRACKING_URI={uri}" if os.environ.get("MLFLOW_TRACKING_URI") else
+             f"the tracking URI {uri} (MLflow's default: MLFLOW_TRACKING_URI is unset)")
+    try:
+        MlflowClient()
+    except Exception as e:  # MLflow raises its own exception types and ImportErrors for a store it cannot open
+        scheme = uri.split(":", 1)[0].split("+", 1)[0]
+        if scheme in _DATABASES and importlib.util.find_spec("sqlalchemy") is None:
+            why = ("a database store needs the full MLflow package: pip install mlflow (gpart[track] installs "
+                   "mlflow-skinny, which has none)")
+        else:
+            why = first_line(e)
+        raise GpartError(f"train.report_to mlflow: {named} cannot be opened: {why}. Or set MLFLOW_TRACKING_URI to "
+                         f"a tracking server (http://HOST:5000), or remove mlflow from train.report_to") from None
 
 
 def flatten(d: dict, prefix: str = "") -> dict:

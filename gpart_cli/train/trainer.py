@@ -29,6 +29,7 @@ from . import cpu_alloc, distributed, sharding, tracking
 from .checkpoint import device_rng_state, load_trainable_state, read_checkpoint, restore_checkpoint, save_checkpoint
 from .determinism import configure as configure_determinism
 from .dev_loss import mean_dev_loss
+from .interrupt import StopSignals
 from .progress import TrainProgress
 from .setup import Setup, build
 
@@ -39,6 +40,13 @@ def dev_score(recipe: Recipe, metrics: dict) -> float:
     if recipe.data.family == "sft":
         return -metrics["loss"]
     return metrics[classify.main_metric(recipe.data.family, recipe.data.task)]
+
+
+def step_counts(train, rows: int) -> tuple[int, int, int]:
+    """(micro-batches per epoch, optimizer steps per epoch, steps of the run) for `rows` training rows."""
+    batches = math.ceil(rows / train.batch_size)
+    total = train.max_steps or max(1, math.ceil(train.epochs * batches / train.grad_accum))
+    return batches, max(1, math.ceil(batches / train.grad_accum)), total
 
 
 class Trainer:
@@ -66,6 +74,11 @@ class Trainer:
             check_torch()  # before anything is loaded
         tracking.check(recipe.train.report_to)
         self.tracking = tracking.Tracking()  # opened by train() on rank 0
+        # Ctrl-C / SIGTERM while steps run stop the loop at the next step boundary (`interrupt`); `run` installs them.
+        self.stops = StopSignals(self._stop_notice)
+        self.stop_voted = False   # whether any rank was signalled, agreed on in the step's all-reduce
+        self.saved_step: int | None = None  # the step of checkpoints/last: where an interrupted run resumes
+        self.running_step = 0
 
     # ---- setup ---------------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -100,10 +113,7 @@ class Trainer:
         del weights  # rank 0's whole CPU copy of the weights
         self.params = [p for g in prepared.groups for p in g["params"]]
         self.optimizer = torch.optim.AdamW(prepared.groups, betas=(0.9, 0.999), eps=1e-8)
-        n = len(self.s.splits.train)
-        self.batches_per_epoch = math.ceil(n / t.batch_size)
-        self.steps_per_epoch = max(1, math.ceil(self.batches_per_epoch / t.grad_accum))
-        self.total_steps = t.max_steps or max(1, math.ceil(t.epochs * self.batches_per_epoch / t.grad_accum))
+        self.batches_per_epoch, self.steps_per_epoch, self.total_steps = step_counts(t, len(self.s.splits.train))
         self.scheduler = self._scheduler()
         self._perm: tuple[int, torch.Tensor] | None = None
 
@@ -224,13 +234,16 @@ class Trainer:
                 loss = self.forward_model(**batch).loss * weight / t.grad_accum
             loss.backward()
             total += loss.detach()
-        distributed.mean_(total)  # same value on every rank: they stop or skip together
+        # Whether any rank was signalled rides on the loss's all-reduce: every rank stops after the same step.
+        summed = torch.stack([total, torch.full_like(total, float(self.stops.requested))])
+        distributed.mean_(summed)  # same values on every rank: they stop or skip together
         if self.fsdp:
             distributed.average_gradients(self.params)  # θ and heads are replicated, outside FSDP
         # The norm is taken before the loss is looked at, so that one copy brings both to the host: one sync per
         # step. A non-finite step throws its (clipped) gradients away below.
         norm = torch.nn.utils.clip_grad_norm_(self.params, t.max_grad_norm or float("inf"))
-        total, norm = torch.stack([total, norm.to(total)]).tolist()
+        total, norm, stop = torch.stack([summed[0], norm.to(total), summed[1]]).tolist()
+        self.stop_voted = stop > 0
         if not math.isfinite(total):
             self.optimizer.zero_grad(set_to_none=True)
             if t.on_nan == "stop":
@@ -251,6 +264,7 @@ class Trainer:
         each rank's device generator state then reaches rank 0 (a collective); without it rank 0 saves its own."""
         own = device_rng_state(self.device)
         states = distributed.gather(own) if gather else {self.rank: own}
+        self.saved_step = step
         if not self.main:
             return
         for name in ("best", "last") if best else ("last",):
@@ -283,6 +297,7 @@ class Trainer:
             saved = restore_checkpoint(distributed.from_rank0(lambda: read_checkpoint(last)), last, self.model,
                                        self.optimizer, self.scheduler, self.device, self.rank)
             start, self.state = saved["step"], saved["extra"]
+            self.saved_step = start
             if self.main:
                 self._truncate_log(start)
                 self.console.print(f"resuming {self.out} at step {start}/{self.total_steps}")
@@ -295,14 +310,11 @@ class Trainer:
                 self.tracking.scores(self.state["before"], 0)
         self.model.train()
         samples = t.batch_size * t.grad_accum
-        with TrainProgress(self.console, self.total_steps, start, enabled=self.main) as progress:
+        with TrainProgress(self.console, self.total_steps, start, enabled=self.main) as progress, \
+                self.stops.deferring():
             for step in range(start, self.total_steps):
-                tick = time.perf_counter()
-                try:
-                    loss, norm = self._train_step(step)
-                except KeyboardInterrupt:
-                    self._checkpoint(step, gather=False)  # the other ranks may not be here
-                    raise
+                tick, self.running_step = time.perf_counter(), step + 1
+                loss, norm = self._train_step(step)
                 rate = samples / (time.perf_counter() - tick)
                 lr = self.scheduler.get_last_lr()[0]
                 progress.update(step + 1, loss, lr, rate)
@@ -310,8 +322,24 @@ class Trainer:
                     self._log({"step": step + 1, "epoch": (step + 1) / self.steps_per_epoch, "loss": loss, "lr": lr,
                                "grad_norm": norm, "samples_per_s": rate})
                 self._maybe_eval(step + 1)
+                if self.stops.requested if self.world == 1 else self.stop_voted:
+                    self._stop_at(step + 1)
         self._checkpoint(self.total_steps)
         distributed.barrier()
+
+    def _stop_at(self, step: int) -> None:
+        """Stop on a signal at this step boundary, its state saved: the run resumes from here bit for bit."""
+        if self.saved_step != step:
+            self._checkpoint(step)
+        raise KeyboardInterrupt
+
+    def _stop_notice(self) -> None:
+        if not self.main:
+            return
+        when = (f"after step {self.running_step}/{self.total_steps}" if self.world == 1 else
+                "after this step, on every process")
+        self.console.print(f"\n[yellow]stopping[/] {when} (its dev evaluation and checkpoint included); a second "
+                           f"Ctrl-C stops at once, from the last checkpoint", soft_wrap=True)
 
     def release(self) -> None:
         """Drop the model, optimizer and data (before the process group is destroyed: FSDP's tensors hold it)."""

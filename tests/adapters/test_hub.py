@@ -2,7 +2,10 @@
 hf_hub_download) by folders under tmp_path; the offline errors come from the real client (HF_HUB_OFFLINE=1)."""
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -177,3 +180,64 @@ def test_offline_and_logged_out_pushes_exit_2_with_the_fix(trained, monkeypatch,
     monkeypatch.setattr(constants, "HF_STORED_TOKENS_PATH", str(tmp_path / "no-tokens"))
     res = runner.invoke(app, ["push", str(trained), "--repo", "me/x"])
     assert res.exit_code == 2 and "no Hugging Face token; log in with `hf auth login`" in res.output
+
+
+# ---- offline, every cause (issue 30, item 2) -----------------------------------------------------------------
+
+def _finished_run(tmp_path):
+    """A finished run dir with a PEFT adapter/ (push reads no weights of it)."""
+    run = tmp_path / "run"
+    (run / "adapter").mkdir(parents=True)
+    (run / "adapter" / "adapter_config.json").write_text("{}")
+    (run / "results.json").write_text(json.dumps({"method": "lora", "task": "glue/sst2", "trainable_params": 10}))
+    (run / "recipe.yaml").write_text("model: {name_or_path: m}\ndata: {family: glue}\n")
+    return run
+
+
+def test_transformers_offline_alone_is_the_switch_named(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # what huggingface_hub reads from TRANSFORMERS_OFFLINE
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+    monkeypatch.setenv("HF_TOKEN", "hf_stand_in")
+    res = runner.invoke(app, ["push", str(_finished_run(tmp_path)), "--repo", "me/x"])
+    assert res.exit_code == 2
+    assert ("error: gpart push me/x: the Hugging Face Hub is switched off (TRANSFORMERS_OFFLINE=1); unset "
+            "TRANSFORMERS_OFFLINE to reach it") in res.output
+    res = runner.invoke(app, ["inspect", "hf://me/never-downloaded"])
+    assert res.exit_code == 2
+    assert ("not in the local Hugging Face cache, and the Hub is switched off (TRANSFORMERS_OFFLINE=1): unset "
+            "TRANSFORMERS_OFFLINE, or pass a local adapter file") in res.output
+    assert "HF_HUB_OFFLINE" not in res.output
+
+
+@pytest.mark.parametrize("module,error", [("httpx2", "ConnectError"), ("httpx", "ConnectTimeout"),
+                                          ("requests", "ConnectionError")])
+def test_a_push_that_reaches_no_hub_exits_2_with_the_fix(tmp_path, monkeypatch, module, error):
+    from huggingface_hub import HfApi
+
+    kind = getattr(pytest.importorskip(module), error)
+
+    def unreachable(self, *args, **kwargs):
+        raise kind("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(HfApi, "create_repo", unreachable)
+    monkeypatch.setenv("HF_TOKEN", "hf_stand_in")
+    res = runner.invoke(app, ["push", str(_finished_run(tmp_path)), "--repo", "me/x"])
+    assert res.exit_code == 2
+    assert (f"error: gpart push me/x: could not reach the Hugging Face Hub at https://huggingface.co ({error}: "
+            f"[Errno -2] Name or service not known); check the network connection (and HTTPS_PROXY / HF_ENDPOINT "
+            f"if you use them), or run gpart push again where the Hub can be reached") in res.output
+
+
+@pytest.mark.slow
+def test_push_without_a_network_in_a_real_process(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    env.update(HF_TOKEN="hf_stand_in", HF_ENDPOINT="http://127.0.0.1:9")  # nothing listens there: refused
+    res = subprocess.run([sys.executable, "-m", "gpart_cli", "push", str(_finished_run(tmp_path)), "--repo", "me/x"],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2, res.stderr[-3000:]
+    assert "error: gpart push me/x: could not reach the Hugging Face Hub at http://127.0.0.1:9 (ConnectError: " \
+        in res.stderr
+    assert "Traceback" not in res.stderr

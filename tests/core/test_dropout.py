@@ -2,6 +2,8 @@
 
 import copy
 import json
+import os
+import signal
 
 import numpy as np
 import pytest
@@ -183,14 +185,14 @@ def test_dropout_run_resumes_to_the_same_theta(tiny_bert_dir, sst2_files, tmp_pa
     run(recipe, tmp_path / "whole")
     keyed = []
 
-    def stop_at_micro_batch_7(model, seed, micro_batch):  # Ctrl-C as step 8 starts (batch 1 per step)
-        if micro_batch == 7 and not keyed:
+    def stop_in_step_7(model, seed, micro_batch):  # Ctrl-C as step 7 keys its dropout (batch 1 per step)
+        if micro_batch == 6 and not keyed:
             keyed.append(micro_batch)
-            raise KeyboardInterrupt
+            os.kill(os.getpid(), signal.SIGINT)
         set_dropout_key(model, seed, micro_batch)
 
     with monkeypatch.context() as patch:
-        patch.setattr("gpart_cli.train.trainer.set_dropout_key", stop_at_micro_batch_7)
+        patch.setattr("gpart_cli.train.trainer.set_dropout_key", stop_in_step_7)
         with pytest.raises(KeyboardInterrupt):
             run(recipe, tmp_path / "cut")
     assert json.loads((tmp_path / "cut" / "checkpoints" / "last" / "state.json").read_text())["step"] == 7

@@ -78,3 +78,47 @@ def test_safe_load_refuses_python_tags(tmp_path):
     evil.write_text("model: !!python/object/apply:os.system ['echo pwned']\n")
     with pytest.raises(GpartError, match="not valid YAML"):
         load_recipe(evil)
+
+
+# ---- fields a data family does not read (issue 30, item 4) ---------------------------------------------------
+
+@pytest.mark.parametrize("family,section,field,value,applies,instead", [
+    ("glue", "eval", "limit", 100, "sft", "set data.max_eval_samples instead"),
+    ("text_classification", "eval", "files", ["x.jsonl"], "sft", "set data.eval_files instead"),
+    ("vision", "eval", "max_new_tokens", 64, "sft", "remove it"),
+    ("sft", "data", "max_eval_samples", 50, "glue, text_classification, vision", "set eval.limit instead"),
+    ("sft", "data", "eval_files", ["x.jsonl"], "glue, text_classification, vision", "set eval.files instead"),
+    ("vision", "data", "max_length", 64, "glue, text_classification, sft", "set data.image_size instead"),
+    ("vision", "data", "dev_samples", 10, "glue, text_classification, sft", "set data.dev_fraction instead"),
+    ("glue", "data", "image_size", 32, "vision", "set data.max_length instead"),
+    ("sft", "data", "train_transform", "resize", "vision", "remove it"),
+    ("glue", "data", "labels", ["a", "b"], "text_classification", "remove it"),
+    ("vision", "data", "packing", True, "sft", "remove it"),
+])
+def test_a_field_the_family_does_not_read_is_refused(family, section, field, value, applies, instead):
+    raw = {"model": {"name_or_path": "m"}, "data": {"family": family}}
+    raw.setdefault(section, {})[field] = value
+    with pytest.raises(GpartError) as e:
+        from_dict(raw)
+    assert str(e.value) == (f"recipe field {section}.{field} = {value!r} does nothing for data.family {family} "
+                            f"(it applies to {applies}); {instead}")
+
+
+def test_such_fields_at_their_defaults_and_in_their_own_family_are_fine():
+    from_dict({"model": {"name_or_path": "m"}, "data": {"family": "glue", "max_length": 128, "packing": False},
+               "eval": {"limit": None, "batch_size": 8}})
+    from_dict({"model": {"name_or_path": "m"}, "data": {"family": "sft", "task": "gsm8k", "packing": True},
+               "eval": {"task": "gsm8k", "limit": 20, "max_new_tokens": 64}})
+
+
+def test_the_cli_refuses_eval_limit_for_glue_before_loading_anything(tmp_path):
+    from typer.testing import CliRunner
+
+    from gpart_cli.commands.app import app
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: {name_or_path: no/such-model}\ndata: {family: glue, task: sst2}\n")
+    res = CliRunner().invoke(app, ["train", str(recipe), "--set", "eval.limit=100"])
+    assert res.exit_code == 2
+    assert (f"error: {recipe}: recipe field eval.limit = 100 does nothing for data.family glue (it applies to sft); "
+            f"set data.max_eval_samples instead") in res.output

@@ -125,6 +125,40 @@ def test_two_process_ddp_matches_single_process(glue, tmp_path):
     assert_same_adapter(tmp_path / "two", one)
 
 
+# `gpart train ...` in which rank 1 alone gets a Ctrl-C as its step 3 starts (a terminal sends it to every process;
+# a scheduler may signal one).
+SIGNAL_RANK_1 = """
+import os, signal, sys
+from gpart_cli.commands.app import main
+from gpart_cli.train.trainer import Trainer
+
+step = Trainer._train_step
+
+def signalled(self, s):
+    if s == 2 and os.environ["RANK"] == "1":
+        os.kill(os.getpid(), signal.SIGINT)
+    return step(self, s)
+
+Trainer._train_step = signalled
+sys.argv = ["gpart", "train", *sys.argv[1:]]
+main()
+"""
+
+
+def test_a_signal_to_one_rank_stops_every_rank_after_the_same_step(glue, tmp_path):
+    recipe, one = glue
+    driver = tmp_path / "driver.py"
+    driver.write_text(SIGNAL_RANK_1)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), str(driver), str(recipe), "--output", str(tmp_path / "cut")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=ENV)
+    assert proc.returncode != 0 and "exitcode  : 130" in proc.stderr, proc.stderr[-3000:]  # both ranks, no hang
+    assert "interrupted: checkpoint at step 3/6. Resume with:" in proc.stderr  # rank 0 stopped where rank 1 did
+    assert json.loads((tmp_path / "cut" / "checkpoints" / "last" / "state.json").read_text())["step"] == 3
+    torchrun(2, tmp_path / "cut" / "recipe.yaml", tmp_path / "cut", "--resume")
+    assert_same_adapter(tmp_path / "cut", one)
+
+
 def test_three_processes_split_micro_batches_unevenly(glue, tmp_path):
     # 8 rows over 3 ranks: shares of 2, 3 and 3 rows, each weighted by its rows.
     recipe, one = glue

@@ -106,6 +106,19 @@ def test_resume_with_a_changed_recipe_names_the_ways_out(tmp_path):
     assert run_dir.plan(out, RECIPE, resume=True, overwrite=False).resume
 
 
+def test_a_finished_run_also_differs_in_what_its_scores_depend_on(tmp_path):
+    """`sweep-d` reuses finished runs as they are: eval.limit changed their scores, though a --resume may change it."""
+    sft = {"model": {"name_or_path": "m"}, "data": {"family": "sft", "task": "gsm8k"}, "name": "t",
+           "eval": {"task": "gsm8k", "limit": 20}}
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "recipe.yaml").write_text(yaml.safe_dump(from_dict(sft).to_dict()))
+    more = from_dict({**sft, "eval": {"task": "gsm8k", "limit": 50}, "train": {"max_steps": 5}})
+    assert run_dir.recipe_changes(out, more) == ["train.max_steps: None -> 5"]
+    assert run_dir.recipe_changes(out, more, finished=True) == ["eval.limit: 20 -> 50", "train.max_steps: None -> 5"]
+    assert run_dir.recipe_changes(out, from_dict(sft), finished=True) == []
+
+
 def test_resume_and_overwrite_together_are_refused(tmp_path):
     with pytest.raises(GpartError, match="--resume and --overwrite contradict each other"):
         run_dir.plan(tmp_path / "run", RECIPE, resume=True, overwrite=True)

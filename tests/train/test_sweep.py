@@ -8,7 +8,8 @@ import yaml
 from typer.testing import CliRunner
 
 from gpart_cli.commands.app import app
-from tests.conftest import glue_recipe
+from gpart_cli.train.trainer import Trainer
+from tests.conftest import glue_recipe, interrupt_training_at
 
 pytestmark = pytest.mark.slow
 runner = CliRunner()
@@ -45,6 +46,50 @@ def test_sweep_grid_files_rerun_and_failures(tiny_bert_dir, sst2_files, tmp_path
     assert res.exit_code == 0 and res.output.count("already finished") == 6
     assert (out / "gpart-d64-s0" / "results.json").stat().st_mtime_ns == mtime
     assert json.loads((out / "results.json").read_text())["summary"] == doc["summary"]
+
+
+def test_runs_of_another_recipe_are_refused_or_rerun(tiny_bert_dir, sst2_files, tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(glue_recipe(tiny_bert_dir, sst2_files, train__max_steps=2).to_dict()))
+    out = tmp_path / "sweep"
+    args = ["sweep-d", str(recipe), "--d", "64", "--seeds", "0,1", "--output", str(out)]
+    assert runner.invoke(app, args).exit_code == 0
+    (out / "gpart-d64-s1" / "results.json").unlink()  # as if interrupted after its last checkpoint
+    before = (out / "gpart-d64-s0" / "results.json").read_text()
+
+    res = runner.invoke(app, [*args, "--set", "train.max_steps=3"])
+    assert res.exit_code == 2
+    assert (f"error: {out} holds runs of another recipe than this sweep's: gpart-d64-s0 (train.max_steps: 2 -> 3); "
+            f"gpart-d64-s1 (train.max_steps: 2 -> 3). Pass --rerun-changed to train those again (their old runs are "
+            f"replaced), sweep with the recipe they were trained with, or pass --output DIR for a new sweep") \
+        in res.output
+    assert (out / "gpart-d64-s0" / "results.json").read_text() == before  # nothing was touched
+    assert not (out / "gpart-d64-s1" / "results.json").exists()
+
+    res = runner.invoke(app, [*args, "--set", "train.max_steps=3", "--rerun-changed"])
+    assert res.exit_code == 0, res.output
+    assert "already finished" not in res.output and "resuming" not in res.output  # both trained again, afresh
+    for folder in ("gpart-d64-s0", "gpart-d64-s1"):
+        assert json.loads((out / folder / "results.json").read_text())["steps"] == 3
+        assert yaml.safe_load((out / folder / "recipe.yaml").read_text())["train"]["max_steps"] == 3
+    res = runner.invoke(app, [*args, "--set", "train.max_steps=3"])  # now they match: reused
+    assert res.exit_code == 0 and res.output.count("already finished") == 2
+
+
+def test_an_interrupted_sweep_says_how_to_go_on(tiny_bert_dir, sst2_files, tmp_path, monkeypatch):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(glue_recipe(tiny_bert_dir, sst2_files, train__max_steps=3).to_dict()))
+    args = ["sweep-d", str(recipe), "--d", "64", "--output", str(tmp_path / "sweep")]
+    original = interrupt_training_at(monkeypatch, 2)
+    res = runner.invoke(app, args)
+    assert res.exit_code == 130
+    assert "interrupted: checkpoint at step 2/3" in res.output
+    assert "sweep interrupted: run the same gpart sweep-d command again to go on (finished runs are reused, the " \
+           "interrupted one resumes)" in res.output
+    monkeypatch.setattr(Trainer, "_train_step", original)
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert f"resuming {tmp_path / 'sweep' / 'gpart-d64-s0'} at step 2/3" in res.output
 
 
 @pytest.mark.parametrize("args,message", [

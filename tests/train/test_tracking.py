@@ -1,5 +1,6 @@
 """Experiment tracking (train.report_to): TensorBoard, wandb (offline) and MLflow (local file store) read back."""
 
+import importlib.util
 import json
 import struct
 
@@ -74,6 +75,41 @@ def test_a_missing_tracker_library_is_named_with_the_install_command(monkeypatch
     assert res.exit_code == 2
     assert "train.report_to names wandb, which is not installed: pip install 'gpart[track]'" in res.output
     assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+@pytest.mark.parametrize("uri", ["sqlite:///mlflow.db", None])  # None: MLflow 3's default, sqlite:///mlflow.db
+def test_a_database_tracking_uri_with_mlflow_skinny_stops_before_anything_loads(monkeypatch, tmp_path, uri):
+    pytest.importorskip("mlflow")
+    if importlib.util.find_spec("sqlalchemy") is not None:
+        pytest.skip("the full mlflow package is installed: a database store opens")
+    monkeypatch.chdir(tmp_path)
+    if uri is None:
+        monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    else:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"model": {"name_or_path": "no/such-model"}, "train": {"report_to": ["mlflow"]}}))
+    for extra in ([], ["--dry-run"]):
+        res = runner.invoke(app, ["train", str(recipe), "--output", str(tmp_path / "run"), *extra])
+        assert res.exit_code == 2
+        named = f"MLFLOW_TRACKING_URI={uri}" if uri else (f"the tracking URI sqlite:///{tmp_path / 'mlflow.db'} "
+                                                         f"(MLflow's default: MLFLOW_TRACKING_URI is unset)")
+        assert (f"error: train.report_to mlflow: {named} cannot be opened: a database store needs the full MLflow "
+                f"package: pip install mlflow (gpart[track] installs mlflow-skinny, which has none). Or set "
+                f"MLFLOW_TRACKING_URI to a tracking server (http://HOST:5000), or remove mlflow from "
+                f"train.report_to") in res.output
+        assert "could not load model" not in res.output  # refused before the model was looked at
+        assert not (tmp_path / "run").exists()
+
+
+def test_a_tracking_uri_mlflow_cannot_open_is_named(monkeypatch, tmp_path):
+    pytest.importorskip("mlflow")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "bogus://host/x")
+    with pytest.raises(GpartError, match=r"train.report_to mlflow: MLFLOW_TRACKING_URI=bogus://host/x cannot be "
+                                         r"opened: .*bogus.*Or set MLFLOW_TRACKING_URI to a tracking server"):
+        tracking.check(["mlflow"])
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")  # a server: nothing is contacted yet
+    tracking.check(["mlflow"])
 
 
 @pytest.mark.slow
