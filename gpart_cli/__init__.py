@@ -24,6 +24,7 @@ from .core.swap import swap  # noqa: E402
 from .errors import GpartError  # noqa: E402
 from .partition import ALGORITHMS, Partition  # noqa: E402
 from .partition.feistel import ALGORITHM, group_ids, group_sizes  # noqa: E402
+from .train.hf_trainer import trainer  # noqa: E402
 
 __all__ = ["ALGORITHM", "ALGORITHMS", "GPartConfig", "GpartError", "Partition", "apply", "group_ids", "group_sizes",
-           "load", "merge", "read_artifact", "save", "swap", "theta", "__version__"]
+           "load", "merge", "read_artifact", "save", "swap", "theta", "trainer", "__version__"]

@@ -6,11 +6,11 @@ import json
 from pathlib import Path
 
 from rich.console import Console
-from rich.table import Table
 
 from ..core.model import compute_path
 from ..recipe.schema import Recipe
 from . import distributed, run_dir
+from .progress import summary_table
 from .trainer import Trainer
 
 
@@ -18,23 +18,16 @@ def default_output(recipe: Recipe) -> Path:
     return Path("runs") / (recipe.name or "run")
 
 
-def summary_table(results: dict) -> Table:
-    table = Table(title=f"{results['task']} · {results['method']} · {results['trainable_params']:,} trainable params")
-    table.add_column("metric")
-    table.add_column("before", justify="right")
-    table.add_column("after", justify="right")
-    before, after = results.get("before") or {}, results.get("after") or {}
-    for key in after or before:
-        fmt = (lambda v: "-" if v is None else (f"{v:.4f}" if isinstance(v, float) else str(v)))
-        table.add_row(key, fmt(before.get(key)), fmt(after.get(key)))
-    return table
-
-
 def run(recipe: Recipe, out: Path, *, resume: bool = False, overwrite: bool = False, dry_run: bool = False,
         console: Console | None = None, device: str | None = None) -> dict | None:
     """Train the recipe into `out` on `device` (default: cuda when available); returns results.json's content
     (None for a dry run and off rank 0)."""
     console = console or Console(stderr=True)
+    if recipe.rl.objective == "grpo":  # RL through TRL's GRPOTrainer (docs/rl.md)
+        from .grpo_run import run as run_grpo
+
+        return run_grpo(recipe, out, resume=resume, overwrite=overwrite, dry_run=dry_run, console=console,
+                        device=device)
     trainer = Trainer(recipe, out, console, resume=resume, device=device)
     ok = False
     try:

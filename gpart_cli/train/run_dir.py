@@ -12,7 +12,7 @@ is a start that failed before its first step: not a run, so any command starts a
 from __future__ import annotations
 
 import shutil
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from enum import Enum
 from pathlib import Path
 
@@ -20,7 +20,7 @@ import yaml
 
 from .. import atomic
 from ..errors import GpartError
-from ..recipe.schema import Recipe
+from ..recipe.schema import Recipe, RLSection
 
 # What training writes from its first step on; any of these makes the directory a run worth protecting.
 RUN_FILES = ("checkpoints", "metrics.jsonl", "adapter.gpart", "adapter", "model", "results.json",
@@ -35,7 +35,8 @@ _RESUME_SAFE = {"source", "name", "train.log_every", "train.on_nan", "eval.batch
 # before augmentation existed. The transforms only matter for vision runs.
 _ADDED_FIELDS = {"data.train_transform": "resize", "data.eval_transform": "resize", "data.format": "pairs",
                  "data.chat_template": "auto", "data.messages_column": "messages", "data.packing": False,
-                 "data.labels": None, "method.partition": "feistel-v1"}
+                 "data.labels": None, "method.partition": "feistel-v1",
+                 **{f"rl.{k}": v for k, v in asdict(RLSection()).items()}}
 _VISION_ONLY = {"data.train_transform", "data.eval_transform"}
 
 
