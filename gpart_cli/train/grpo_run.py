@@ -68,7 +68,7 @@ def _config(GRPOConfig, recipe: Recipe, out: Path, steps: int, device: torch.dev
         output_dir=str(out / "checkpoints"), max_steps=steps, per_device_train_batch_size=t.batch_size * rl.group_size,
         gradient_accumulation_steps=t.grad_accum, num_generations=rl.group_size,
         max_completion_length=rl.max_completion_length, temperature=rl.temperature, beta=rl.kl_weight,
-        learning_rate=t.lr_theta, weight_decay=t.weight_decay, warmup_ratio=t.warmup_ratio,
+        learning_rate=t.lr_theta, weight_decay=t.weight_decay, warmup_steps=math.ceil(t.warmup_ratio * steps),
         lr_scheduler_type=SCHEDULES[t.schedule], max_grad_norm=t.max_grad_norm or 0.0, seed=t.seed,
         gradient_checkpointing=t.gradient_checkpointing, bf16=autocast_dtype(t.precision, device) is not None,
         use_cpu=device.type == "cpu", logging_steps=1, save_strategy="steps",

@@ -30,7 +30,6 @@ def merged_weights(model, dtype: torch.dtype | None = None) -> Iterator[tuple[st
         del weight
         if layer.adapt_bias:
             yield f"{name}.bias", bias if dtype is None else bias.to(dtype)
-        layer.groups.release()  # the reference path's cached ids: rebuilt on the next training forward
 
 
 def engine_dtype(generation) -> torch.dtype | None:
