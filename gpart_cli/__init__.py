@@ -10,6 +10,7 @@ Public API (docs/design.md §8)::
     merged = gpart.merge(model)
     gpart.swap(merged, "other.gpart")         # W += P(θ_other - θ), one fp32 pass; on an unmerged model: θ replaced
     ids = gpart.group_ids(n=1000, d=7, seed=0)  # feistel-v1; gpart.Partition(...) for any of gpart.ALGORITHMS
+    Trainer = gpart.trainer(SFTTrainer)       # a transformers/TRL trainer that saves and resumes the .gpart adapter
 """
 
 from .versions import __version__
