@@ -89,3 +89,26 @@ def test_gpart_kl_is_measured_against_the_starting_theta(tmp_path, tiny_llama_di
     assert res.exit_code == 0, res.output
     (record,) = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert record["kl"] == 0.0
+
+
+def test_an_interrupted_grpo_run_resumes_from_its_last_checkpoint(tmp_path, tiny_llama_dir, monkeypatch):
+    from gpart_cli.train.grpo import GPartGRPOTrainer
+
+    out, path = tmp_path / "run", recipe(tmp_path, tiny_llama_dir)
+    flags = ["--set", "train.save_every=1", "--set", "train.eval_before=false", "--set", "eval.task=null"]
+    original = GPartGRPOTrainer.training_step
+
+    def killed_in_step_2(self, *args, **kwargs):
+        if self.state.global_step == 1:
+            raise KeyboardInterrupt
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(GPartGRPOTrainer, "training_step", killed_in_step_2)
+    res = CliRunner().invoke(app, ["train", path, "--output", str(out), *flags])
+    assert res.exit_code != 0 and (out / "checkpoints" / "last").resolve().name == "checkpoint-1"
+    monkeypatch.setattr(GPartGRPOTrainer, "training_step", original)
+    res = CliRunner().invoke(app, ["train", path, "--output", str(out), "--resume", *flags])
+    assert res.exit_code == 0, res.output
+    assert "resuming" in res.output and (out / "checkpoints" / "last").resolve().name == "checkpoint-2"
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    assert json.loads((out / "results.json").read_text())["steps"] == 2
