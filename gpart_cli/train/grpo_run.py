@@ -158,31 +158,42 @@ def run(recipe: Recipe, out: Path, *, resume: bool = False, overwrite: bool = Fa
         console.print(plan.note)
     run_dir.begin(plan, recipe)
     autocast = autocast_dtype(t.precision, dev)
-    before = None
-    if t.eval_before and not plan.resume:
-        before, _ = _evaluate(recipe, model, tokenizer, rendering, console, autocast)
+    before_file = out / "checkpoints" / "before.json"  # the before-scores, kept for a resumed run's results.json
+    if plan.resume:
+        before = _read_json(before_file)
+    else:
+        before = _evaluate(recipe, model, tokenizer, rendering, console, autocast)[0] if t.eval_before else None
+        before_file.parent.mkdir(parents=True, exist_ok=True)
+        atomic.write_text(before_file, json.dumps(before))
+    trainer = _trainer(GPartGRPOTrainer, GRPOConfig, recipe, out, model, tokenizer, rendering, rows, prompts, steps,
+                       dev, console)
+    if plan.resume:
+        _truncate_metrics(out / "metrics.jsonl", _checkpoint_step(out))
+        console.print(f"resuming {out} at step {_checkpoint_step(out)}/{steps}")
+    trainer.train(resume_from_checkpoint=str(out / "checkpoints" / "last") if plan.resume else None)
+    return _finish(recipe, out, trainer, model, tokenizer, rendering, console, autocast, before, steps)
+
+
+def _trainer(GPartGRPOTrainer, GRPOConfig, recipe: Recipe, out: Path, model, tokenizer, rendering, rows, prompts,
+             steps: int, dev: torch.device, console: Console):
+    """TRL's GRPO trainer with GPart's θ: the task's rewards, the prompts, gpart's logs, progress and checkpoint link."""
+    from datasets import Dataset
+
+    task = recipe.data.task
     stops = rendering.stops(tokenizer, MATH_STOPS)
     rewards = [correctness(task, recipe.rl.reward, rows, stops)]
     if recipe.rl.format_reward:
         rewards.append(readable_answer(task, stops))
     config = _config(GRPOConfig, recipe, out, steps, dev)
     config.reward_weights = [1.0, recipe.rl.format_reward][:len(rewards)]
-    from datasets import Dataset
-
     trainer = GPartGRPOTrainer(model=model, reward_funcs=rewards, args=config, processing_class=tokenizer,
                                train_dataset=Dataset.from_dict({"prompt": prompts, "row": list(range(len(rows)))}),
                                callbacks=[MetricsLog(out / "metrics.jsonl"), RichProgress(console),
                                           LinkLast(out / "checkpoints")])
-    trainer.gpart_recipe = recipe.to_dict()
+    trainer.gpart_recipe = recipe.to_dict()  # checkpoints' adapters carry it, as gpart train's do
     trainer.gpart_task = {"type": "causal_lm", "name": f"sft/{task}", "num_labels": None, "labels": None,
-                          "template": rendering.fingerprint(tokenizer)}
-    if plan.resume:
-        _truncate_metrics(out / "metrics.jsonl", _checkpoint_step(out))
-        console.print(f"resuming {out} at step {_checkpoint_step(out)}/{steps}")
-    trainer.train(resume_from_checkpoint=str(out / "checkpoints" / "last") if plan.resume else None)
-    if plan.resume and before is None:
-        before = (_read_json(out / "results.json") or {}).get("before")
-    return _finish(recipe, out, trainer, model, tokenizer, rendering, console, autocast, before, steps)
+                          "template": rendering.fingerprint(tokenizer)}  # gpart eval checks the prompts against it
+    return trainer
 
 
 def _finish(recipe, out, trainer, model, tokenizer, rendering, console, autocast, before, steps) -> dict:
