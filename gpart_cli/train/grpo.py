@@ -6,7 +6,8 @@ tokens, plus β·KL to a reference policy. What is GPart's own is small and live
 
 - the reference policy is the model at its starting θ (zero, or `method.init_from`'s): the KL forward swaps θ in for
   one call instead of loading a second copy of the base from disk, as TRL would for a non-PEFT model;
-- sampling on the training model decodes with the merged weights (W_eff built once per rollout, not per token);
+- sampling on the training model decodes with the merged weights (W_eff built once per rollout, not per token; the
+  CPU path's group ids stay cached for the next training step);
 - with vLLM, the merged adapted weights are what is pushed into the engine (`vllm_sync`);
 - checkpoints and `save_model()` write the `.gpart` adapter (`hf_trainer.GPartTrainerMixin`).
 
@@ -62,5 +63,5 @@ class GPartGRPOTrainer(GPartTrainerMixin, GRPOTrainer):
     def _generate_single_turn(self, *args, **kwargs):
         if self.use_vllm:
             return super()._generate_single_turn(*args, **kwargs)
-        with merged_for_decoding(self.accelerator.unwrap_model(self.model)):
+        with merged_for_decoding(self.accelerator.unwrap_model(self.model), keep_ids=True):
             return super()._generate_single_turn(*args, **kwargs)
