@@ -14,7 +14,8 @@ CUDA the GPU-only checks are listed as skipped. Prints one JSON object on stdout
 Other GPU checks (Triton kernels against the reference path, vLLM loading of the merged dir, ...) plug in through
 `register_check` below: see "Hook: more GPU checks". Those of issue 20 confirm on the GPU what CPU tests check of the
 GPU paths: dropout masks hashed on the device, merged decoding bit for bit, one host sync per step, the vLLM merge on
-the device, GRPO's push of the merged weights into a running vLLM engine (issue 29), and (2 GPUs) FSDP's per-rank memory, the sharded generation eval under NCCL and a clean teardown.
+the device, and (2 GPUs) FSDP's per-rank memory, the sharded generation eval under NCCL and a clean teardown; that of
+issue 29 the push of GRPO's merged weights into a running vLLM engine.
 """
 
 from __future__ import annotations

@@ -25,8 +25,8 @@ from ..errors import GpartError
 from ..evaluation.generate import MATH_STOPS
 from ..evaluation.rewards import check_scorer, correctness, readable_answer
 from ..evaluation.tasks import GENERATION_TASKS, load_task_rows, prompts_for, run_generation
-from ..recipe.schema import Recipe
 from ..recipe.methods import method, prepare, save_result, trainable_count
+from ..recipe.schema import Recipe
 from . import run_dir
 from .hf_callbacks import LinkLast, MetricsLog, RichProgress
 from .progress import summary_table
@@ -196,7 +196,8 @@ def _trainer(GPartGRPOTrainer, GRPOConfig, recipe: Recipe, out: Path, model, tok
     return trainer
 
 
-def _finish(recipe, out, trainer, model, tokenizer, rendering, console, autocast, before, steps) -> dict:
+def _finish(recipe, out, trainer, model, tokenizer, rendering, console, autocast, before,
+            steps) -> dict:
     path = save_result(model, recipe.method.name, out, task=trainer.gpart_task, recipe=recipe.to_dict(),
                        tokenizer=tokenizer)
     after, records = _evaluate(recipe, model, tokenizer, rendering, console, autocast)

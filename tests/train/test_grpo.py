@@ -20,10 +20,10 @@ PROMPTS = ["Tom has 3 apples and buys 2 more.", "A box holds 4 pens; how many in
 
 
 def grpo(tiny_llama_dir, tmp_path, rewards, group: int = 4, **config):
+    from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from gpart_cli.train.grpo import GPartGRPOTrainer
-    from datasets import Dataset
 
     torch.manual_seed(0)
     model = gpart.apply(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), gpart.GPartConfig(**CFG))
