@@ -133,3 +133,19 @@ def test_sft_trainer_trains_and_saves_the_adapter(tmp_path, tiny_llama_dir):
     assert art.theta.abs().sum() > 0
     assert torch.equal(art.theta, gpart.theta(trainer.model).detach().cpu())
     assert not (tmp_path / "checkpoint-2" / "model.safetensors").exists()
+
+
+def test_load_best_model_at_end_restores_the_best_checkpoints_theta(tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    model = gpart.apply(tiny_llama(), gpart.GPartConfig(**CFG))
+    # "Best" = highest eval loss: the loss falls, so the best checkpoint is an early one, not the model in memory.
+    args = TrainingArguments(str(tmp_path), max_steps=4, per_device_train_batch_size=4, learning_rate=0.05,
+                             eval_strategy="steps", eval_steps=1, save_steps=1, load_best_model_at_end=True,
+                             metric_for_best_model="loss", greater_is_better=True, report_to="none", use_cpu=True,
+                             disable_tqdm=True)
+    trainer = gpart.trainer(Trainer)(model=model, args=args, train_dataset=Rows(), eval_dataset=Rows(4))
+    trainer.train()
+    best = trainer.state.best_model_checkpoint
+    assert best is not None and not best.endswith("checkpoint-4"), best
+    assert torch.equal(gpart.theta(model), gpart.read_artifact(f"{best}/adapter.gpart").theta)
