@@ -190,6 +190,9 @@ def _trainer(GPartGRPOTrainer, GRPOConfig, recipe: Recipe, out: Path, model, tok
                                train_dataset=Dataset.from_dict({"prompt": prompts, "row": list(range(len(rows)))}),
                                callbacks=[MetricsLog(out / "metrics.jsonl"), RichProgress(console),
                                           LinkLast(out / "checkpoints")])
+    from transformers import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)  # the Rich bar and metrics.jsonl replace its printed dicts
     trainer.gpart_recipe = recipe.to_dict()  # checkpoints' adapters carry it, as gpart train's do
     trainer.gpart_task = {"type": "causal_lm", "name": f"sft/{task}", "num_labels": None, "labels": None,
                           "template": rendering.fingerprint(tokenizer)}  # gpart eval checks the prompts against it
