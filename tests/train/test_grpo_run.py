@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 from gpart_cli.commands.app import app
 
 pytest.importorskip("trl")
+pytestmark = pytest.mark.slow  # whole `gpart train` / `gpart eval` runs, tens of seconds each
 
 ROWS = [{"original_text": f"Sam has {a} pens and gets {b} more. How many pens?", "ans": a + b}
         for a, b in [(2, 3), (4, 1), (5, 5), (7, 2), (1, 1), (3, 6)]]

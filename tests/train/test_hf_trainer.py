@@ -68,6 +68,7 @@ def test_resume_reaches_the_theta_of_an_uninterrupted_run(tmp_path):
     assert torch.equal(gpart.theta(resumed.model), gpart.theta(full.model))
 
 
+@pytest.mark.slow  # gpart inspect, merge and eval end to end
 def test_save_model_writes_an_adapter_that_eval_merge_and_inspect_read(tmp_path, tiny_llama_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
 
