@@ -15,7 +15,8 @@ Other GPU checks (Triton kernels against the reference path, vLLM loading of the
 `register_check` below: see "Hook: more GPU checks". Those of issue 20 confirm on the GPU what CPU tests check of the
 GPU paths: dropout masks hashed on the device, merged decoding bit for bit, one host sync per step, the vLLM merge on
 the device, and (2 GPUs) FSDP's per-rank memory, the sharded generation eval under NCCL and a clean teardown. With 2
-GPUs, `multi_gpu_fsdp_tied` trains a model with tied embeddings under FSDP to the θ of one GPU (issue 27).
+GPUs, `multi_gpu_fsdp_tied` trains a model with tied embeddings under FSDP to the θ of one GPU (issue 27);
+`vllm_weight_push` pushes GRPO's merged weights into a running vLLM engine (issue 29).
 """
 
 from __future__ import annotations
@@ -273,6 +274,46 @@ def check_vllm_merge(ctx: dict) -> dict:
     free = round(torch.cuda.mem_get_info()[0] / 2**20) if ctx["cuda"] else None  # released for vLLM's KV cache
     return {"ok": dtype == want, "dtype": dtype, "vllm_dtype": want, "seconds": round(seconds, 2),
             "peak_gpu_mib": peak, "gpu_free_after_mib": free}
+
+
+@register_check("vllm_weight_push")
+def check_vllm_weight_push(ctx: dict) -> dict:
+    """GRPO's rollout engine gets the merged adapted weights (TRL's sync_weights through gpart's hook): greedy vLLM
+    tokens equal those of the `gpart merge` dir in transformers, and the push adds at most one merged layer of GPU
+    memory (no second copy of the base)."""
+    if not ctx["cuda"]:
+        return {"skipped": "needs CUDA (tests/train/test_vllm_sync.py checks names, shapes and values on the CPU)"}
+    try:
+        from trl.generation.vllm_generation import VLLMGeneration
+        from vllm import LLM, SamplingParams
+    except ImportError as e:
+        return {"skipped": f"needs vLLM and TRL ({e})"}
+    from types import SimpleNamespace
+
+    from transformers import AutoModelForCausalLM
+
+    from gpart_cli.adapters.reference import load_adapted
+    from gpart_cli.train.vllm_sync import push_merged_weights
+
+    model, _, _ = load_adapted(str(ctx["model_dir"]), ctx["run_dir"] / "adapter.gpart", "bfloat16",
+                               device=ctx["device"])
+    llm = LLM(str(ctx["model_dir"]), dtype="bfloat16", gpu_memory_utilization=0.3, enforce_eager=True, seed=0)
+    generation = object.__new__(VLLMGeneration)  # TRL's sync_weights, without TRL starting its own engine
+    generation.mode, generation.enable_sleep_mode, generation.llm = "colocate", False, llm
+    generation.accelerator, generation._weight_metadata = SimpleNamespace(is_main_process=True), None
+    push_merged_weights(generation, model)
+    largest = max(layer.base_layer.weight.numel() * 2 for layer in
+                  (m for m in model.modules() if type(m).__name__ == "GPartLinear"))
+    _, seconds, peak = _timed(ctx["device"], generation.sync_weights)
+    prompts = [[3 + i, 17, 40 + i] for i in range(4)]
+    params = SamplingParams(temperature=0.0, max_tokens=8)
+    pushed = [list(o.outputs[0].token_ids) for o in llm.generate([{"prompt_token_ids": p} for p in prompts], params)]
+    merged = AutoModelForCausalLM.from_pretrained(ctx["merged_dir"], dtype=torch.bfloat16).to(ctx["device"])
+    expected = [merged.generate(torch.tensor([p], device=ctx["device"]), max_new_tokens=8, do_sample=False,
+                                min_new_tokens=8)[0, len(p):].tolist() for p in prompts]
+    agree = sum(a == b for a, b in zip(pushed, expected))
+    return {"ok": agree >= 3, "prompts_equal": f"{agree}/4", "sync_seconds": round(seconds, 3),
+            "peak_gpu_mib_during_sync": peak, "largest_layer_mib": round(largest / 2**20, 2)}
 
 
 MULTI_GPU_SCRIPT = """

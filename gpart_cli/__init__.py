@@ -10,6 +10,7 @@ Public API (docs/design.md §8)::
     merged = gpart.merge(model)
     gpart.swap(merged, "other.gpart")         # W += P(θ_other - θ), one fp32 pass; on an unmerged model: θ replaced
     ids = gpart.group_ids(n=1000, d=7, seed=0)  # feistel-v1; gpart.Partition(...) for any of gpart.ALGORITHMS
+    Trainer = gpart.trainer(SFTTrainer)       # a transformers/TRL trainer that saves and resumes the .gpart adapter
 """
 
 from .versions import __version__
@@ -24,6 +25,7 @@ from .core.swap import swap  # noqa: E402
 from .errors import GpartError  # noqa: E402
 from .partition import ALGORITHMS, Partition  # noqa: E402
 from .partition.feistel import ALGORITHM, group_ids, group_sizes  # noqa: E402
+from .train.hf_trainer import trainer  # noqa: E402
 
 __all__ = ["ALGORITHM", "ALGORITHMS", "GPartConfig", "GpartError", "Partition", "apply", "group_ids", "group_sizes",
-           "load", "merge", "read_artifact", "save", "swap", "theta", "__version__"]
+           "load", "merge", "read_artifact", "save", "swap", "theta", "trainer", "__version__"]

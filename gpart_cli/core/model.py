@@ -312,14 +312,15 @@ def merge(model: nn.Module) -> nn.Module:
 
 
 @contextmanager
-def merged_for_decoding(model: nn.Module):
+def merged_for_decoding(model: nn.Module, keep_ids: bool = False):
     """Inside: each GPart layer's W_eff folded into its base layer, as `merge` does; after: the model as it was.
 
     An unmerged layer builds W_eff on every call, so decoding would rebuild every adapted weight for every token.
     The merged weights are the bits the unmerged forward builds (W0 + ΔW summed in fp32, rounded once to the base
     dtype), so outputs are the same. W0 is kept on the CPU meanwhile (no extra GPU memory) and put back exactly:
     W_eff - ΔW would not round back to it. Quantized layers stay unmerged (see `merge`); a model without GPart
-    passes through.
+    passes through. Each layer's cached group ids are freed meanwhile, unless `keep_ids` (a training loop that decodes
+    every step, as GRPO's rollouts do, would otherwise rebuild them every step: seconds for a 135M model on a CPU).
     """
     layers = [(name, layer) for name, layer in gpart_layers(model) if not layer.quantized] \
         if isinstance(getattr(model, STATE_NAME, None), GPartState) else []
@@ -333,7 +334,8 @@ def merged_for_decoding(model: nn.Module):
             base.weight.data = w
             if layer.adapt_bias:
                 base.bias.data = b
-            layer.groups.release()
+            if not keep_ids:
+                layer.groups.release()
             _set_module(model, name, base)
         yield model
     finally:

@@ -130,6 +130,43 @@ class EvalSection:
     dev_batch_size: Optional[int] = None     # rows per forward of the SFT dev loss (default: train.batch_size)
 
 
+# ---- reinforcement learning with verifiable rewards (rl.objective: grpo, docs/rl.md) ----------------------------
+RL_OBJECTIVES = ("none", "grpo")
+
+
+@dataclass(frozen=True)
+class RLSection:
+    objective: str = "none"          # none: the data family's supervised loss | grpo: RL on the math task's rewards
+    group_size: int = 8              # completions sampled per prompt; each is scored against its group's rewards
+    max_completion_length: int = 256  # tokens sampled per completion (longer ones are cut and score as written)
+    temperature: float = 1.0         # sampling temperature of the rollouts (their log-probs use it too)
+    kl_weight: float = 0.0           # β: weight of the KL to the starting policy; 0 = no reference forward
+    reward: Optional[str] = None     # the eval scorer that pays 1.0 (default: the task's first, e.g. metamath)
+    format_reward: float = 0.0       # weight of a reward for an answer the task's extraction can read at all
+    use_vllm: bool = False           # rollouts through a colocated vLLM engine (GPU); merged weights pushed each step
+    vllm_gpu_memory_utilization: float = 0.3  # the vLLM engine's share of GPU memory
+
+
+# path -> (lowest, whether the lowest itself is allowed, highest or None)
+_RL_RANGES = {"rl.group_size": (2, True, None), "rl.max_completion_length": (1, True, None),
+              "rl.temperature": (0.0, False, None), "rl.kl_weight": (0.0, True, None),
+              "rl.format_reward": (0.0, True, None), "rl.vllm_gpu_memory_utilization": (0.0, False, 1.0)}
+
+
+def _check_rl(path: str, value: Any) -> None:
+    """The rl section's own ranges (the fields GRPO needs of other sections are checked by train/grpo_run.py)."""
+    if path == "rl.objective" and value not in RL_OBJECTIVES:
+        hint = nearest(str(value), RL_OBJECTIVES)
+        raise GpartError(f"recipe field rl.objective = {value!r} is not one of {', '.join(RL_OBJECTIVES)}"
+                         + (f" (did you mean {hint!r}?)" if hint else ""))
+    if path in _RL_RANGES:
+        low, closed, high = _RL_RANGES[path]
+        if value < low or (value == low and not closed) or (high is not None and value > high):
+            bound = f">= {low}" if closed else f"> {low}"
+            raise GpartError(f"recipe field {path} = {value!r} must be {bound}"
+                             + (f" and <= {high}" if high is not None else ""))
+
+
 @dataclass(frozen=True)
 class Recipe:
     model: ModelSection = field(default_factory=ModelSection)
@@ -137,6 +174,7 @@ class Recipe:
     data: DataSection = field(default_factory=DataSection)
     train: TrainSection = field(default_factory=TrainSection)
     eval: EvalSection = field(default_factory=EvalSection)
+    rl: RLSection = field(default_factory=RLSection)
     name: Optional[str] = None
     source: Optional[str] = None             # the file it was read from (informational)
 
@@ -250,6 +288,7 @@ def _check_range(path: str, value: Any) -> None:
                                  + (f" (did you mean {hint!r}?)" if hint else ""))
     if path in ("data.dev_fraction", "method.dropout") and not 0 <= value < 1:
         raise GpartError(f"recipe field {path} = {value!r} must be in [0, 1)")
+    _check_rl(path, value)
 
 
 def _build(cls, raw: Any, prefix: str):

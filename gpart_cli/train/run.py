@@ -7,7 +7,6 @@ import signal
 from pathlib import Path
 
 from rich.console import Console
-from rich.table import Table
 
 from ..core.model import compute_path
 from ..recipe.schema import Recipe
@@ -15,6 +14,7 @@ from . import distributed, run_dir
 from .checkpoint import checkpoint_step
 from .dry_run import dry_run as dry_run_report
 from .interrupt import Interrupted
+from .progress import summary_table
 from .trainer import Trainer
 
 
@@ -22,27 +22,16 @@ def default_output(recipe: Recipe) -> Path:
     return Path("runs") / (recipe.name or "run")
 
 
-def summary_table(results: dict) -> Table:
-    """Scores before and after training on the eval split (none for an SFT run without eval.task), then the best dev
-    score, the one that picked the checkpoint: for SFT the dev loss."""
-    table = Table(title=f"{results['task']} · {results['method']} · {results['trainable_params']:,} trainable params")
-    table.add_column("metric")
-    table.add_column("before", justify="right")
-    table.add_column("after", justify="right")
-    fmt = (lambda v: "-" if v is None else (f"{v:.4f}" if isinstance(v, float) else str(v)))  # noqa: E731
-    before, after = results.get("before") or {}, results.get("after") or {}
-    for key in after or before:
-        table.add_row(key, fmt(before.get(key)), fmt(after.get(key)))
-    for key, value in (results.get("best_dev") or {}).items():
-        table.add_row(f"dev {key} (best, step {results.get('best_step')})", "-", fmt(value))
-    return table
-
-
 def run(recipe: Recipe, out: Path, *, resume: bool = False, overwrite: bool = False, dry_run: bool = False,
         console: Console | None = None, device: str | None = None) -> dict | None:
     """Train the recipe into `out` on `device` (default: cuda when available); returns results.json's content
     (None for a dry run and off rank 0)."""
     console = console or Console(stderr=True)
+    if recipe.rl.objective == "grpo":  # RL through TRL's GRPOTrainer (docs/rl.md)
+        from .grpo_run import run as run_grpo
+
+        return run_grpo(recipe, out, resume=resume, overwrite=overwrite, dry_run=dry_run, console=console,
+                        device=device)
     trainer = Trainer(recipe, out, console, resume=resume, device=device)  # checks device and trackers first
     if dry_run:
         try:

@@ -93,6 +93,22 @@ def test_decoding_merged_gives_the_same_logits_and_training_gets_w0_back(dtype, 
     assert gpart.theta(model).grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("keep_ids", [False, True])
+def test_decoding_merged_frees_the_id_caches_unless_asked_to_keep_them(tokens, keep_ids):
+    # GRPO decodes every step: keep_ids spares the CPU path rebuilding every layer's group ids each step.
+    model = gpart.apply(tiny_llama(), gpart.GPartConfig(d=64, target_modules=("q_proj", "v_proj")))
+    with torch.no_grad():
+        gpart.theta(model).normal_(generator=torch.Generator().manual_seed(0))
+        unmerged = model(input_ids=tokens).logits  # builds (and caches) the ids on the CPU
+    layers = [m for m in model.modules() if isinstance(m, GPartLinear)]
+    cached = [layer.groups.state_bytes() for layer in layers]
+    assert all(b > 0 for b in cached)
+    with torch.no_grad(), merged_for_decoding(model, keep_ids=keep_ids):
+        merged = model(input_ids=tokens).logits
+    assert torch.equal(merged, unmerged)
+    assert [layer.groups.state_bytes() for layer in layers] == (cached if keep_ids else [0] * len(layers))
+
+
 def test_conv1d_layers_decode_merged_too(tokens):
     model = gpart.apply(tiny_gpt2(), gpart.GPartConfig(d=64, target_modules=("c_attn",), bias=True))
     with torch.no_grad():
