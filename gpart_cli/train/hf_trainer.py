@@ -15,20 +15,18 @@ import os
 from functools import lru_cache
 from pathlib import Path
 
+from ..adapters.loading import task_type_of
 from ..core.artifact import base_model_info, save
 from ..core.model import STATE_NAME, state_of
 from ..core.swap import swap
 from ..errors import GpartError
 
 ADAPTER = "adapter.gpart"  # the file a checkpoint or save_model() dir holds
-_TASK_SUFFIXES = (("ForCausalLM", "causal_lm"), ("ForSequenceClassification", "sequence_classification"),
-                  ("ForImageClassification", "image_classification"))
 
 
 def task_of(model) -> dict:
     """The artifact's task record for a transformers model, from its class (what `gpart eval` loads it as)."""
-    name = type(model).__name__
-    task_type = next((t for suffix, t in _TASK_SUFFIXES if name.endswith(suffix)), "base")
+    task_type = task_type_of(type(model).__name__)
     task = {"type": task_type}
     if task_type != "causal_lm" and getattr(getattr(model, "config", None), "num_labels", None):
         task["num_labels"] = model.config.num_labels
