@@ -1,1 +1,1 @@
-"""Data per task family (docs/design.md §6): GLUE text classification, vision classification, SFT for math."""
+"""Data per task family (docs/design.md §6): GLUE and your own text classes, vision, SFT (chat templates, packing)."""

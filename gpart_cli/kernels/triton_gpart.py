@@ -2,7 +2,7 @@
 
 - `build_weight`: W0 + ΔW (or ΔW alone, for a quantized base) with ΔW_i = theta_scaled[g(i)], g(i) from
   (global index, seed, d, N) with the arithmetic of the adapter's algorithm (bit-identical ids): feistel-v1
-  (`gpart_cli.partition`) or splitmix64-mod-v1 (`gpart_cli.partition_authors`), chosen by the ALGO
+  (`gpart_cli.partition.feistel`) or splitmix64-mod-v1 (`gpart_cli.partition.authors`), chosen by the ALGO
   compile-time switch; and the ΔW dropout mask of `gpart_cli.rng` when training with dropout.
 - `grad_from_gemm`: dL/dW = gy^T x computed tile by tile in registers and reduced straight into dL/dθ, so
   dL/dW is never written to memory. The reduction is either fp32 atomics (fast, order-dependent) or, when

@@ -1,8 +1,8 @@
 """Which partition algorithm an adapter uses (docs/design.md §2), and one object that answers for it.
 
-- `feistel-v1` (gpart's default, `gpart_cli.partition`): a seeded permutation cut into d near-equal groups,
+- `feistel-v1` (gpart's default, `gpart_cli.partition.feistel`): a seeded permutation cut into d near-equal groups,
   sizes closed-form.
-- `splitmix64-mod-v1` and `torch-randint-v1` (the authors' two backends, `gpart_cli.partition_authors`):
+- `splitmix64-mod-v1` and `torch-randint-v1` (the authors' two backends, `gpart_cli.partition.authors`):
   independent assignment, sizes counted.
 
 The algorithm id travels from the recipe (`method.partition`) and the `.gpart` metadata through `GPartConfig` to
