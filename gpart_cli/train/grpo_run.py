@@ -93,12 +93,6 @@ def _evaluate(recipe: Recipe, model, tokenizer, rendering, console, autocast) ->
                               rendering=rendering)
 
 
-def _truncate_metrics(path: Path, step: int) -> None:
-    if path.is_file():
-        kept = [line for line in path.read_text().splitlines() if json.loads(line).get("step", 0) <= step]
-        atomic.write_text(path, "".join(line + "\n" for line in kept))
-
-
 def reward_summary(path: Path) -> dict:
     """Mean training reward of the first and of the last quarter of the steps (at least one step each)."""
     rewards = [r["reward"] for r in map(json.loads, path.read_text().splitlines()) if "reward" in r]
@@ -168,7 +162,7 @@ def run(recipe: Recipe, out: Path, *, resume: bool = False, overwrite: bool = Fa
     trainer = _trainer(GPartGRPOTrainer, GRPOConfig, recipe, out, model, tokenizer, rendering, rows, prompts, steps,
                        dev, console)
     if plan.resume:
-        _truncate_metrics(out / "metrics.jsonl", _checkpoint_step(out))
+        run_dir.truncate_metrics(out, _checkpoint_step(out))
         console.print(f"resuming {out} at step {_checkpoint_step(out)}/{steps}")
     trainer.train(resume_from_checkpoint=str(out / "checkpoints" / "last") if plan.resume else None)
     return _finish(recipe, out, trainer, model, tokenizer, rendering, console, autocast, before, steps)

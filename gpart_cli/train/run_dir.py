@@ -11,6 +11,7 @@ is a start that failed before its first step: not a run, so any command starts a
 
 from __future__ import annotations
 
+import json
 import shutil
 from dataclasses import dataclass
 from enum import Enum
@@ -159,3 +160,19 @@ def begin(plan: RunDirPlan, recipe: Recipe) -> None:
         shutil.rmtree(plan.out)
     plan.out.mkdir(parents=True, exist_ok=True)
     atomic.write_text(plan.out / "recipe.yaml", yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+
+
+def truncate_metrics(out: Path, step: int) -> None:
+    """Keep `out`/metrics.jsonl up to the step a run resumes from: no torn last line, no steps logged twice."""
+    path = out / "metrics.jsonl"
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut short by a kill
+        if record.get("step", 0) <= step:
+            kept.append(line + "\n")
+    atomic.write_text(path, "".join(kept))

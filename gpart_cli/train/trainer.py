@@ -25,7 +25,7 @@ from ..errors import GpartError
 from ..evaluation import classify
 from ..recipe.methods import prepare, save_result, trainable_count
 from ..recipe.schema import Recipe
-from . import cpu_alloc, distributed, sharding, tracking
+from . import cpu_alloc, distributed, run_dir, sharding, tracking
 from .checkpoint import device_rng_state, load_trainable_state, read_checkpoint, restore_checkpoint, save_checkpoint
 from .determinism import configure as configure_determinism
 from .dev_loss import mean_dev_loss
@@ -208,21 +208,6 @@ class Trainer:
             f.write(json.dumps(record) + "\n")
         self.tracking.log(record)
 
-    def _truncate_log(self, step: int) -> None:
-        """Keep metrics.jsonl up to the resumed step: no torn last line, no steps logged twice."""
-        path = self.out / "metrics.jsonl"
-        if not path.is_file():
-            return
-        kept = []
-        for line in path.read_text().splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut short by a kill
-            if record.get("step", 0) <= step:
-                kept.append(line + "\n")
-        atomic.write_text(path, "".join(kept))
-
     def _train_step(self, step: int) -> tuple[float, float]:
         t = self.recipe.train
         # Summed on the device (float64: Python's float arithmetic): no host sync per micro-batch.
@@ -299,7 +284,7 @@ class Trainer:
             start, self.state = saved["step"], saved["extra"]
             self.saved_step = start
             if self.main:
-                self._truncate_log(start)
+                run_dir.truncate_metrics(self.out, start)
                 self.console.print(f"resuming {self.out} at step {start}/{self.total_steps}")
         elif t.eval_before and (self.main or self.all_evaluate):
             self.state["before"], _ = self.evaluate_report()
