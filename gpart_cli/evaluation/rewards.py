@@ -41,12 +41,13 @@ def correctness(task: str, scorer: str | None, rows: Sequence[dict], stops: Sequ
 
     The dataset handed to TRL carries the column `row` (an index into `rows`), which TRL passes back per completion.
     """
-    check = generation_task(task).scorers[check_scorer(task, scorer)]
+    name = check_scorer(task, scorer)
+    check = generation_task(task).scorers[name]
 
     def reward(completions, row, **_) -> list[float]:
         return [float(bool(check(cut_at_stop(text, stops), rows[i]))) for text, i in zip(completions, row)]
 
-    reward.__name__ = f"{task}_{check_scorer(task, scorer)}"  # TRL logs rewards/<name>/mean
+    reward.__name__ = f"{task}_{name}"  # TRL logs rewards/<name>/mean
     return reward
 
 
