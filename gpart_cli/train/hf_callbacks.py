@@ -13,8 +13,9 @@ import os
 from pathlib import Path
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from transformers import TrainerCallback
+
+from .progress import step_bar
 
 # TRL's log key -> the metrics.jsonl key (the ones a reader of an RL run looks at first)
 KEYS = {"loss": "loss", "learning_rate": "lr", "grad_norm": "grad_norm", "reward": "reward",
@@ -58,12 +59,9 @@ class RichProgress(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         if not state.is_world_process_zero:
             return
-        self.progress = Progress(
-            TextColumn("[bold]grpo"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("reward [cyan]{task.fields[reward]}"), TextColumn("kl {task.fields[kl]}"),
-            TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=self.console)
-        self.task = self.progress.add_task("grpo", total=state.max_steps, completed=state.global_step, reward="-",
-                                           kl="-")
+        self.progress, self.task = step_bar(self.console, "grpo", {"reward": "reward [cyan]{task.fields[reward]}",
+                                                                   "kl": "kl {task.fields[kl]}"},
+                                            state.max_steps, state.global_step)
         self.progress.start()
 
     def on_log(self, args, state, control, logs=None, **kwargs):

@@ -3,20 +3,36 @@
 from __future__ import annotations
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
+
+
+def step_bar(console: Console, label: str, fields: dict[str, str], total: int, start: int = 0,
+             enabled: bool = True) -> tuple[Progress, TaskID]:
+    """A Rich bar over optimizer steps: the label, the bar, step/total, one column per field (its text reads the value
+    as {task.fields[NAME]}; "-" until the first update), elapsed time and ETA."""
+    progress = Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(),
+                        *(TextColumn(text) for text in fields.values()), TimeElapsedColumn(), TextColumn("eta"),
+                        TimeRemainingColumn(), console=console, transient=False, disable=not enabled)
+    return progress, progress.add_task(label, total=total, completed=start, **{name: "-" for name in fields})
 
 
 class TrainProgress:
     """A progress bar whose fields are updated once per optimizer step."""
 
     def __init__(self, console: Console, total: int, start: int = 0, enabled: bool = True) -> None:
-        self.progress = Progress(
-            TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("loss [cyan]{task.fields[loss]}"), TextColumn("lr {task.fields[lr]}"),
-            TextColumn("{task.fields[rate]} samples/s"), TimeElapsedColumn(), TextColumn("eta"),
-            TimeRemainingColumn(), console=console, transient=False, disable=not enabled)
-        self.task = self.progress.add_task("train", total=total, completed=start, loss="-", lr="-", rate="-")
+        self.progress, self.task = step_bar(console, "train", {"loss": "loss [cyan]{task.fields[loss]}",
+                                                               "lr": "lr {task.fields[lr]}",
+                                                               "rate": "{task.fields[rate]} samples/s"},
+                                            total, start, enabled)
 
     def __enter__(self) -> "TrainProgress":
         self.progress.start()
